@@ -1,0 +1,54 @@
+# The README's two commands live here: `make demo` and `make test`. Both set up what they need
+# (Debian packages, the virtualenv, the native build) and can be run again at any time.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .make
+APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-dev libtss2-dev \
+	swtpm swtpm-tools tpm2-tools mosquitto udev
+NVML_SIM := native/nvml-sim/build/libnvidia-ml.so.1
+
+.PHONY: demo test deps native proto lint typecheck pytest clean
+
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,tpm]'
+	@touch $@
+
+deps: $(STAMPS)/venv
+
+native: $(STAMPS)/apt
+	@$(MAKE) -s -C native/nvml-sim
+
+proto: deps
+	@$(PY) tools/gen_proto.py
+
+lint: deps
+	@$(VENV)/bin/ruff check agent tests hwtests tools
+	@$(VENV)/bin/ruff format --check agent tests hwtests tools
+
+typecheck: deps
+	@$(VENV)/bin/mypy
+
+pytest: deps native
+	@$(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+demo: deps native
+	@bash tools/demo.sh
+
+clean:
+	@$(MAKE) -s -C native/nvml-sim clean
+	@rm -rf $(STAMPS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,75 @@
+"""The CLI's side of the admin socket: a thin synchronous gRPC client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from agent.errors import (
+    AccelguardError,
+    DaemonUnavailableError,
+    HardwareError,
+    LinkError,
+    NotFoundError,
+    ValidationError,
+)
+from agent.proto.accelguard.v1 import admin_pb2 as pb
+from agent.proto.accelguard.v1 import admin_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+_ERROR_FOR: dict[grpc.StatusCode, type[AccelguardError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: HardwareError,
+    grpc.StatusCode.FAILED_PRECONDITION: HardwareError,
+}
+
+
+class AdminClient:
+    def __init__(self, socket: Path, timeout_s: float = 120.0) -> None:
+        self._socket = socket
+        self._timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(f"unix:{socket}")
+        self._stub = pb_grpc.AdminStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, response: type[T]) -> T:
+        try:
+            result = method(request, timeout=self._timeout_s)
+        except grpc.RpcError as error:
+            code = error.code()
+            details = error.details() or code.name
+            if code == grpc.StatusCode.UNAVAILABLE and not self._socket.exists():
+                raise DaemonUnavailableError(
+                    f"cannot reach the agent at {self._socket}: is `accelguard agent` running?"
+                ) from None
+            raise _ERROR_FOR.get(code, LinkError)(details) from None
+        if not isinstance(result, response):
+            raise LinkError(
+                f"the agent answered with {type(result).__name__}, not {response.__name__}"
+            )
+        return result
+
+    def ping(self) -> pb.PingResponse:
+        return self._call(self._stub.Ping, pb.PingRequest(), pb.PingResponse)
+
+    def status(self) -> pb.StatusResponse:
+        return self._call(self._stub.GetStatus, pb.StatusRequest(), pb.StatusResponse)
+
+    def plan_layout(self, request: pb.LayoutRequest) -> pb.LayoutResponse:
+        return self._call(self._stub.PlanLayout, request, pb.LayoutResponse)
+
+    def apply_layout(self, request: pb.LayoutRequest) -> pb.LayoutResponse:
+        return self._call(self._stub.ApplyLayout, request, pb.LayoutResponse)

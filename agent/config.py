@@ -1,0 +1,246 @@
+"""Typed agent configuration, read from TOML.
+
+Every key is declared here with its type and default; unknown keys and values of the wrong type or
+range are errors that name the key (``admin.socket_mode: ...``), so a typo in a fleet's config
+management fails loudly at ``accelguard config check`` instead of silently meaning the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/accelguard/agent.toml")
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _octal_mode(value: Any) -> str | None:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        return "must be an octal file mode such as '0660'"
+    return None if 0 <= mode <= 0o777 else "must be between 0000 and 0777"
+
+
+def _absolute(value: Any) -> str | None:
+    return None if Path(value).is_absolute() else "must be an absolute path"
+
+
+def _check(validator: Callable[[Any], str | None], default: Any = dataclasses.MISSING) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"check": validator})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"check": validator})
+    return field(default=default, metadata={"check": validator})
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str = field(default_factory=socket.gethostname)
+    profile: Literal["datacenter", "edge"] = "datacenter"
+    state_dir: Path = _check(_absolute, Path("/var/lib/accelguard"))
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "agent.db"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    socket: Path = _check(_absolute, Path("/run/accelguard/admin.sock"))
+    # 0660 to an admin group: the admin API can move tenants' GPUs, so it is not world-writable.
+    socket_mode: str = _check(_octal_mode, "0660")
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class NvmlConfig:
+    # Empty: the driver's libnvidia-ml.so.1 from the loader path. A path: preload that library
+    # (nvml-sim on a simulated node) before pynvml looks the SONAME up.
+    library: str = ""
+    sim_dir: str = ""
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    dev_root: Path = _check(_absolute, Path("/dev"))
+    proc_root: Path = _check(_absolute, Path("/proc"))
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    refresh_interval_s: float = _check(_positive, 30.0)
+
+
+@dataclass(frozen=True)
+class HotplugConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class TenantsConfig:
+    cgroup_parents: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    # Set by `accelguard sim init`: where the simulated node's device memory files live.
+    memory_dir: str = ""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    nvml: NvmlConfig = field(default_factory=NvmlConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
+    hotplug: HotplugConfig = field(default_factory=HotplugConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a config file; ``None`` reads the default path if it exists."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from error
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    try:
+        return parse_config(document)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+def parse_config(document: Mapping[str, Any]) -> Config:
+    return typing.cast(Config, _build(Config, document, ""))
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (valid: {', '.join(fields)})")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table")
+            kwargs[name] = _build(typing.cast(type[Any], hint), value, f"{key}.")
+            continue
+        converted = _convert(hint, value, key)
+        check = fields[name].metadata.get("check")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{key}: {problem} (got {value!r})")
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: must be one of {', '.join(map(repr, choices))} (got {value!r})"
+            )
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list (got {type(value).__name__})")
+        return [_convert(item, element, f"{key}[{i}]") for i, element in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported config type")  # pragma: no cover - schema bug
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty path string (got {value!r})")
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false (got {value!r})")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number (got {value!r})")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer (got {value!r})")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string (got {value!r})")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint!r}")  # pragma: no cover
+
+
+def config_as_dict(config: Config) -> dict[str, Any]:
+    """The effective config as plain TOML-able values (paths as strings)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        section.name: {
+            k: plain(v) for k, v in dataclasses.asdict(getattr(config, section.name)).items()
+        }
+        for section in dataclasses.fields(config)
+    }
+
+
+def to_toml(config: Config) -> str:
+    lines: list[str] = []
+    for section, values in config_as_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,113 @@
+"""Composition root: builds every service from the config and runs them under one TaskGroup.
+
+Nothing starts in a constructor; ``Daemon.run`` starts the services, and SIGTERM/SIGINT cancel them
+(a clean exit, status 0). Blocking library calls go through one executor thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from agent.admin import AdminHandlers, AdminServer
+from agent.config import Config
+from agent.errors import AccelguardError
+from agent.executor import BlockingExecutor
+from agent.hw.devnodes import DeviceNodeMap
+from agent.hw.nvml import NvmlBackend
+from agent.inventory import InventoryService
+from agent.layout import GpuLayoutResult, LayoutEngine, LayoutTarget
+from agent.store import PartitionRecord, Store
+from agent.systemd import SystemdNotifier
+
+log = structlog.get_logger("accelguard.daemon")
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.executor = BlockingExecutor()
+        self.store = Store(config.node.store_path)
+        self.backend = NvmlBackend(library=config.nvml.library, sim_dir=config.nvml.sim_dir)
+        self.device_nodes = DeviceNodeMap(config.devices.dev_root, config.devices.proc_root)
+        self.inventory = InventoryService(
+            self.backend,
+            self.store,
+            self.device_nodes,
+            self.executor,
+            config.inventory.refresh_interval_s,
+        )
+        self.layout = LayoutEngine(self.backend, self.store)
+        self.notifier = SystemdNotifier()
+        # Layout applies are serialised: two concurrent applies would plan against stale state.
+        self._layout_lock = asyncio.Lock()
+        self.admin = AdminServer(
+            config,
+            AdminHandlers(config, self.inventory, self._partitions, self._run_layout),
+        )
+
+    async def _partitions(self) -> list[PartitionRecord]:
+        return await self.executor.call(self.store.partitions)
+
+    async def _run_layout(self, targets: list[LayoutTarget], apply: bool) -> list[GpuLayoutResult]:
+        async with self._layout_lock:
+            results = await self.executor.call(lambda: self.layout.run(targets, apply=apply))
+            if apply:
+                await self.inventory.refresh()
+            return results
+
+    def _hotplug(self) -> Coroutine[Any, Any, None] | None:
+        if not self.config.hotplug.enabled:
+            return None
+        from agent.hw.hotplug import HotplugMonitor  # noqa: PLC0415 - optional service
+
+        async def on_event(event: object) -> None:
+            log.info("hotplug_event", event=repr(event))
+            self.inventory.refresh_soon()
+
+        monitor = HotplugMonitor(on_event)
+        return monitor.run()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        if main is None:  # pragma: no cover - run() is always awaited inside a task
+            raise RuntimeError("Daemon.run must run inside a task")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, main.cancel)
+        log.info("agent_starting", node=self.config.node.id, store=str(self.store.path))
+        try:
+            await self.executor.call(self.backend.open)
+            await self.executor.call(self.layout.recover)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.inventory.run(), name="inventory")
+                group.create_task(self.admin.run(), name="admin")
+                group.create_task(
+                    self.notifier.run(self.inventory.ready, self.inventory), name="systemd"
+                )
+                hotplug = self._hotplug()
+                if hotplug is not None:
+                    group.create_task(hotplug, name="hotplug")
+        except asyncio.CancelledError:
+            log.info("agent_stopping")
+            self.notifier.notify("STOPPING=1")
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            try:
+                await self.executor.call(self.backend.close)
+            except AccelguardError as error:
+                log.warning("nvml_shutdown_failed", error=str(error))
+            await self.executor.call(self.store.close)
+            self.executor.shutdown()
+            log.info("agent_stopped")
+
+
+def run_daemon(config: Config) -> int:
+    daemon = Daemon(config)
+    asyncio.run(daemon.run())
+    return 0

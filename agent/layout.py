@@ -1,0 +1,242 @@
+"""Declarative MIG layouts: plan the difference to the target, journal it, then apply it.
+
+The planner keeps every existing instance that fits the target and destroys only what must change
+(NVIDIA's mig-parted clears the GPU and starts over). Re-applying the current layout is a plan with
+nothing to do, so it makes no mutating NVML call. A GPU instance left without its compute
+instance by a crash is completed when the plan keeps it and destroyed when it does not, so an
+interrupted apply converges on the next one with nothing leaked or duplicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import structlog
+
+from agent import failpoints
+from agent.errors import HardwareError, LayoutError, NotFoundError
+from agent.hw.migplan import GpuGeometry, Instance, LayoutPlan, Placement, plan_layout
+from agent.hw.model import AcceleratorBackend, GpuInfo, MigInstanceInfo
+from agent.store import Store
+
+log = structlog.get_logger("accelguard.layout")
+
+FP_BEFORE_DESTROY = failpoints.register("layout.before_destroy")
+FP_AFTER_DESTROY = failpoints.register("layout.after_destroy")
+FP_BEFORE_CREATE = failpoints.register("layout.before_create")
+FP_AFTER_CREATE = failpoints.register("layout.after_create")
+FP_BEFORE_COMPLETE = failpoints.register("layout.before_complete_orphan")
+
+
+@dataclass(frozen=True)
+class LayoutTarget:
+    """One entry of a layout request: GPUs (None = all), MIG on/off, profile counts."""
+
+    gpu_indices: tuple[int, ...] | None
+    mig_enabled: bool
+    counts: Mapping[str, int]
+    device_filter: tuple[str, ...] = ()
+
+
+@dataclass
+class GpuLayoutResult:
+    gpu_index: int
+    gpu_uuid: str
+    kept: list[MigInstanceInfo] = field(default_factory=list)
+    created: list[MigInstanceInfo] = field(default_factory=list)
+    destroyed: list[MigInstanceInfo] = field(default_factory=list)
+    noop: bool = True
+    note: str = ""
+
+
+def _matches_filter(gpu: GpuInfo, device_filter: Sequence[str]) -> bool:
+    if not device_filter:
+        return True
+    return any(int(item, 16) == gpu.pci_device_id for item in device_filter)
+
+
+def resolve_targets(
+    gpus: Sequence[GpuInfo], targets: Sequence[LayoutTarget]
+) -> dict[int, LayoutTarget]:
+    """Which target applies to which GPU index; each GPU may be named by at most one target."""
+    by_index = {gpu.index: gpu for gpu in gpus}
+    chosen: dict[int, LayoutTarget] = {}
+    for target in targets:
+        for item in target.device_filter:
+            try:
+                int(item, 16)
+            except ValueError:
+                raise LayoutError(
+                    f"device-filter {item!r} is not a PCI device id such as 0x233010DE"
+                ) from None
+        indices = target.gpu_indices if target.gpu_indices is not None else tuple(sorted(by_index))
+        for index in indices:
+            if index not in by_index:
+                raise NotFoundError(
+                    f"GPU index {index} does not exist (this node has GPUs "
+                    f"{', '.join(map(str, sorted(by_index))) or 'none'})"
+                )
+            if not _matches_filter(by_index[index], target.device_filter):
+                continue
+            if index in chosen:
+                raise LayoutError(f"GPU {index} is named by more than one layout entry")
+            chosen[index] = target
+    if not chosen:
+        raise LayoutError("the layout selects no GPU on this node")
+    return chosen
+
+
+def _info_for(instance: Instance, geometry: GpuGeometry, gpu: GpuInfo) -> MigInstanceInfo:
+    for existing in gpu.instances:
+        if existing.gpu_instance_id == instance.gi_id:
+            return existing
+    return MigInstanceInfo(
+        uuid="",
+        gpu_instance_id=instance.gi_id,
+        compute_instance_id=None,
+        profile_id=instance.profile_id,
+        profile=geometry.profile(str(instance.profile_id)).name,
+        placement_start=instance.start,
+        placement_size=instance.size,
+        memory_bytes=0,
+    )
+
+
+def _planned(placement: Placement, geometry: GpuGeometry) -> MigInstanceInfo:
+    return MigInstanceInfo(
+        uuid="",
+        gpu_instance_id=0,
+        compute_instance_id=None,
+        profile_id=placement.profile_id,
+        profile=geometry.profile(str(placement.profile_id)).name,
+        placement_start=placement.start,
+        placement_size=placement.size,
+        memory_bytes=0,
+    )
+
+
+class LayoutEngine:
+    """Blocking; runs on the daemon's executor thread."""
+
+    def __init__(self, backend: AcceleratorBackend, store: Store) -> None:
+        self._backend = backend
+        self._store = store
+
+    def recover(self) -> list[int]:
+        """Close journal entries of applies interrupted by a crash (they converge on re-apply)."""
+        interrupted = self._store.unfinished_layouts()
+        for entry in interrupted:
+            self._store.finish_layout(entry.id, "failed", "interrupted: re-apply to converge")
+            log.warning("layout_interrupted", journal_id=entry.id, gpu=entry.gpu_uuid)
+        return [entry.id for entry in interrupted]
+
+    def run(
+        self,
+        targets: Sequence[LayoutTarget],
+        *,
+        apply: bool,
+        pinned: Mapping[str, Collection[int]] | None = None,
+    ) -> list[GpuLayoutResult]:
+        """Plan (and with ``apply`` carry out) a layout. ``pinned``: GPU UUID -> GI ids to keep."""
+        gpus = self._backend.inventory()
+        chosen = resolve_targets(gpus, targets)
+        by_index = {gpu.index: gpu for gpu in gpus}
+        # Plan every GPU before touching any, so a bad entry changes nothing anywhere.
+        plans = {
+            index: self._plan(by_index[index], target, (pinned or {}).get(by_index[index].uuid, ()))
+            for index, target in sorted(chosen.items())
+        }
+        results = []
+        for index, (result, plan, geometry) in plans.items():
+            if apply:
+                self._apply(by_index[index], result, plan, geometry, chosen[index])
+            results.append(result)
+        return results
+
+    def _plan(
+        self, gpu: GpuInfo, target: LayoutTarget, pinned: Collection[int]
+    ) -> tuple[GpuLayoutResult, LayoutPlan | None, GpuGeometry | None]:
+        result = GpuLayoutResult(gpu_index=gpu.index, gpu_uuid=gpu.uuid)
+        want = target.mig_enabled
+        if gpu.mig_current is None:
+            if want:
+                raise LayoutError(f"GPU {gpu.index} ({gpu.name}) does not support MIG")
+            return result, None, None
+        if want and not gpu.mig_current:
+            # Instances can only be created once MIG mode is current, i.e. after a GPU reset,
+            # which we never do on our own: report it and let the operator reset.
+            result.noop = bool(gpu.mig_pending)
+            result.note = (
+                f"MIG mode on is pending on GPU {gpu.index}: it takes effect after a GPU reset "
+                "(an explicit operator step); re-apply the layout afterwards"
+            )
+            return result, None, None
+        if not want and not gpu.mig_current:
+            result.noop = not gpu.mig_pending
+            return result, None, None
+        geometry = self._backend.geometry(gpu.index)
+        existing = self._backend.gpu_instances(gpu.index)
+        plan = plan_layout(geometry, dict(target.counts) if want else {}, existing, pinned)
+        orphans = {i.gpu_instance_id for i in gpu.instances if i.compute_instance_id is None}
+        result.kept = [_info_for(i, geometry, gpu) for i in plan.keep]
+        result.destroyed = [_info_for(i, geometry, gpu) for i in plan.destroy]
+        result.created = [_planned(p, geometry) for p in plan.create]
+        kept_orphans = orphans & {i.gi_id for i in plan.keep}
+        result.noop = plan.is_noop and not kept_orphans and gpu.mig_pending == want
+        if not want:
+            result.note = (
+                f"MIG mode off is pending on GPU {gpu.index}: it takes effect after a GPU reset"
+            )
+        return result, plan, geometry
+
+    def _apply(
+        self,
+        gpu: GpuInfo,
+        result: GpuLayoutResult,
+        plan: LayoutPlan | None,
+        geometry: GpuGeometry | None,
+        target: LayoutTarget,
+    ) -> None:
+        if result.noop:
+            return
+        if plan is None or geometry is None:
+            self._backend.set_mig_mode(gpu.index, target.mig_enabled)
+            return
+        journal = self._store.begin_layout(
+            gpu.uuid,
+            {
+                "keep": [asdict(i) for i in plan.keep],
+                "destroy": [asdict(i) for i in plan.destroy],
+                "create": [asdict(p) for p in plan.create],
+            },
+        )
+        try:
+            for instance in plan.destroy:
+                failpoints.hit(FP_BEFORE_DESTROY)
+                self._backend.destroy_instance(gpu.index, instance.gi_id)
+                log.info("mig_instance_destroyed", gpu=gpu.index, gi=instance.gi_id)
+                failpoints.hit(FP_AFTER_DESTROY)
+            orphans = {i.gpu_instance_id for i in gpu.instances if i.compute_instance_id is None}
+            for instance in plan.keep:
+                if instance.gi_id in orphans:
+                    failpoints.hit(FP_BEFORE_COMPLETE)
+                    self._backend.add_compute_instance(gpu.index, instance.gi_id)
+                    log.info("mig_instance_completed", gpu=gpu.index, gi=instance.gi_id)
+            created = []
+            for placement in plan.create:
+                failpoints.hit(FP_BEFORE_CREATE)
+                info = self._backend.create_instance(gpu.index, placement)
+                created.append(info)
+                log.info(
+                    "mig_instance_created", gpu=gpu.index, gi=info.gpu_instance_id,
+                    profile=info.profile, start=info.placement_start, partition=info.uuid,
+                )  # fmt: skip
+                failpoints.hit(FP_AFTER_CREATE)
+            result.created = created
+            if gpu.mig_pending != target.mig_enabled:
+                self._backend.set_mig_mode(gpu.index, target.mig_enabled)
+        except HardwareError as error:
+            self._store.finish_layout(journal, "failed", str(error))
+            raise
+        self._store.finish_layout(journal, "done")

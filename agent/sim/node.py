@@ -1,0 +1,189 @@
+"""``accelguard sim init``: build a simulated GPU node under one directory.
+
+Only the silicon is simulated. The device nodes are real character devices (``mknod``) with the
+NVIDIA majors, so the kernel's cgroup device checks apply to them exactly as on a GPU node: with
+no driver behind the major, ``open`` fails with ENXIO when the cgroup allows it and EPERM when
+the cgroup denies it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import Config, parse_config, to_toml
+from agent.errors import ValidationError
+
+NVIDIA_MAJOR = 195
+MODELS = {"h100": "H100-80GB", "a100": "A100-40GB", "a100-80": "A100-80GB"}
+# mig-minors layout, as the driver lays it out: "config" and "monitor", then per GPU 15 GPU
+# instances, each with its access capability followed by those of its 8 compute instances.
+_GIS_PER_GPU = 15
+_CIS_PER_GI = 8
+_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+NVML_SIM_SOURCE = _REPO_ROOT / "native" / "nvml-sim"
+NVML_SIM_LIBRARY = NVML_SIM_SOURCE / "build" / "libnvidia-ml.so.1"
+
+
+@dataclass(frozen=True)
+class SimNode:
+    root: Path
+    config_path: Path
+    gpus: tuple[str, ...]
+
+
+def parse_topology(text: str) -> tuple[str, ...]:
+    """``h100x2`` / ``a100x2`` / ``h100x1,a100-80x1`` -> model per GPU index."""
+    models: list[str] = []
+    for item in text.split(","):
+        match = re.fullmatch(r"(h100|a100-80|a100)x([1-8])", item.strip())
+        if match is None:
+            raise ValidationError(
+                f"topology {text!r}: expected items like h100x2, a100x2, a100-80x1 "
+                "(comma-separated, 1-8 GPUs each)"
+            )
+        models.extend([MODELS[match.group(1)]] * int(match.group(2)))
+    if len(models) > 8:
+        raise ValidationError(f"topology {text!r}: at most 8 GPUs per simulated node")
+    return tuple(models)
+
+
+def mig_minor_table(gpu_count: int) -> list[tuple[str, int]]:
+    table = [("config", 1), ("monitor", 2)]
+    minor = 3
+    for gpu in range(gpu_count):
+        for gi in range(_GIS_PER_GPU):
+            table.append((f"gpu{gpu}/gi{gi}/access", minor))
+            minor += 1
+            for ci in range(_CIS_PER_GI):
+                table.append((f"gpu{gpu}/gi{gi}/ci{ci}/access", minor))
+                minor += 1
+    return table
+
+
+def _free_majors(count: int) -> list[int]:
+    """Char majors no real driver on this machine uses (dynamic majors are taken from 511 down)."""
+    used: set[int] = {NVIDIA_MAJOR}
+    try:
+        for line in Path("/proc/devices").read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0].isdigit():
+                used.add(int(parts[0]))
+    except OSError:
+        pass
+    candidates = [m for m in range(508, 384, -1) if m not in used]
+    return candidates[:count]
+
+
+def _mknod(path: Path, major: int, minor: int) -> None:
+    if path.exists():
+        info = path.lstat()
+        if (
+            stat.S_ISCHR(info.st_mode)
+            and os.major(info.st_rdev) == major
+            and os.minor(info.st_rdev) == minor
+        ):
+            return
+        path.unlink()
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+
+
+def ensure_nvml_sim_library() -> Path:
+    """Build nvml-sim if this checkout has its source but not the library yet."""
+    if not NVML_SIM_LIBRARY.exists():
+        if not (NVML_SIM_SOURCE / "Makefile").exists():
+            raise ValidationError(
+                f"nvml-sim is not built and its source is missing: {NVML_SIM_SOURCE}"
+            )
+        result = subprocess.run(
+            ["make", "-s", "-C", str(NVML_SIM_SOURCE)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise ValidationError(f"building nvml-sim failed: {result.stderr.strip()[-500:]}")
+    return NVML_SIM_LIBRARY
+
+
+def init_sim_node(
+    root: Path,
+    topology: str = "h100x2",
+    cgroup_parents: list[Path] | None = None,
+    mig_enabled: bool = True,
+) -> SimNode:
+    models = parse_topology(topology)
+    root = root.resolve()
+    library = ensure_nvml_sim_library()
+    for sub in ("nvml", "dev/nvidia-caps", "proc/driver/nvidia-caps", "memory", "state", "cdi"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+    topology_lines = ["# accelguard simulated node: gpu <index> <model> mig=<0|1>"]
+    topology_lines += [f"gpu {i} {model} mig={int(mig_enabled)}" for i, model in enumerate(models)]
+    topology_file = root / "nvml" / "topology"
+    existing = topology_file.read_text() if topology_file.exists() else None
+    wanted = "\n".join(topology_lines) + "\n"
+    if existing is not None and existing != wanted:
+        raise ValidationError(
+            f"{root} already holds a simulated node with another topology; use a new --dir"
+        )
+    topology_file.write_text(wanted)
+
+    uvm_major, caps_major = _free_majors(2)
+    devices = root / "proc" / "devices"
+    if devices.exists():
+        # Keep the majors of an existing node: its /dev nodes and fences were made with them.
+        current = {
+            p[1]: int(p[0])
+            for p in (line.split() for line in devices.read_text().splitlines())
+            if len(p) == 2 and p[0].isdigit()
+        }
+        uvm_major = current.get("nvidia-uvm", uvm_major)
+        caps_major = current.get("nvidia-caps", caps_major)
+    devices.write_text(
+        "Character devices:\n  1 mem\n  4 /dev/vc/0\n  5 /dev/tty\n 10 misc\n"
+        f"{NVIDIA_MAJOR} nvidia-frontend\n{uvm_major} nvidia-uvm\n{caps_major} nvidia-caps\n\n"
+        "Block devices:\n  8 sd\n"
+    )
+    table = mig_minor_table(len(models))
+    (root / "proc" / "driver" / "nvidia-caps" / "mig-minors").write_text(
+        "".join(f"{name} {minor}\n" for name, minor in table)
+    )
+
+    dev = root / "dev"
+    _mknod(dev / "nvidiactl", NVIDIA_MAJOR, 255)
+    _mknod(dev / "nvidia-uvm", uvm_major, 0)
+    _mknod(dev / "nvidia-uvm-tools", uvm_major, 1)
+    for index in range(len(models)):
+        _mknod(dev / f"nvidia{index}", NVIDIA_MAJOR, index)
+    for _, minor in table:
+        _mknod(dev / "nvidia-caps" / f"nvidia-cap{minor}", caps_major, minor)
+
+    config = parse_config(
+        {
+            "node": {"id": f"sim-{root.name}", "state_dir": str(root / "state")},
+            "admin": {"socket": str(root / "admin.sock")},
+            "nvml": {"library": str(library), "sim_dir": str(root / "nvml")},
+            "devices": {"dev_root": str(dev), "proc_root": str(root / "proc")},
+            "inventory": {"refresh_interval_s": 30.0},
+            # The sim's hotplug is driven by tests; a node without GPUs has nothing to watch.
+            "hotplug": {"enabled": False},
+            "tenants": {"cgroup_parents": [str(p) for p in cgroup_parents or []]},
+            "sim": {"memory_dir": str(root / "memory")},
+            "logging": {"format": "json"},
+        }
+    )
+    config_path = root / "agent.toml"
+    config_path.write_text(_header(topology) + to_toml(config))
+    return SimNode(root=root, config_path=config_path, gpus=models)
+
+
+def _header(topology: str) -> str:
+    return f"# Simulated accelguard node ({topology}); written by `accelguard sim init`.\n\n"
+
+
+def sim_config_path(config: Config) -> Path | None:
+    if not config.nvml.sim_dir:
+        return None
+    return Path(config.nvml.sim_dir)

@@ -1,0 +1,109 @@
+"""Helpers shared by test areas: the CLI as a subprocess and the agent as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.client import AdminClient
+from agent.config import Config
+from agent.errors import AccelguardError
+from agent.sim.node import SimNode
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELGUARD = [sys.executable, "-m", "agent.cli"]
+
+
+def run_cli(
+    *args: str, config: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    command = [*ACCELGUARD]
+    if config is not None:
+        command += ["--config", str(config)]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO
+    )
+
+
+def cli_json(*args: str, config: Path | None = None) -> Any:
+    result = run_cli(*args, "--json", config=config)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@dataclass
+class RunningAgent:
+    node: SimNode
+    config: Config
+    process: subprocess.Popen[str] | None = None
+    log_path: Path = field(default_factory=Path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.node.config_path
+
+    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> None:
+        self.log_path = self.node.root / f"agent-{time.monotonic_ns()}.log"
+        log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [*ACCELGUARD, "--config", str(self.config_path), "agent"],
+            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        log.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"agent exited {self.process.returncode}:\n{self.log()}")
+            try:
+                with AdminClient(self.config.admin.socket, timeout_s=2) as client:
+                    client.ping()
+                    return
+            except AccelguardError:
+                time.sleep(0.05)
+        raise AssertionError(f"agent not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, config=self.config_path)
+
+    def cli_json(self, *args: str) -> Any:
+        return cli_json(*args, config=self.config_path)
+
+    def mutating_calls(self) -> int:
+        counters = Path(self.config.nvml.sim_dir) / "counters"
+        if not counters.exists():
+            return 0
+        for line in counters.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "mutating_calls":
+                return int(value)
+        raise AssertionError(f"no mutating_calls in {counters}")
