@@ -33,7 +33,8 @@ from agent.inventory import InventoryService
 from agent.layout import GpuLayoutResult, LayoutTarget
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.proto.accelguard.v1 import admin_pb2_grpc as pb_grpc
-from agent.store import PartitionRecord
+from agent.leases import LeaseManager
+from agent.store import LeaseRecord, PartitionRecord
 
 log = structlog.get_logger("accelguard.admin")
 
@@ -94,6 +95,15 @@ def layout_result_message(result: GpuLayoutResult) -> pb.GpuLayoutResult:
     )
 
 
+def lease_message(lease: LeaseRecord) -> pb.Lease:
+    return pb.Lease(
+        id=lease.id, tenant=lease.tenant, partition_uuid=lease.partition_uuid,
+        cgroup=lease.cgroup, state=lease.state, created_at=lease.created_at,
+        expires_at=lease.expires_at or 0.0, released_at=lease.released_at or 0.0,
+        release_reason=lease.release_reason,
+    )  # fmt: skip
+
+
 def layout_targets(request: pb.LayoutRequest) -> list[LayoutTarget]:
     if not request.targets:
         raise ValidationError("layout request has no targets")
@@ -122,41 +132,70 @@ class AdminHandlers:
         self,
         config: Config,
         inventory: InventoryService,
-        partitions: Callable[[], Awaitable[list[PartitionRecord]]],
+        leases: LeaseManager,
         layout: Callable[[list[LayoutTarget], bool], Awaitable[list[GpuLayoutResult]]],
     ) -> None:
         self._config = config
         self._inventory = inventory
-        self._partitions = partitions
+        self._leases = leases
         self._layout = layout
+
+    def partition_message(self, record: PartitionRecord) -> pb.Partition:
+        try:
+            nodes = [str(n.path) for n in self._inventory.nodes_for(record)]
+        except AccelguardError as error:
+            log.warning("device_nodes_unavailable", partition=record.uuid, error=str(error))
+            nodes = []
+        return pb.Partition(
+            uuid=record.uuid, kind=record.kind, gpu_index=record.gpu_index,
+            profile=record.profile, state=record.state, clean=record.clean,
+            reason=record.reason, holder=record.lease_id or "", device_nodes=nodes,
+        )  # fmt: skip
 
     async def status(self) -> pb.StatusResponse:
         snapshot = await self._inventory.refresh()
-        partitions = []
-        for record in await self._partitions():
-            try:
-                nodes = [str(n.path) for n in self._inventory.nodes_for(record)]
-            except AccelguardError as error:
-                log.warning("device_nodes_unavailable", partition=record.uuid, error=str(error))
-                nodes = []
-            partitions.append(
-                pb.Partition(
-                    uuid=record.uuid, kind=record.kind, gpu_index=record.gpu_index,
-                    profile=record.profile, state=record.state, clean=record.clean,
-                    reason=record.reason, device_nodes=nodes,
-                )
-            )  # fmt: skip
         return pb.StatusResponse(
             node_id=self._config.node.id,
             agent_version=__version__,
             driver_version=snapshot.driver_version,
             gpus=[gpu_message(g) for g in snapshot.gpus],
-            partitions=partitions,
+            partitions=[self.partition_message(p) for p in await self._leases.partitions()],
         )
 
     async def layout(self, request: pb.LayoutRequest, apply: bool) -> pb.LayoutResponse:
         results = await self._layout(layout_targets(request), apply)
         return pb.LayoutResponse(gpus=[layout_result_message(r) for r in results])
+
+    async def grant(self, request: pb.GrantLeaseRequest) -> pb.GrantLeaseResponse:
+        grant = await self._leases.grant(
+            tenant=request.tenant,
+            cgroup=request.cgroup,
+            partition_uuid=request.partition_uuid,
+            profile=request.profile,
+            ttl_s=request.ttl_s,
+        )
+        partition = self.partition_message(grant.partition)
+        partition.device_nodes[:] = [str(n.path) for n in grant.device_nodes]
+        return pb.GrantLeaseResponse(lease=lease_message(grant.lease), partition=partition)
+
+    async def release(self, request: pb.ReleaseLeaseRequest) -> pb.Partition:
+        return self.partition_message(await self._leases.release(request.lease_id))
+
+    async def list_leases(self, request: pb.ListLeasesRequest) -> pb.ListLeasesResponse:
+        leases = await self._leases.leases(live_only=not request.include_released)
+        return pb.ListLeasesResponse(leases=[lease_message(lease) for lease in leases])
+
+    async def list_partitions(self) -> pb.ListPartitionsResponse:
+        await self._inventory.refresh()
+        partitions = await self._leases.partitions()
+        return pb.ListPartitionsResponse(partitions=[self.partition_message(p) for p in partitions])
+
+    async def quarantine(self, request: pb.PartitionActionRequest) -> pb.Partition:
+        record = await self._leases.quarantine(request.partition_uuid, request.reason)
+        return self.partition_message(record)
+
+    async def clear(self, request: pb.PartitionActionRequest) -> pb.Partition:
+        return self.partition_message(await self._leases.clear(request.partition_uuid, request.reason))
 
 
 class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
@@ -186,6 +225,28 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
 
     async def ApplyLayout(self, request: pb.LayoutRequest, context: Any) -> pb.LayoutResponse:
         return await self._guard("ApplyLayout", context, self._handlers.layout(request, True))
+
+    async def GrantLease(self, request: pb.GrantLeaseRequest, context: Any) -> pb.GrantLeaseResponse:
+        return await self._guard("GrantLease", context, self._handlers.grant(request))
+
+    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any) -> pb.Partition:
+        return await self._guard("ReleaseLease", context, self._handlers.release(request))
+
+    async def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
+        return await self._guard("ListLeases", context, self._handlers.list_leases(request))
+
+    async def ListPartitions(
+        self, request: pb.ListPartitionsRequest, context: Any
+    ) -> pb.ListPartitionsResponse:
+        return await self._guard("ListPartitions", context, self._handlers.list_partitions())
+
+    async def QuarantinePartition(
+        self, request: pb.PartitionActionRequest, context: Any
+    ) -> pb.Partition:
+        return await self._guard("QuarantinePartition", context, self._handlers.quarantine(request))
+
+    async def ClearPartition(self, request: pb.PartitionActionRequest, context: Any) -> pb.Partition:
+        return await self._guard("ClearPartition", context, self._handlers.clear(request))
 
 
 class AdminServer:

@@ -6,7 +6,10 @@ Ratios, not absolute times, are the result: a noisy CI machine slows both sides 
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,6 +19,7 @@ from typing import Any
 import pynvml
 
 from agent.config import load_config
+from agent.errors import ValidationError
 from agent.hw.nvml import NvmlBackend
 from agent.layout import LayoutEngine, LayoutTarget
 from agent.sim.node import init_sim_node
@@ -104,3 +108,99 @@ def bench_layout(rounds: int, directory: Path | None) -> dict[str, Any]:
         "baseline_raw_pynvml": raw_summary,
         "ratio_p50": agent_summary["p50_ms"] / raw_summary["p50_ms"],
     }
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50_ms": statistics.median(ordered) * 1000,
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+    }
+
+
+def bench_lease(rounds: int, directory: Path | None) -> dict[str, Any]:
+    """Grant and release-to-clean latency through the real agent, against a no-op admin call."""
+    from agent.client import AdminClient  # noqa: PLC0415
+    from agent.isolation.cgroups import hierarchy_mounts  # noqa: PLC0415
+    from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
+
+    mounts = hierarchy_mounts("v2") or hierarchy_mounts("v1-devices")
+    if not mounts:
+        raise ValidationError("bench lease needs a cgroup v2 or v1 devices hierarchy")
+    parent = mounts[0] / f"accelguard-bench-{os.getpid()}"
+    tenant = parent / "tenant"
+    with tempfile.TemporaryDirectory(prefix="accelguard-bench-") as scratch:
+        root = directory or Path(scratch)
+        parent.mkdir()
+        tenant.mkdir()
+        node = init_sim_node(root / "node", "h100x1", cgroup_parents=[parent], slice_bytes=1 << 20)
+        config = load_config(node.config_path)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--config", str(node.config_path), "agent"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with AdminClient(config.admin.socket, timeout_s=60) as client:
+                _wait_for_agent(client, agent)
+                client.apply_layout(
+                    pb.LayoutRequest(
+                        targets=[pb.LayoutTarget(gpu_indices=[0], mig_enabled=True, counts={"1g.10gb": 1})]
+                    )
+                )
+                _wait_clean(client)
+                grants: list[float] = []
+                releases: list[float] = []
+                pings: list[float] = []
+                request = pb.GrantLeaseRequest(tenant="bench", profile="1g.10gb", cgroup=str(tenant))
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    client.ping()
+                    pings.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    lease = client.grant_lease(request).lease.id
+                    grants.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    released = client.release_lease(lease)
+                    releases.append(time.perf_counter() - start)
+                    if not released.clean:
+                        raise ValidationError(f"release did not end clean: {released.reason}")
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
+            tenant.rmdir()
+            parent.rmdir()
+    grant, release, ping = _percentiles(grants), _percentiles(releases), _percentiles(pings)
+    return {
+        "benchmark": "lease",
+        "rounds": rounds,
+        "grant": grant,
+        "release_to_clean": release,
+        "baseline_noop_admin_call": ping,
+        "grant_overhead_p50_ms": grant["p50_ms"] - ping["p50_ms"],
+        "ratio_grant_p50": grant["p50_ms"] / ping["p50_ms"],
+        "ratio_release_p50": release["p50_ms"] / ping["p50_ms"],
+        "aim": "grant p50 within 10 ms of the no-op call",
+    }
+
+
+def _wait_for_agent(client: Any, agent: subprocess.Popen[bytes]) -> None:
+    from agent.errors import AccelguardError  # noqa: PLC0415
+
+    for _ in range(600):
+        if agent.poll() is not None:
+            raise ValidationError(f"the agent exited with {agent.returncode}")
+        try:
+            client.ping()
+            return
+        except AccelguardError:
+            time.sleep(0.05)
+    raise ValidationError("the agent did not start within 30 s")
+
+
+def _wait_clean(client: Any) -> None:
+    for _ in range(600):
+        partitions = client.list_partitions().partitions
+        if partitions and all(p.state == "free" and p.clean for p in partitions):
+            return
+        time.sleep(0.05)
+    raise ValidationError("partitions did not become clean within 30 s")

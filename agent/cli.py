@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from agent import __version__
 from agent.config import Config, load_config, to_toml
-from agent.errors import AccelguardError, LayoutError
+from agent.errors import AccelguardError, LayoutError, ValidationError
 
 PROG = "accelguard"
 
@@ -65,6 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("profiles", nargs="*", help="PROFILE=COUNT, e.g. 3g.40gb=2")
         sub.add_argument("--json", action="store_true")
 
+    lease = commands.add_parser("lease", help="tenant leases of partitions")
+    lease_verbs = lease.add_subparsers(dest="verb", required=True)
+    grant = lease_verbs.add_parser("grant", help="give a tenant a clean partition")
+    grant.add_argument("--tenant", required=True)
+    selector = grant.add_mutually_exclusive_group(required=True)
+    selector.add_argument("--partition", help="partition UUID (GPU-... or MIG-...)")
+    selector.add_argument("--profile", help="a MIG profile such as 1g.10gb, or 'gpu' for a whole GPU")
+    grant.add_argument("--cgroup", required=True, help="the tenant's cgroup directory (absolute)")
+    grant.add_argument("--ttl", type=float, default=0.0, help="seconds until the agent releases it")
+    grant.add_argument("--json", action="store_true")
+    release = lease_verbs.add_parser("release", help="revoke, evict, scrub; waits until clean")
+    release.add_argument("lease_id")
+    release.add_argument("--json", action="store_true")
+    lease_list = lease_verbs.add_parser("list", help="live leases")
+    lease_list.add_argument("--all", action="store_true", help="include released leases")
+    lease_list.add_argument("--json", action="store_true")
+
+    partition = commands.add_parser("partition", help="partitions and quarantine")
+    partition_verbs = partition.add_subparsers(dest="verb", required=True)
+    partition_list = partition_verbs.add_parser("list", help="state, clean flag, holder")
+    partition_list.add_argument("--json", action="store_true")
+    for verb, text in (("quarantine", "take out of service"), ("clear", "end a quarantine")):
+        action = partition_verbs.add_parser(verb, help=text)
+        action.add_argument("uuid")
+        action.add_argument("--reason", required=True)
+        action.add_argument("--json", action="store_true")
+
     sim = commands.add_parser("sim", help="the simulated node (no GPU needed)")
     sim_verbs = sim.add_subparsers(dest="verb", required=True)
     init = sim_verbs.add_parser("init", help="build a simulated node under a directory")
@@ -73,12 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--cgroup-parent", type=Path, action="append", default=[],
                       help="cgroup under which tenant cgroups must live (repeatable)")  # fmt: skip
     init.add_argument("--mig-off", action="store_true", help="start with MIG mode disabled")
+    init.add_argument("--slice-mib", type=int, default=16, help="simulated bytes per memory slice")
+    write = sim_verbs.add_parser("write", help="a tenant fills its partition with a pattern")
+    write.add_argument("--partition", required=True)
+    write.add_argument("--pattern", required=True)
+    read = sim_verbs.add_parser("read", help="a tenant searches every byte it can reach")
+    read.add_argument("--partition", required=True)
+    read.add_argument("--find", required=True)
+    read.add_argument("--json", action="store_true")
+    hold = sim_verbs.add_parser("hold", help="a tenant process using the partition until killed")
+    hold.add_argument("--partition", required=True)
+    hold.add_argument("--cgroup", type=Path, help="join this cgroup first")
+    hold.add_argument("--ignore-sigterm", action="store_true")
 
     bench = commands.add_parser("bench", help="benchmarks (JSON with a same-run baseline)")
     bench_verbs = bench.add_subparsers(dest="verb", required=True)
     bench_layout = bench_verbs.add_parser("layout", help="apply/tear down a 7-instance layout")
     bench_layout.add_argument("--rounds", type=int, default=20)
     bench_layout.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
+    bench_lease = bench_verbs.add_parser("lease", help="grant and release-to-clean latency")
+    bench_lease.add_argument("--rounds", type=int, default=50)
+    bench_lease.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
     return parser
 
 
@@ -176,17 +218,24 @@ def _print_layout(response: Any, applied: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "sim" and args.verb == "init":
+    if args.command == "sim" and args.verb == "init":  # needs no config: it writes one
         from agent.sim.node import init_sim_node  # noqa: PLC0415
 
-        node = init_sim_node(args.dir, args.topology, args.cgroup_parent, not args.mig_off)
+        if not 1 <= args.slice_mib <= 1024:
+            raise ValidationError("--slice-mib must be between 1 and 1024")
+        node = init_sim_node(
+            args.dir, args.topology, args.cgroup_parent, not args.mig_off, args.slice_mib << 20
+        )
         print(f"simulated node with {len(node.gpus)} GPUs ({', '.join(node.gpus)}) in {node.root}")
         print(f"config: {node.config_path}")
         return 0
     if args.command == "bench":
-        from agent.bench import bench_layout  # noqa: PLC0415
+        from agent import bench  # noqa: PLC0415
 
-        _print_json(bench_layout(args.rounds, args.dir))
+        if args.rounds < 1:
+            raise ValidationError("--rounds must be at least 1")
+        runner = {"layout": bench.bench_layout, "lease": bench.bench_lease}[args.verb]
+        _print_json(runner(args.rounds, args.dir))
         return 0
 
     config = load_config(args.config)
@@ -219,7 +268,85 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _print_layout(response, args.verb == "apply")
         return 0
+    if args.command == "lease":
+        return _lease(config, args)
+    if args.command == "partition":
+        return _partition(config, args)
+    if args.command == "sim":
+        return _sim(config, args)
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _emit(args: argparse.Namespace, message: Message, text: str) -> None:
+    if args.json:
+        _print_json(_message_dict(message))
+    else:
+        print(text)
+
+
+def _partition_line(p: Any) -> str:
+    state = p.state if p.state != "free" else ("free  clean" if p.clean else "free  dirty")
+    holder = f"  lease {p.holder}" if p.holder else ""
+    reason = f"  ({p.reason})" if p.reason else ""
+    return f"{p.uuid}  GPU {p.gpu_index}  {p.profile or 'whole GPU'}  {state}{holder}{reason}"
+
+
+def _lease_line(lease: Any) -> str:
+    expiry = f"  expires {lease.expires_at:.0f}" if lease.expires_at else ""
+    return f"{lease.id}  {lease.tenant}  {lease.partition_uuid}  {lease.state}  {lease.cgroup}{expiry}"
+
+
+def _lease(config: Config, args: argparse.Namespace) -> int:
+    from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
+
+    with _client(config) as client:
+        if args.verb == "grant":
+            request = pb.GrantLeaseRequest(tenant=args.tenant, cgroup=args.cgroup, ttl_s=args.ttl)
+            if args.partition:
+                request.partition_uuid = args.partition
+            else:
+                request.profile = args.profile
+            response = client.grant_lease(request)
+            nodes = "\n".join(f"  {n}" for n in response.partition.device_nodes)
+            _emit(args, response, f"{response.lease.id}  {response.partition.uuid}\n{nodes}")
+        elif args.verb == "release":
+            partition = client.release_lease(args.lease_id)
+            _emit(args, partition, _partition_line(partition))
+        else:
+            leases = client.list_leases(include_released=args.all)
+            _emit(args, leases, "\n".join(_lease_line(lease) for lease in leases.leases))
+    return 0
+
+
+def _partition(config: Config, args: argparse.Namespace) -> int:
+    with _client(config) as client:
+        if args.verb == "list":
+            partitions = client.list_partitions()
+            _emit(args, partitions, "\n".join(_partition_line(p) for p in partitions.partitions))
+            return 0
+        if args.verb == "quarantine":
+            partition = client.quarantine(args.uuid, args.reason)
+        else:
+            partition = client.clear(args.uuid, args.reason)
+        _emit(args, partition, _partition_line(partition))
+    return 0 if partition.state != "quarantined" or args.verb == "quarantine" else 1
+
+
+def _sim(config: Config, args: argparse.Namespace) -> int:
+    from agent.sim import workload  # noqa: PLC0415
+
+    if args.verb == "write":
+        region = workload.write_pattern(config, args.partition, args.pattern)
+        print(f"wrote {region.length} bytes to {args.partition}")
+    elif args.verb == "read":
+        region, count = workload.find_pattern(config, args.partition, args.find)
+        if args.json:
+            _print_json({"partition": args.partition, "bytes_read": region.length, "count": count})
+        else:
+            print(f"{count} occurrences in {region.length} bytes")
+    else:
+        workload.hold(config, args.partition, args.cgroup, args.ignore_sigterm)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,3 +73,24 @@ class AdminClient:
 
     def apply_layout(self, request: pb.LayoutRequest) -> pb.LayoutResponse:
         return self._call(self._stub.ApplyLayout, request, pb.LayoutResponse)
+
+    def grant_lease(self, request: pb.GrantLeaseRequest) -> pb.GrantLeaseResponse:
+        return self._call(self._stub.GrantLease, request, pb.GrantLeaseResponse)
+
+    def release_lease(self, lease_id: str) -> pb.Partition:
+        return self._call(self._stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id=lease_id), pb.Partition)
+
+    def list_leases(self, include_released: bool = False) -> pb.ListLeasesResponse:
+        request = pb.ListLeasesRequest(include_released=include_released)
+        return self._call(self._stub.ListLeases, request, pb.ListLeasesResponse)
+
+    def list_partitions(self) -> pb.ListPartitionsResponse:
+        return self._call(self._stub.ListPartitions, pb.ListPartitionsRequest(), pb.ListPartitionsResponse)
+
+    def quarantine(self, partition_uuid: str, reason: str) -> pb.Partition:
+        request = pb.PartitionActionRequest(partition_uuid=partition_uuid, reason=reason)
+        return self._call(self._stub.QuarantinePartition, request, pb.Partition)
+
+    def clear(self, partition_uuid: str, reason: str) -> pb.Partition:
+        request = pb.PartitionActionRequest(partition_uuid=partition_uuid, reason=reason)
+        return self._call(self._stub.ClearPartition, request, pb.Partition)

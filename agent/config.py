@@ -96,8 +96,47 @@ class TenantsConfig:
 
 @dataclass(frozen=True)
 class SimConfig:
-    # Set by `accelguard sim init`: where the simulated node's device memory files live.
+    # Set by `accelguard sim init`: where the simulated node's device memory files live, and how
+    # many bytes stand for one MIG memory slice (about 10 GB on an H100).
     memory_dir: str = ""
+    slice_bytes: int = _check(_positive, 16 << 20)
+
+
+def _fraction(value: Any) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    # "cuda" on a GPU node; "simmem" on a simulated node (sim init sets it).
+    backend: Literal["cuda", "simmem"] = "cuda"
+    policy: Literal["zero", "multi-pass"] = "zero"
+    # A worker still running after this long is killed and its partition quarantined.
+    deadline_s: float = _check(_positive, 600.0)
+    # Below this fraction of the partition's memory verified, the partition is quarantined.
+    min_coverage: float = _check(_fraction, 0.9)
+
+
+@dataclass(frozen=True)
+class LeasesConfig:
+    # SIGTERM first; whatever still holds the partition after this long is killed.
+    evict_grace_s: float = _check(_positive, 10.0)
+    max_ttl_s: float = _check(_positive, 30 * 24 * 3600.0)
+    cdi_dir: Path = _check(_absolute, Path("/var/run/cdi"))
+
+
+@dataclass(frozen=True)
+class AttestConfig:
+    # TPM access: the kernel's resource manager on hardware; "swtpm:port=2321" for tests.
+    tcti: str = "device:/dev/tpmrm0"
+    event_log: Path = _check(
+        _absolute, Path("/sys/kernel/security/tpm0/binary_bios_measurements")
+    )
+    ima_log: Path = _check(_absolute, Path("/sys/kernel/security/ima/binary_runtime_measurements"))
+    # Persistent handle of the attestation key (TCG provisioning guidance: 0x81010002 range).
+    ak_handle: int = _check(_positive, 0x81010002)
+    # Default PCR selection of a quote, as "bank:i,j,...".
+    pcrs: str = "sha256:0,1,2,3,4,5,6,7,8,9,10,14"
 
 
 @dataclass(frozen=True)
@@ -116,6 +155,9 @@ class Config:
     hotplug: HotplugConfig = field(default_factory=HotplugConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    leases: LeasesConfig = field(default_factory=LeasesConfig)
+    attest: AttestConfig = field(default_factory=AttestConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -21,7 +21,10 @@ from agent.hw.devnodes import DeviceNodeMap
 from agent.hw.nvml import NvmlBackend
 from agent.inventory import InventoryService
 from agent.layout import GpuLayoutResult, LayoutEngine, LayoutTarget
-from agent.store import PartitionRecord, Store
+from agent.evict import Evictor
+from agent.leases import LeaseManager
+from agent.scrub.runner import ScrubRunner
+from agent.store import Store
 from agent.systemd import SystemdNotifier
 
 log = structlog.get_logger("accelguard.daemon")
@@ -42,22 +45,47 @@ class Daemon:
             config.inventory.refresh_interval_s,
         )
         self.layout = LayoutEngine(self.backend, self.store)
+        self.leases = LeaseManager(
+            config,
+            self.store,
+            self.executor,
+            self.inventory,
+            self.backend,
+            ScrubRunner(config.scrub.backend, config.scrub.deadline_s, config.scrub.min_coverage),
+            Evictor(config.leases.evict_grace_s),
+        )
         self.notifier = SystemdNotifier()
         # Layout applies are serialised: two concurrent applies would plan against stale state.
         self._layout_lock = asyncio.Lock()
         self.admin = AdminServer(
-            config,
-            AdminHandlers(config, self.inventory, self._partitions, self._run_layout),
+            config, AdminHandlers(config, self.inventory, self.leases, self._run_layout)
         )
-
-    async def _partitions(self) -> list[PartitionRecord]:
-        return await self.executor.call(self.store.partitions)
 
     async def _run_layout(self, targets: list[LayoutTarget], apply: bool) -> list[GpuLayoutResult]:
         async with self._layout_lock:
-            results = await self.executor.call(lambda: self.layout.run(targets, apply=apply))
-            if apply:
-                await self.inventory.refresh()
+            if not apply:
+                pinned = await self.leases.pinned(dirty_too=False)
+                return await self.executor.call(
+                    lambda: self.layout.run(targets, apply=False, pinned=pinned)
+                )
+            # Invariant 5: a MIG instance is scrubbed before it is destroyed. Plan with only what
+            # cannot be waited out pinned (leased, releasing, quarantined), scrub the dirty
+            # instances the plan would destroy (waiting for scrubs already running), then apply
+            # with everything that is not clean pinned.
+            pinned = await self.leases.pinned(dirty_too=False, scrubbing_too=False)
+            plan = await self.executor.call(
+                lambda: self.layout.run(targets, apply=False, pinned=pinned)
+            )
+            doomed = {(r.gpu_uuid, i.gpu_instance_id) for r in plan for i in r.destroyed}
+            for record in await self.leases.partitions():
+                if (record.gpu_uuid, record.gi_id) in doomed and not record.clean:
+                    await self.leases.sanitize(record.uuid)
+            pinned = await self.leases.pinned(dirty_too=True)
+            results = await self.executor.call(
+                lambda: self.layout.run(targets, apply=True, pinned=pinned)
+            )
+            await self.inventory.refresh()
+            self.leases.wake()
             return results
 
     def _hotplug(self) -> Coroutine[Any, Any, None] | None:
@@ -86,6 +114,7 @@ class Daemon:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.inventory.run(), name="inventory")
                 group.create_task(self.admin.run(), name="admin")
+                group.create_task(self.leases.run(), name="leases")
                 group.create_task(
                     self.notifier.run(self.inventory.ready, self.inventory), name="systemd"
                 )

@@ -28,6 +28,11 @@ def register(name: str) -> str:
     return name
 
 
+def active(name: str) -> bool:
+    """For test hooks that must do something other than crash (e.g. hang, corrupt)."""
+    return name in _enabled()
+
+
 def hit(name: str) -> None:
     """Crash here if this failpoint is enabled."""
     if name in _enabled():

@@ -50,6 +50,34 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at REAL
     );
     """,
+    """
+    ALTER TABLE partitions ADD COLUMN lease_id TEXT;
+    ALTER TABLE partitions ADD COLUMN last_lease_id TEXT;
+    CREATE TABLE leases (
+        id TEXT PRIMARY KEY,
+        partition_uuid TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        cgroup TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('granting', 'active', 'releasing', 'released')),
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        released_at REAL,
+        release_reason TEXT NOT NULL DEFAULT ''
+    );
+    -- Invariant: a partition has at most one live lease.
+    CREATE UNIQUE INDEX leases_one_live_per_partition
+        ON leases (partition_uuid) WHERE state != 'released';
+    CREATE TABLE scrubs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        partition_uuid TEXT NOT NULL,
+        lease_id TEXT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        verified INTEGER NOT NULL DEFAULT 0,
+        result TEXT NOT NULL DEFAULT '{}',
+        error TEXT NOT NULL DEFAULT ''
+    );
+    """,
 )
 
 
@@ -69,6 +97,21 @@ class PartitionRecord:
     reason: str
     present: bool
     updated_at: float
+    lease_id: str | None = None
+    last_lease_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    id: str
+    partition_uuid: str
+    tenant: str
+    cgroup: str
+    state: str
+    created_at: float
+    expires_at: float | None
+    released_at: float | None
+    release_reason: str
 
 
 @dataclass(frozen=True)
@@ -210,6 +253,96 @@ class Store:
             if cursor.rowcount != 1:
                 raise StoreError(f"partition {uuid} is not in the journal")
 
+    # -- leases -----------------------------------------------------------------------------------
+
+    def lease(self, lease_id: str) -> LeaseRecord | None:
+        row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        return None if row is None else _lease(row)
+
+    def leases(self, *, live_only: bool = False) -> list[LeaseRecord]:
+        query = "SELECT * FROM leases"
+        if live_only:
+            query += " WHERE state != 'released'"
+        return [_lease(r) for r in self._db.execute(query + " ORDER BY created_at, id")]
+
+    def begin_grant(
+        self, lease_id: str, partition_uuid: str, tenant: str, cgroup: str, expires_at: float | None
+    ) -> bool:
+        """Atomically take a free, clean partition for a new lease. False if it is not (any more).
+
+        The partition is dirty from this moment: the tenant may write to it (invariant 2).
+        """
+        now = time.time()
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE partitions SET state = 'leased', clean = 0, lease_id = ?, reason = '', "
+                "updated_at = ? WHERE uuid = ? AND state = 'free' AND clean = 1 AND present = 1",
+                (lease_id, now, partition_uuid),
+            )
+            if cursor.rowcount != 1:
+                return False
+            db.execute(
+                "INSERT INTO leases (id, partition_uuid, tenant, cgroup, state, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, 'granting', ?, ?)",
+                (lease_id, partition_uuid, tenant, cgroup, now, expires_at),
+            )
+        return True
+
+    def set_lease_state(self, lease_id: str, state: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE leases SET state = ? WHERE id = ?", (state, lease_id))
+
+    def begin_release(self, lease_id: str, reason: str) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"lease {lease_id} is not in the journal")
+            db.execute(
+                "UPDATE leases SET state = 'releasing', release_reason = ? WHERE id = ?",
+                (reason, lease_id),
+            )
+            db.execute(
+                "UPDATE partitions SET state = 'releasing', clean = 0, updated_at = ? "
+                "WHERE uuid = ? AND lease_id = ?",
+                (time.time(), row["partition_uuid"], lease_id),
+            )
+
+    def finish_release(self, lease_id: str) -> None:
+        """The lease is over: the partition no longer names it as holder."""
+        with self.transaction() as db:
+            row = db.execute("SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            db.execute(
+                "UPDATE leases SET state = 'released', released_at = ? WHERE id = ?",
+                (time.time(), lease_id),
+            )
+            if row is not None:
+                db.execute(
+                    "UPDATE partitions SET lease_id = NULL, last_lease_id = ? "
+                    "WHERE uuid = ? AND lease_id = ?",
+                    (lease_id, row["partition_uuid"], lease_id),
+                )
+
+    # -- scrubs -----------------------------------------------------------------------------------
+
+    def record_scrub(
+        self,
+        partition_uuid: str,
+        lease_id: str | None,
+        started_at: float,
+        finished_at: float,
+        verified: bool,
+        result: dict[str, Any],
+        error: str,
+    ) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO scrubs (partition_uuid, lease_id, started_at, finished_at, verified, "
+                "result, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (partition_uuid, lease_id, started_at, finished_at, int(verified),
+                 json.dumps(result, sort_keys=True), error),
+            )  # fmt: skip
+            return int(cursor.lastrowid or 0)
+
     # -- layout journal -------------------------------------------------------------------------
 
     def begin_layout(self, gpu_uuid: str, plan: dict[str, Any]) -> int:
@@ -262,4 +395,20 @@ def _partition(row: sqlite3.Row) -> PartitionRecord:
         reason=row["reason"],
         present=bool(row["present"]),
         updated_at=row["updated_at"],
+        lease_id=row["lease_id"],
+        last_lease_id=row["last_lease_id"],
+    )
+
+
+def _lease(row: sqlite3.Row) -> LeaseRecord:
+    return LeaseRecord(
+        id=row["id"],
+        partition_uuid=row["partition_uuid"],
+        tenant=row["tenant"],
+        cgroup=row["cgroup"],
+        state=row["state"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        released_at=row["released_at"],
+        release_reason=row["release_reason"],
     )

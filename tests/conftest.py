@@ -15,7 +15,7 @@ from tests.support import RunningAgent
 
 @pytest.fixture
 def sim_node(tmp_path: Path) -> SimNode:
-    return init_sim_node(tmp_path / "node", "h100x2")
+    return init_sim_node(tmp_path / "node", "h100x2", slice_bytes=1 << 20)
 
 
 @pytest.fixture

@@ -98,6 +98,17 @@ class RunningAgent:
     def cli_json(self, *args: str) -> Any:
         return cli_json(*args, config=self.config_path)
 
+    def partitions(self) -> list[dict[str, Any]]:
+        """The partition list through the admin API in-process (cheap enough to poll)."""
+        from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+
+        with AdminClient(self.config.admin.socket, timeout_s=30) as client:
+            response = client.list_partitions()
+        document = MessageToDict(
+            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        return list(document.get("partitions", []))
+
     def mutating_calls(self) -> int:
         counters = Path(self.config.nvml.sim_dir) / "counters"
         if not counters.exists():
@@ -107,3 +118,61 @@ class RunningAgent:
             if key == "mutating_calls":
                 return int(value)
         raise AssertionError(f"no mutating_calls in {counters}")
+
+
+def wait_all_clean(agent: RunningAgent, timeout: float = 60) -> list[dict[str, Any]]:
+    """Wait until every partition is free and clean (new partitions are scrubbed first)."""
+    deadline = time.monotonic() + timeout
+    partitions: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        partitions = agent.partitions()
+        if all(p["state"] == "free" and p["clean"] for p in partitions):
+            return partitions
+        time.sleep(0.1)
+    raise AssertionError(f"partitions never all clean: {partitions}\n{agent.log()[-3000:]}")
+
+
+PROBE = """
+import json, os, sys
+cgroup, paths = sys.argv[1], json.loads(sys.argv[2])
+with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+    procs.write(str(os.getpid()))
+result = {}
+for path in paths:
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        result[path] = 0
+    except OSError as error:
+        result[path] = error.errno
+print(json.dumps(result))
+"""
+
+
+def probe(cgroup: Path, paths: list[str]) -> dict[str, int]:
+    """Open each path from a fresh process inside ``cgroup``; errno per path (0 = opened)."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(cgroup), json.dumps(paths)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return {k: int(v) for k, v in json.loads(result.stdout).items()}
+
+
+def all_gpu_nodes(dev_root: Path) -> list[str]:
+    nodes = [p for p in dev_root.iterdir() if p.name.startswith("nvidia") and not p.is_dir()]
+    nodes += list((dev_root / "nvidia-caps").iterdir())
+    return sorted(str(p) for p in nodes)
+
+
+def wait_settled(agent: RunningAgent, timeout: float = 60) -> list[dict[str, Any]]:
+    """Wait until every partition is free and clean, or quarantined with a reason."""
+    deadline = time.monotonic() + timeout
+    partitions: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        partitions = agent.partitions()
+        if all(
+            (p["state"] == "free" and p["clean"]) or (p["state"] == "quarantined" and p["reason"])
+            for p in partitions
+        ):
+            return partitions
+        time.sleep(0.1)
+    raise AssertionError(f"partitions never settled: {partitions}\n{agent.log()[-3000:]}")

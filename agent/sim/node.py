@@ -112,6 +112,7 @@ def init_sim_node(
     topology: str = "h100x2",
     cgroup_parents: list[Path] | None = None,
     mig_enabled: bool = True,
+    slice_bytes: int = 16 << 20,
 ) -> SimNode:
     models = parse_topology(topology)
     root = root.resolve()
@@ -170,7 +171,9 @@ def init_sim_node(
             # The sim's hotplug is driven by tests; a node without GPUs has nothing to watch.
             "hotplug": {"enabled": False},
             "tenants": {"cgroup_parents": [str(p) for p in cgroup_parents or []]},
-            "sim": {"memory_dir": str(root / "memory")},
+            "sim": {"memory_dir": str(root / "memory"), "slice_bytes": slice_bytes},
+            "scrub": {"backend": "simmem", "deadline_s": 60.0, "min_coverage": 1.0},
+            "leases": {"evict_grace_s": 2.0, "cdi_dir": str(root / "cdi")},
             "logging": {"format": "json"},
         }
     )

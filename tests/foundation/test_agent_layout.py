@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import RunningAgent, run_cli
+from agent.store import Store
+from tests.support import RunningAgent, run_cli, wait_all_clean
 
 MIXED = ["3g.40gb=1", "2g.20gb=1", "1g.10gb=2"]
 
@@ -46,8 +47,14 @@ def test_apply_mixed_layout_then_reapply_is_a_noop(agent: RunningAgent) -> None:
     assert _profiles(status, 1) == [("7g.80gb", 0)]
     partitions = status["partitions"]
     assert len(partitions) == 5
-    # New instances start dirty: nobody has vouched for their memory yet.
-    assert all(not p["clean"] for p in partitions)
+    # New instances start dirty and become clean only through a verified scrub.
+    wait_all_clean(agent)
+    store = Store(agent.config.node.store_path)
+    try:
+        scrubbed = {row[0] for row in store._db.execute("SELECT partition_uuid FROM scrubs WHERE verified = 1")}
+    finally:
+        store.close()
+    assert {p["uuid"] for p in partitions} <= scrubbed
     caps = [n for p in partitions for n in p["device_nodes"] if "nvidia-caps" in n]
     assert len(caps) == 10 and len(set(caps)) == 10
 

@@ -54,6 +54,36 @@ class AdminStub:
                 request_serializer=accelguard_dot_v1_dot_admin__pb2.LayoutRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_admin__pb2.LayoutResponse.FromString,
                 _registered_method=True)
+        self.GrantLease = channel.unary_unary(
+                '/accelguard.v1.Admin/GrantLease',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/accelguard.v1.Admin/ReleaseLease',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
+                _registered_method=True)
+        self.ListLeases = channel.unary_unary(
+                '/accelguard.v1.Admin/ListLeases',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.ListLeasesRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.ListLeasesResponse.FromString,
+                _registered_method=True)
+        self.ListPartitions = channel.unary_unary(
+                '/accelguard.v1.Admin/ListPartitions',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.ListPartitionsRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.ListPartitionsResponse.FromString,
+                _registered_method=True)
+        self.QuarantinePartition = channel.unary_unary(
+                '/accelguard.v1.Admin/QuarantinePartition',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
+                _registered_method=True)
+        self.ClearPartition = channel.unary_unary(
+                '/accelguard.v1.Admin/ClearPartition',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -84,6 +114,44 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Returns once the partition is clean again (or quarantined, with the reason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLeases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPartitions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuarantinePartition(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearPartition(self, request, context):
+        """Ends a quarantine; the partition is scrubbed again before it is free.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +174,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ApplyLayout,
                     request_deserializer=accelguard_dot_v1_dot_admin__pb2.LayoutRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_admin__pb2.LayoutResponse.SerializeToString,
+            ),
+            'GrantLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantLease,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.Partition.SerializeToString,
+            ),
+            'ListLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLeases,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.ListLeasesRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.ListLeasesResponse.SerializeToString,
+            ),
+            'ListPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPartitions,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.ListPartitionsRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.ListPartitionsResponse.SerializeToString,
+            ),
+            'QuarantinePartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuarantinePartition,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.Partition.SerializeToString,
+            ),
+            'ClearPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearPartition,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.Partition.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +314,168 @@ class Admin:
             '/accelguard.v1.Admin/ApplyLayout',
             accelguard_dot_v1_dot_admin__pb2.LayoutRequest.SerializeToString,
             accelguard_dot_v1_dot_admin__pb2.LayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/GrantLease',
+            accelguard_dot_v1_dot_admin__pb2.GrantLeaseRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.GrantLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/ReleaseLease',
+            accelguard_dot_v1_dot_admin__pb2.ReleaseLeaseRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/ListLeases',
+            accelguard_dot_v1_dot_admin__pb2.ListLeasesRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.ListLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/ListPartitions',
+            accelguard_dot_v1_dot_admin__pb2.ListPartitionsRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.ListPartitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuarantinePartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/QuarantinePartition',
+            accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/ClearPartition',
+            accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
             options,
             channel_credentials,
             insecure,

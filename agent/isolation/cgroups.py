@@ -1,0 +1,220 @@
+"""Where cgroups are mounted, and validation of the cgroup path a tenant asks to be fenced.
+
+Mounts come from /proc/self/mountinfo, never from hard-coded paths: a hybrid node has cgroup v1
+``devices`` at /sys/fs/cgroup/devices and cgroup v2 at /sys/fs/cgroup/unified, a unified node has
+cgroup2 at /sys/fs/cgroup, and a container may see either somewhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from agent.errors import IsolationError, ValidationError
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+CgroupHierarchy = Literal["v1-devices", "v2"]
+
+# show_mountinfo escapes these four bytes as \ooo (fs/proc_namespace.c, mangle_path " \t\n\\").
+_ESCAPED = re.compile(r"\\([0-7]{3})")
+_SEPARATOR = "-"
+_FIELDS_BEFORE_OPTIONAL = 6
+_FIELDS_AFTER_SEPARATOR = 3
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo, the fields a cgroup lookup needs."""
+
+    mount_id: int
+    root: str
+    mount_point: Path
+    fs_type: str
+    super_options: frozenset[str]
+
+    @property
+    def hierarchy(self) -> CgroupHierarchy | None:
+        if self.fs_type == "cgroup2":
+            return "v2"
+        if self.fs_type == "cgroup" and "devices" in self.super_options:
+            return "v1-devices"
+        return None
+
+
+def unescape_mount_field(field: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        value = int(match.group(1), 8)
+        if value > 0x7F:
+            raise IsolationError(f"mountinfo escape \\{match.group(1)} is not an ASCII character")
+        return chr(value)
+
+    return _ESCAPED.sub(replace, field)
+
+
+def parse_mountinfo(text: str) -> tuple[Mount, ...]:
+    """Parse proc(5) mountinfo.
+
+    Each line: ``id parent major:minor root mount-point options [optional...] - fstype source
+    super-options``; raises IsolationError naming the line if one is malformed.
+    """
+    mounts = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line:
+            continue
+        fields = line.split(" ")
+        try:
+            separator = fields.index(_SEPARATOR, _FIELDS_BEFORE_OPTIONAL)
+        except ValueError:
+            raise IsolationError(
+                f"/proc/self/mountinfo line {number} is malformed: no ' - ' after the 6th field"
+            ) from None
+        if len(fields) - separator - 1 != _FIELDS_AFTER_SEPARATOR:
+            raise IsolationError(
+                f"/proc/self/mountinfo line {number} is malformed: expected fstype, source and "
+                f"super options after ' - ', got {len(fields) - separator - 1} fields"
+            )
+        mount_id_text, _parent, _device, root, mount_point = fields[:5]
+        if not mount_id_text.isascii() or not mount_id_text.isdigit():
+            raise IsolationError(
+                f"/proc/self/mountinfo line {number} is malformed: mount id {mount_id_text!r}"
+            )
+        try:
+            mount_point = unescape_mount_field(mount_point)
+            root = unescape_mount_field(root)
+        except IsolationError as error:
+            raise IsolationError(f"/proc/self/mountinfo line {number}: {error}") from None
+        if not mount_point.startswith("/"):
+            raise IsolationError(
+                f"/proc/self/mountinfo line {number} is malformed: "
+                f"mount point {mount_point!r} is not absolute"
+            )
+        fs_type, _source, super_options = fields[separator + 1 :]
+        mounts.append(
+            Mount(
+                mount_id=int(mount_id_text),
+                root=root,
+                mount_point=Path(mount_point),
+                fs_type=fs_type,
+                super_options=frozenset(super_options.split(",")),
+            )
+        )
+    return tuple(mounts)
+
+
+def read_mounts(mountinfo: Path = MOUNTINFO) -> tuple[Mount, ...]:
+    try:
+        # surrogateescape keeps non-UTF-8 mount points byte-exact, as os.fsdecode does.
+        text = mountinfo.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as error:
+        raise IsolationError(f"cannot read {mountinfo}: {error.strerror}") from error
+    return parse_mountinfo(text)
+
+
+def mount_containing(path: Path, mounts: Sequence[Mount]) -> Mount | None:
+    """The mount ``path`` (absolute, symlink-free) lives on: the deepest, the latest of equals."""
+    best: Mount | None = None
+    for mount in mounts:
+        contains = path == mount.mount_point or mount.mount_point in path.parents
+        # mountinfo lists mounts in the order they were made; a later mount on the same point
+        # hides the earlier one, so >= keeps the last.
+        if contains and (
+            best is None or len(mount.mount_point.parts) >= len(best.mount_point.parts)
+        ):
+            best = mount
+    return best
+
+
+def cgroup_hierarchy(path: Path, mounts: Sequence[Mount] | None = None) -> CgroupHierarchy | None:
+    """``"v2"``, ``"v1-devices"`` or None for a path on neither kind of cgroup mount."""
+    mount = mount_containing(path, read_mounts() if mounts is None else mounts)
+    return None if mount is None else mount.hierarchy
+
+
+def hierarchy_mounts(
+    hierarchy: CgroupHierarchy, mounts: Sequence[Mount] | None = None
+) -> tuple[Path, ...]:
+    """Mount points of one kind of cgroup hierarchy, in mount order (for tests and diagnostics)."""
+    found = read_mounts() if mounts is None else mounts
+    return tuple(mount.mount_point for mount in found if mount.hierarchy == hierarchy)
+
+
+def resolve_tenant_cgroup(path: str, allowed_parents: Sequence[Path]) -> Path:
+    """Check that ``path`` names a real cgroup strictly under an allowed parent, and return it.
+
+    The path comes from a tenant or scheduler, so it is distrusted: it must be absolute, with no
+    ``..`` or ``.`` components and no symlink anywhere (each component checked with lstat, and
+    the realpath compared), exist as a directory on a cgroup v2 or cgroup v1 ``devices`` mount,
+    and lie strictly below one of ``allowed_parents``. Every rejection is a ValidationError that
+    says which rule failed; nothing is changed.
+    """
+    if not isinstance(path, str):
+        raise ValidationError(f"tenant cgroup must be a path string, got {type(path).__name__}")
+    if not path:
+        raise ValidationError("tenant cgroup path is empty")
+    if "\x00" in path:
+        raise ValidationError(f"tenant cgroup path {path!r} contains a NUL byte")
+    if not path.startswith("/"):
+        raise ValidationError(f"tenant cgroup path {path!r} is not absolute")
+    components = [part for part in path.split("/") if part]
+    if ".." in components:
+        raise ValidationError(
+            f"tenant cgroup path {path!r} contains '..': refusing to walk upwards"
+        )
+    if "." in components:
+        raise ValidationError(f"tenant cgroup path {path!r} contains '.': give the canonical path")
+    candidate = Path("/", *components)
+
+    if not allowed_parents:
+        raise ValidationError(
+            "no allowed parent cgroups are configured: refusing every tenant cgroup"
+        )
+    parents = [Path(os.path.realpath(parent)) for parent in allowed_parents]
+    if not any(parent in candidate.parents for parent in parents):
+        listed = ", ".join(str(parent) for parent in parents)
+        raise ValidationError(
+            f"tenant cgroup {str(candidate)!r} is not strictly under an allowed parent ({listed})"
+        )
+
+    _check_no_symlinks(candidate)
+    if os.path.realpath(candidate) != str(candidate):
+        raise ValidationError(
+            f"tenant cgroup {str(candidate)!r} resolves to {os.path.realpath(candidate)!r}: "
+            "give the real path"
+        )
+    mount = mount_containing(candidate, read_mounts())
+    if mount is None or mount.hierarchy is None:
+        where = "no mount" if mount is None else f"{mount.fs_type} mounted at {mount.mount_point}"
+        raise ValidationError(
+            f"tenant cgroup {str(candidate)!r} is not a cgroup: it is on {where}, "
+            "not on a cgroup v2 or cgroup v1 devices hierarchy"
+        )
+    return candidate
+
+
+def _check_no_symlinks(candidate: Path) -> None:
+    for current in [*reversed(candidate.parents), candidate][1:]:
+        try:
+            status = os.lstat(current)
+        except FileNotFoundError:
+            raise ValidationError(
+                f"tenant cgroup {str(candidate)!r} does not exist ({str(current)!r} is missing)"
+            ) from None
+        except OSError as error:
+            raise ValidationError(
+                f"tenant cgroup {str(candidate)!r}: cannot inspect {str(current)!r}: "
+                f"{error.strerror}"
+            ) from error
+        if stat.S_ISLNK(status.st_mode):
+            raise ValidationError(
+                f"tenant cgroup {str(candidate)!r} goes through a symlink at {str(current)!r}"
+            )
+        if not stat.S_ISDIR(status.st_mode):
+            raise ValidationError(
+                f"tenant cgroup {str(candidate)!r}: {str(current)!r} is not a directory"
+            )

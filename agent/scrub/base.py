@@ -1,0 +1,118 @@
+"""The scrub boundary: what to scrub, how, and what a scrub proved.
+
+A scrub runs in a short-lived worker process per partition (``agent/scrub/worker.py``), never in
+the daemon: a hung or crashed scrub is then a process the daemon kills, and the daemon holds no
+CUDA context. Backends (``simmem`` for the simulated node, ``cuda`` on hardware) implement
+``ScrubBackend``; the lease state machine only sees ``ScrubResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from agent.errors import ScrubError
+
+PolicyName = Literal["zero", "multi-pass"]
+
+# Patterns as 32-bit words (cuMemsetD32 writes 32-bit values). zero: one write + verify.
+# multi-pass: alternating bits both ways, then zero, each pass verified.
+POLICY_PATTERNS: dict[str, tuple[int, ...]] = {
+    "zero": (0x00000000,),
+    "multi-pass": (0x55555555, 0xAAAAAAAA, 0x00000000),
+}
+
+
+@dataclass(frozen=True)
+class ScrubTarget:
+    partition_uuid: str
+    gpu_uuid: str
+    gpu_index: int
+    kind: Literal["gpu", "mig"]
+    # What CUDA_VISIBLE_DEVICES names for this partition: the GPU UUID or the MIG UUID.
+    visible_device: str
+    # Bytes of device memory the partition owns (the coverage denominator).
+    total_bytes: int
+    # Simulated node only: the GPU's memory file and the partition's byte range in it.
+    memory_file: str = ""
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScrubTarget:
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise ScrubError(f"malformed scrub target: {error}") from error
+
+
+@dataclass(frozen=True)
+class PassResult:
+    pattern: int
+    bytes_written: int
+    bytes_verified: int
+    write_seconds: float
+    verify_seconds: float
+    mismatched_bytes: int
+
+
+@dataclass(frozen=True)
+class ScrubResult:
+    backend: str
+    policy: str
+    total_bytes: int
+    passes: tuple[PassResult, ...] = field(default_factory=tuple)
+    detail: str = ""
+
+    @property
+    def bytes_written(self) -> int:
+        return min((p.bytes_written for p in self.passes), default=0)
+
+    @property
+    def bytes_verified(self) -> int:
+        return min((p.bytes_verified for p in self.passes), default=0)
+
+    @property
+    def coverage(self) -> float:
+        if self.total_bytes <= 0:
+            return 0.0
+        return self.bytes_verified / self.total_bytes
+
+    @property
+    def verified(self) -> bool:
+        """True only if every pass ran, wrote and verified bytes, and found no mismatch."""
+        return len(self.passes) > 0 and all(
+            p.mismatched_bytes == 0 and p.bytes_verified > 0 for p in self.passes
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "policy": self.policy,
+            "total_bytes": self.total_bytes,
+            "passes": [asdict(p) for p in self.passes],
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScrubResult:
+        try:
+            return cls(
+                backend=str(data["backend"]),
+                policy=str(data["policy"]),
+                total_bytes=int(data["total_bytes"]),
+                passes=tuple(PassResult(**p) for p in data["passes"]),
+                detail=str(data.get("detail", "")),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ScrubError(f"malformed scrub result from worker: {error}") from error
+
+
+class ScrubBackend(Protocol):
+    """Overwrite and verify a partition's memory. Runs inside the worker process."""
+
+    name: str
+
+    def scrub(self, target: ScrubTarget, patterns: tuple[int, ...]) -> tuple[PassResult, ...]: ...

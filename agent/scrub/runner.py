@@ -1,0 +1,109 @@
+"""Runs scrub workers: parallel across partitions, one at a time per partition, with a deadline.
+
+A worker that outlives its deadline is killed; one that dies or prints no valid result is a failed
+scrub. The caller quarantines on any ``ScrubError``: nothing is reported clean that was not verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import structlog
+
+from agent.errors import ScrubError
+from agent.scrub.base import POLICY_PATTERNS, ScrubResult, ScrubTarget
+
+log = structlog.get_logger("accelguard.scrub")
+
+
+@dataclass(frozen=True)
+class ScrubOutcome:
+    result: ScrubResult
+    started_at: float
+    finished_at: float
+
+
+class ScrubRunner:
+    def __init__(self, backend: str, deadline_s: float, min_coverage: float) -> None:
+        self._backend = backend
+        self._deadline_s = deadline_s
+        self._min_coverage = min_coverage
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def scrub(self, target: ScrubTarget, policy: str) -> ScrubOutcome:
+        """Scrub and verify; raises ScrubError unless every byte claimed was verified clean."""
+        if policy not in POLICY_PATTERNS:
+            raise ScrubError(
+                f"unknown scrub policy {policy!r} (known: {', '.join(POLICY_PATTERNS)})"
+            )
+        async with self._locks[target.partition_uuid]:
+            started = time.time()
+            result = await self._run_worker(target, policy)
+            finished = time.time()
+        if not result.verified:
+            mismatched = sum(p.mismatched_bytes for p in result.passes)
+            raise ScrubError(
+                f"scrub of {target.partition_uuid} did not verify: {mismatched} bytes differ "
+                f"from the pattern after writing"
+            )
+        if result.coverage < self._min_coverage:
+            raise ScrubError(
+                f"scrub of {target.partition_uuid} covered {result.coverage:.1%} of "
+                f"{result.total_bytes} bytes, below the configured minimum {self._min_coverage:.0%}"
+            )
+        return ScrubOutcome(result=result, started_at=started, finished_at=finished)
+
+    async def _run_worker(self, target: ScrubTarget, policy: str) -> ScrubResult:
+        request = json.dumps(
+            {
+                "backend": self._backend,
+                "policy": policy,
+                "patterns": list(POLICY_PATTERNS[policy]),
+                "target": target.to_dict(),
+            }
+        ).encode()
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": target.visible_device}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.scrub.worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=environment,
+        )  # fmt: skip
+        log.info("scrub_started", partition=target.partition_uuid, pid=process.pid, policy=policy)
+        try:
+            stdout, stderr = await asyncio.wait_for(
+                process.communicate(request), timeout=self._deadline_s
+            )
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise ScrubError(
+                f"scrub worker for {target.partition_uuid} hung past its "
+                f"{self._deadline_s:g}s deadline and was killed"
+            ) from None
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            raise
+        if process.returncode != 0:
+            how = (
+                f"was killed by signal {-process.returncode}"
+                if process.returncode is not None and process.returncode < 0
+                else f"exited {process.returncode}"
+            )
+            message = stderr.decode(errors="replace").strip().splitlines()
+            raise ScrubError(
+                f"scrub worker for {target.partition_uuid} {how}"
+                + (f": {message[-1]}" if message else "")
+            )
+        try:
+            return ScrubResult.from_dict(json.loads(stdout))
+        except (ValueError, TypeError) as error:
+            raise ScrubError(
+                f"scrub worker for {target.partition_uuid} printed no result: {error}"
+            ) from error
