@@ -31,9 +31,9 @@ from agent.errors import (
 from agent.hw.model import GpuInfo, MigInstanceInfo
 from agent.inventory import InventoryService
 from agent.layout import GpuLayoutResult, LayoutTarget
+from agent.leases import LeaseManager
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.proto.accelguard.v1 import admin_pb2_grpc as pb_grpc
-from agent.leases import LeaseManager
 from agent.store import LeaseRecord, PartitionRecord
 
 log = structlog.get_logger("accelguard.admin")
@@ -195,7 +195,9 @@ class AdminHandlers:
         return self.partition_message(record)
 
     async def clear(self, request: pb.PartitionActionRequest) -> pb.Partition:
-        return self.partition_message(await self._leases.clear(request.partition_uuid, request.reason))
+        return self.partition_message(
+            await self._leases.clear(request.partition_uuid, request.reason)
+        )
 
 
 class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
@@ -226,13 +228,17 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     async def ApplyLayout(self, request: pb.LayoutRequest, context: Any) -> pb.LayoutResponse:
         return await self._guard("ApplyLayout", context, self._handlers.layout(request, True))
 
-    async def GrantLease(self, request: pb.GrantLeaseRequest, context: Any) -> pb.GrantLeaseResponse:
+    async def GrantLease(
+        self, request: pb.GrantLeaseRequest, context: Any
+    ) -> pb.GrantLeaseResponse:
         return await self._guard("GrantLease", context, self._handlers.grant(request))
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any) -> pb.Partition:
         return await self._guard("ReleaseLease", context, self._handlers.release(request))
 
-    async def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
+    async def ListLeases(
+        self, request: pb.ListLeasesRequest, context: Any
+    ) -> pb.ListLeasesResponse:
         return await self._guard("ListLeases", context, self._handlers.list_leases(request))
 
     async def ListPartitions(
@@ -245,7 +251,9 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     ) -> pb.Partition:
         return await self._guard("QuarantinePartition", context, self._handlers.quarantine(request))
 
-    async def ClearPartition(self, request: pb.PartitionActionRequest, context: Any) -> pb.Partition:
+    async def ClearPartition(
+        self, request: pb.PartitionActionRequest, context: Any
+    ) -> pb.Partition:
         return await self._guard("ClearPartition", context, self._handlers.clear(request))
 
 

@@ -144,14 +144,20 @@ def bench_lease(rounds: int, directory: Path | None) -> dict[str, Any]:
                 _wait_for_agent(client, agent)
                 client.apply_layout(
                     pb.LayoutRequest(
-                        targets=[pb.LayoutTarget(gpu_indices=[0], mig_enabled=True, counts={"1g.10gb": 1})]
+                        targets=[
+                            pb.LayoutTarget(
+                                gpu_indices=[0], mig_enabled=True, counts={"1g.10gb": 1}
+                            )
+                        ]
                     )
                 )
                 _wait_clean(client)
                 grants: list[float] = []
                 releases: list[float] = []
                 pings: list[float] = []
-                request = pb.GrantLeaseRequest(tenant="bench", profile="1g.10gb", cgroup=str(tenant))
+                request = pb.GrantLeaseRequest(
+                    tenant="bench", profile="1g.10gb", cgroup=str(tenant)
+                )
                 for _ in range(rounds):
                     start = time.perf_counter()
                     client.ping()
@@ -191,9 +197,10 @@ def _wait_for_agent(client: Any, agent: subprocess.Popen[bytes]) -> None:
             raise ValidationError(f"the agent exited with {agent.returncode}")
         try:
             client.ping()
-            return
         except AccelguardError:
             time.sleep(0.05)
+        else:
+            return
     raise ValidationError("the agent did not start within 30 s")
 
 

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--tenant", required=True)
     selector = grant.add_mutually_exclusive_group(required=True)
     selector.add_argument("--partition", help="partition UUID (GPU-... or MIG-...)")
-    selector.add_argument("--profile", help="a MIG profile such as 1g.10gb, or 'gpu' for a whole GPU")
+    selector.add_argument(
+        "--profile", help="a MIG profile such as 1g.10gb, or 'gpu' for a whole GPU"
+    )
     grant.add_argument("--cgroup", required=True, help="the tenant's cgroup directory (absolute)")
     grant.add_argument("--ttl", type=float, default=0.0, help="seconds until the agent releases it")
     grant.add_argument("--json", action="store_true")
@@ -293,7 +295,9 @@ def _partition_line(p: Any) -> str:
 
 def _lease_line(lease: Any) -> str:
     expiry = f"  expires {lease.expires_at:.0f}" if lease.expires_at else ""
-    return f"{lease.id}  {lease.tenant}  {lease.partition_uuid}  {lease.state}  {lease.cgroup}{expiry}"
+    return (
+        f"{lease.id}  {lease.tenant}  {lease.partition_uuid}  {lease.state}  {lease.cgroup}{expiry}"
+    )
 
 
 def _lease(config: Config, args: argparse.Namespace) -> int:

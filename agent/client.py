@@ -78,14 +78,18 @@ class AdminClient:
         return self._call(self._stub.GrantLease, request, pb.GrantLeaseResponse)
 
     def release_lease(self, lease_id: str) -> pb.Partition:
-        return self._call(self._stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id=lease_id), pb.Partition)
+        return self._call(
+            self._stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id=lease_id), pb.Partition
+        )
 
     def list_leases(self, include_released: bool = False) -> pb.ListLeasesResponse:
         request = pb.ListLeasesRequest(include_released=include_released)
         return self._call(self._stub.ListLeases, request, pb.ListLeasesResponse)
 
     def list_partitions(self) -> pb.ListPartitionsResponse:
-        return self._call(self._stub.ListPartitions, pb.ListPartitionsRequest(), pb.ListPartitionsResponse)
+        return self._call(
+            self._stub.ListPartitions, pb.ListPartitionsRequest(), pb.ListPartitionsResponse
+        )
 
     def quarantine(self, partition_uuid: str, reason: str) -> pb.Partition:
         request = pb.PartitionActionRequest(partition_uuid=partition_uuid, reason=reason)

@@ -129,9 +129,7 @@ class LeasesConfig:
 class AttestConfig:
     # TPM access: the kernel's resource manager on hardware; "swtpm:port=2321" for tests.
     tcti: str = "device:/dev/tpmrm0"
-    event_log: Path = _check(
-        _absolute, Path("/sys/kernel/security/tpm0/binary_bios_measurements")
-    )
+    event_log: Path = _check(_absolute, Path("/sys/kernel/security/tpm0/binary_bios_measurements"))
     ima_log: Path = _check(_absolute, Path("/sys/kernel/security/ima/binary_runtime_measurements"))
     # Persistent handle of the attestation key (TCG provisioning guidance: 0x81010002 range).
     ak_handle: int = _check(_positive, 0x81010002)

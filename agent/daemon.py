@@ -16,12 +16,12 @@ import structlog
 from agent.admin import AdminHandlers, AdminServer
 from agent.config import Config
 from agent.errors import AccelguardError
+from agent.evict import Evictor
 from agent.executor import BlockingExecutor
 from agent.hw.devnodes import DeviceNodeMap
 from agent.hw.nvml import NvmlBackend
 from agent.inventory import InventoryService
 from agent.layout import GpuLayoutResult, LayoutEngine, LayoutTarget
-from agent.evict import Evictor
 from agent.leases import LeaseManager
 from agent.scrub.runner import ScrubRunner
 from agent.store import Store

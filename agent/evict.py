@@ -71,7 +71,7 @@ def fd_holders(rdevs: set[int], proc_root: Path = Path("/proc")) -> set[int]:
         with descriptors:
             for descriptor in descriptors:
                 try:
-                    info = os.stat(descriptor.path)
+                    info = os.stat(descriptor.path)  # noqa: PTH116 - follows the fd's link
                 except OSError:
                     continue
                 if stat.S_ISCHR(info.st_mode) and info.st_rdev in rdevs:

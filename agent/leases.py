@@ -172,7 +172,7 @@ class LeaseManager:
         else:
             await self._executor.call(fence.revoke, path)
 
-    # -- grant --------------------------------------------------------------------------------------
+    # -- grant ---------------------------------------------------------------------------------
 
     async def grant(
         self,
@@ -191,7 +191,8 @@ class LeaseManager:
             raise ValidationError("name either a partition UUID or a profile, not both or neither")
         if ttl_s < 0 or ttl_s > self._config.leases.max_ttl_s:
             raise ValidationError(
-                f"ttl {ttl_s:g}s: must be between 0 (no expiry) and {self._config.leases.max_ttl_s:g}s"
+                f"ttl {ttl_s:g}s: must be between 0 (no expiry) and "
+                f"{self._config.leases.max_ttl_s:g}s"
             )
         path = resolve_tenant_cgroup(cgroup, self._config.tenants.cgroup_parents)
         async with self._grant_lock:

@@ -294,7 +294,9 @@ class Store:
 
     def begin_release(self, lease_id: str, reason: str) -> None:
         with self.transaction() as db:
-            row = db.execute("SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            row = db.execute(
+                "SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)
+            ).fetchone()
             if row is None:
                 raise StoreError(f"lease {lease_id} is not in the journal")
             db.execute(
@@ -310,7 +312,9 @@ class Store:
     def finish_release(self, lease_id: str) -> None:
         """The lease is over: the partition no longer names it as holder."""
         with self.transaction() as db:
-            row = db.execute("SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            row = db.execute(
+                "SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)
+            ).fetchone()
             db.execute(
                 "UPDATE leases SET state = 'released', released_at = ? WHERE id = ?",
                 (time.time(), lease_id),

@@ -1,7 +1,7 @@
 """Runs scrub workers: parallel across partitions, one at a time per partition, with a deadline.
 
-A worker that outlives its deadline is killed; one that dies or prints no valid result is a failed
-scrub. The caller quarantines on any ``ScrubError``: nothing is reported clean that was not verified.
+A worker that outlives its deadline is killed; one that dies or prints no valid result is a
+failed scrub. The caller quarantines on any ``ScrubError``: nothing unverified is called clean.
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ class Located:
 
 def locate(config: Config, partition_uuid: str) -> Located:
     if not config.nvml.sim_dir or not config.sim.memory_dir:
-        raise ValidationError("the sim commands need a simulated node's config (accelguard sim init)")
+        raise ValidationError(
+            "the sim commands need a simulated node's config (accelguard sim init)"
+        )
     with NvmlBackend(config.nvml.library, config.nvml.sim_dir) as backend:
         for gpu in backend.inventory():
             if gpu.uuid == partition_uuid and not gpu.mig_current:

@@ -51,7 +51,10 @@ def test_apply_mixed_layout_then_reapply_is_a_noop(agent: RunningAgent) -> None:
     wait_all_clean(agent)
     store = Store(agent.config.node.store_path)
     try:
-        scrubbed = {row[0] for row in store._db.execute("SELECT partition_uuid FROM scrubs WHERE verified = 1")}
+        scrubbed = {
+            row[0]
+            for row in store._db.execute("SELECT partition_uuid FROM scrubs WHERE verified = 1")
+        }
     finally:
         store.close()
     assert {p["uuid"] for p in partitions} <= scrubbed

@@ -21,7 +21,7 @@ from tests.support import RunningAgent
 def _remove_cgroup_tree(root: Path) -> None:
     if not root.exists():
         return
-    for directory in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True) + [root]:
+    for directory in [*sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True), root]:
         for _ in range(50):
             procs = directory / "cgroup.procs"
             pids = procs.read_text().split() if procs.exists() else []
@@ -64,7 +64,10 @@ def hierarchy(request: pytest.FixtureRequest, cgroup_parents: dict[str, Path]) -
 @pytest.fixture
 def lease_agent(tmp_path: Path, cgroup_parents: dict[str, Path]) -> Iterator[RunningAgent]:
     node = init_sim_node(
-        tmp_path / "node", "h100x2", cgroup_parents=list(cgroup_parents.values()), slice_bytes=1 << 20
+        tmp_path / "node",
+        "h100x2",
+        cgroup_parents=list(cgroup_parents.values()),
+        slice_bytes=1 << 20,
     )
     running = RunningAgent(node=node, config=load_config(node.config_path))
     running.start()

@@ -12,7 +12,8 @@ from tests.support import ACCELGUARD, REPO, RunningAgent, wait_all_clean
 
 def _hold(agent: RunningAgent, partition: str, *extra: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [*ACCELGUARD, "--config", str(agent.config_path), "sim", "hold", "--partition", partition, *extra],
+        [*ACCELGUARD, "--config", str(agent.config_path), "sim", "hold", "--partition", partition,
+         *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     assert process.stdout is not None
@@ -37,7 +38,9 @@ def test_release_evicts_holders_then_scrubs(
     agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=2")
     wait_all_clean(agent)
     cgroup = tenant_cgroup(cgroup_parents, hierarchy, "tenant-e")
-    grant = agent.cli_json("lease", "grant", "--tenant", "erin", "--profile", "1g.10gb", "--cgroup", str(cgroup))
+    grant = agent.cli_json(
+        "lease", "grant", "--tenant", "erin", "--profile", "1g.10gb", "--cgroup", str(cgroup)
+    )
     partition = grant["partition"]["uuid"]
     polite = _hold(agent, partition, "--cgroup", str(cgroup))
     stubborn = _hold(agent, partition, "--cgroup", str(cgroup), "--ignore-sigterm")

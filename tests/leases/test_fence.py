@@ -59,7 +59,9 @@ def test_fence_allows_exactly_the_partition(
     _assert_exactly(tenant_b, nodes_b, every)
 
     # CDI: a spec for the lease with exactly its nodes.
-    spec = json.loads(spec_path(lease_agent.config.leases.cdi_dir, grant_a["lease"]["id"]).read_text())
+    spec = json.loads(
+        spec_path(lease_agent.config.leases.cdi_dir, grant_a["lease"]["id"]).read_text()
+    )
     assert spec["kind"] == "accelguard.io/partition"
     [device] = spec["devices"]
     assert sorted(n["path"] for n in device["containerEdits"]["deviceNodes"]) == sorted(nodes_a)

@@ -39,7 +39,9 @@ def _killed(agent: RunningAgent) -> None:
     assert agent.wait_exit(timeout=60) == -signal.SIGKILL, agent.log()[-2000:]
 
 
-def _check_invariants(agent: RunningAgent, cgroup: Path, holders: list[subprocess.Popen[str]]) -> None:
+def _check_invariants(
+    agent: RunningAgent, cgroup: Path, holders: list[subprocess.Popen[str]]
+) -> None:
     agent.start()
     partitions = wait_settled(agent)
     for partition in partitions:
@@ -66,7 +68,9 @@ def test_crash_during_grant(
     wait_all_clean(agent)
     cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "t")
     _restart_with(agent, point)
-    result = agent.cli("lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup))
+    result = agent.cli(
+        "lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup)
+    )
     assert result.returncode != 0
     _killed(agent)
     _check_invariants(agent, cgroup, [])
@@ -80,7 +84,9 @@ def test_crash_during_release(
     agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
     wait_all_clean(agent)
     cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "t")
-    grant = agent.cli_json("lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup))
+    grant = agent.cli_json(
+        "lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup)
+    )
     holder = _hold(agent, grant["partition"]["uuid"], "--cgroup", str(cgroup))
     _restart_with(agent, point)
     result = agent.cli("lease", "release", grant["lease"]["id"])

@@ -30,7 +30,9 @@ def _refused(agent: RunningAgent, *args: str) -> str:
 
 
 @pytest.fixture
-def ready(lease_agent: RunningAgent, cgroup_parents: dict[str, Path]) -> tuple[RunningAgent, Path, dict[str, Any]]:
+def ready(
+    lease_agent: RunningAgent, cgroup_parents: dict[str, Path]
+) -> tuple[RunningAgent, Path, dict[str, Any]]:
     lease_agent.cli_json("layout", "apply", "--gpu", "0", "2g.20gb=1", "1g.10gb=1")
     wait_all_clean(lease_agent)
     hierarchy = "v2" if "v2" in cgroup_parents else "v1"
@@ -50,27 +52,49 @@ def test_bad_cgroup_paths(ready: tuple[RunningAgent, Path, dict[str, Any]], tmp_
     parent = cgroup.parent
     assert ".." in _grant(agent, f"{parent}/tenant/../tenant", "--profile", "1g.10gb")
     outside = parent.parent
-    assert "not strictly under an allowed parent" in _grant(agent, str(outside), "--profile", "1g.10gb")
+    assert "not strictly under an allowed parent" in _grant(
+        agent, str(outside), "--profile", "1g.10gb"
+    )
     # cgroupfs refuses symlinks inside it, so a symlink can only lead in from outside.
     link = tmp_path / "escape"
     link.symlink_to(cgroup)
-    assert "not strictly under an allowed parent" in _grant(agent, str(link), "--profile", "1g.10gb")
+    assert "not strictly under an allowed parent" in _grant(
+        agent, str(link), "--profile", "1g.10gb"
+    )
     assert "exist" in _grant(agent, str(parent / "nope"), "--profile", "1g.10gb")
     assert "absolute" in _grant(agent, "relative/path", "--profile", "1g.10gb")
-    assert "not strictly under an allowed parent" in _grant(agent, str(tmp_path), "--profile", "1g.10gb")
+    assert "not strictly under an allowed parent" in _grant(
+        agent, str(tmp_path), "--profile", "1g.10gb"
+    )
 
 
-def test_unknown_and_ungrantable_partitions(ready: tuple[RunningAgent, Path, dict[str, Any]]) -> None:
+def test_unknown_and_ungrantable_partitions(
+    ready: tuple[RunningAgent, Path, dict[str, Any]],
+) -> None:
     agent, cgroup, grant = ready
     leased = grant["partition"]["uuid"]
-    assert "does not exist" in _grant(agent, str(cgroup), "--partition", "MIG-00000000-0000-0000-0000-000000000000")
+    assert "does not exist" in _grant(
+        agent, str(cgroup), "--partition", "MIG-00000000-0000-0000-0000-000000000000"
+    )
     assert "leased" in _grant(agent, str(cgroup), "--partition", leased)
     assert "2g.20gb" in _grant(agent, str(cgroup), "--profile", "2g.20gb")
     assert "7g.80gb" in _grant(agent, str(cgroup), "--profile", "7g.80gb")
-    free = next(p["uuid"] for p in agent.cli_json("partition", "list")["partitions"] if p["state"] == "free")
+    free = next(
+        p["uuid"] for p in agent.cli_json("partition", "list")["partitions"] if p["state"] == "free"
+    )
     agent.cli_json("partition", "quarantine", free, "--reason", "ECC storm")
     assert "quarantined" in _grant(agent, str(cgroup), "--partition", free)
-    assert "tenant" in _refused(agent, "lease", "grant", "--tenant", "bad tenant!", "--profile", "1g.10gb", "--cgroup", str(cgroup))
+    assert "tenant" in _refused(
+        agent,
+        "lease",
+        "grant",
+        "--tenant",
+        "bad tenant!",
+        "--profile",
+        "1g.10gb",
+        "--cgroup",
+        str(cgroup),
+    )
 
 
 def test_unknown_lease_and_double_release(ready: tuple[RunningAgent, Path, dict[str, Any]]) -> None:
@@ -85,7 +109,9 @@ def test_quarantine_and_clear(ready: tuple[RunningAgent, Path, dict[str, Any]]) 
     assert "release its lease first" in _refused(
         agent, "partition", "quarantine", grant["partition"]["uuid"], "--reason", "x"
     )
-    free = next(p["uuid"] for p in agent.cli_json("partition", "list")["partitions"] if p["state"] == "free")
+    free = next(
+        p["uuid"] for p in agent.cli_json("partition", "list")["partitions"] if p["state"] == "free"
+    )
     assert "not quarantined" in _refused(agent, "partition", "clear", free, "--reason", "x")
     quarantined = agent.cli_json("partition", "quarantine", free, "--reason", "XID 79")
     assert quarantined["state"] == "quarantined" and "XID 79" in quarantined["reason"]

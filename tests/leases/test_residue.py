@@ -25,9 +25,18 @@ def test_secret_in_3g_never_reaches_1g_tenants(
     instances = agent.cli_json("status")["gpus"][0]["instances"]
     first = next(i for i in instances if i["placement_start"] == 0)
     lease = agent.cli_json(
-        "lease", "grant", "--tenant", "alice", "--partition", first["uuid"], "--cgroup", str(tenant_a)
+        "lease",
+        "grant",
+        "--tenant",
+        "alice",
+        "--partition",
+        first["uuid"],
+        "--cgroup",
+        str(tenant_a),
     )["lease"]
-    assert agent.cli("sim", "write", "--partition", first["uuid"], "--pattern", SECRET).returncode == 0
+    assert (
+        agent.cli("sim", "write", "--partition", first["uuid"], "--pattern", SECRET).returncode == 0
+    )
     found = agent.cli_json("sim", "read", "--partition", first["uuid"], "--find", SECRET)
     assert found["count"] > 1000  # the whole 3g range holds the secret
 

@@ -37,4 +37,3 @@ def test_failed_scrub_quarantines_with_reason(agent: RunningAgent, fault: str, r
     assert still["state"] == "quarantined"
     cleared = agent.cli_json("partition", "clear", partition["uuid"], "--reason", "fixed")
     assert cleared["state"] == "free" and cleared["clean"] is True
-

@@ -8,13 +8,24 @@ from tests.leases.conftest import tenant_cgroup
 from tests.support import RunningAgent, probe, wait_all_clean
 
 
-def test_ttl_is_enforced_by_the_agent(lease_agent: RunningAgent, cgroup_parents: dict[str, Path]) -> None:
+def test_ttl_is_enforced_by_the_agent(
+    lease_agent: RunningAgent, cgroup_parents: dict[str, Path]
+) -> None:
     agent = lease_agent
     agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
     wait_all_clean(agent)
     cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "ttl")
     grant = agent.cli_json(
-        "lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup), "--ttl", "1"
+        "lease",
+        "grant",
+        "--tenant",
+        "t",
+        "--profile",
+        "1g.10gb",
+        "--cgroup",
+        str(cgroup),
+        "--ttl",
+        "1",
     )
     nodes = grant["partition"]["device_nodes"]
     assert set(probe(cgroup, nodes).values()) == {errno.ENXIO}
