@@ -8,6 +8,7 @@ them back into exit codes.
 from __future__ import annotations
 
 import asyncio
+import json
 import grp
 import os
 from collections.abc import Awaitable, Callable
@@ -134,11 +135,13 @@ class AdminHandlers:
         inventory: InventoryService,
         leases: LeaseManager,
         layout: Callable[[list[LayoutTarget], bool], Awaitable[list[GpuLayoutResult]]],
+        node_public_key: str,
     ) -> None:
         self._config = config
         self._inventory = inventory
         self._leases = leases
         self._layout = layout
+        self._node_public_key = node_public_key
 
     def partition_message(self, record: PartitionRecord) -> pb.Partition:
         try:
@@ -160,6 +163,7 @@ class AdminHandlers:
             driver_version=snapshot.driver_version,
             gpus=[gpu_message(g) for g in snapshot.gpus],
             partitions=[self.partition_message(p) for p in await self._leases.partitions()],
+            node_public_key=self._node_public_key,
         )
 
     async def layout(self, request: pb.LayoutRequest, apply: bool) -> pb.LayoutResponse:
@@ -173,6 +177,7 @@ class AdminHandlers:
             partition_uuid=request.partition_uuid,
             profile=request.profile,
             ttl_s=request.ttl_s,
+            scrub_policy=request.scrub_policy,
         )
         partition = self.partition_message(grant.partition)
         partition.device_nodes[:] = [str(n.path) for n in grant.device_nodes]
@@ -193,6 +198,14 @@ class AdminHandlers:
     async def quarantine(self, request: pb.PartitionActionRequest) -> pb.Partition:
         record = await self._leases.quarantine(request.partition_uuid, request.reason)
         return self.partition_message(record)
+
+    async def certificates(
+        self, request: pb.ListCertificatesRequest
+    ) -> pb.ListCertificatesResponse:
+        documents = await self._leases.certificates(request.partition_uuid)
+        return pb.ListCertificatesResponse(
+            certificates=[json.dumps(d, sort_keys=True) for d in documents]
+        )
 
     async def clear(self, request: pb.PartitionActionRequest) -> pb.Partition:
         return self.partition_message(
@@ -250,6 +263,11 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         self, request: pb.PartitionActionRequest, context: Any
     ) -> pb.Partition:
         return await self._guard("QuarantinePartition", context, self._handlers.quarantine(request))
+
+    async def ListCertificates(
+        self, request: pb.ListCertificatesRequest, context: Any
+    ) -> pb.ListCertificatesResponse:
+        return await self._guard("ListCertificates", context, self._handlers.certificates(request))
 
     async def ClearPartition(
         self, request: pb.PartitionActionRequest, context: Any

@@ -211,3 +211,61 @@ def _wait_clean(client: Any) -> None:
             return
         time.sleep(0.05)
     raise ValidationError("partitions did not become clean within 30 s")
+
+
+def bench_scrub(rounds: int, directory: Path | None, size_mib: int = 256) -> dict[str, Any]:
+    """Scrub write and verify bandwidth beside the device's own memset on the same memory.
+
+    On a GPU node: the CUDA worker's kernels against ``cuMemsetD32`` on one allocation. On the
+    simulated node: the simulated-memory scrubber against ``memset`` on a mapping of the same file.
+    """
+    if Path("/proc/driver/nvidia/version").exists():
+        from agent.scrub.cuda import benchmark_cuda  # noqa: PLC0415
+
+        return {"benchmark": "scrub", "backend": "cuda", **benchmark_cuda(rounds=rounds)}
+    import mmap  # noqa: PLC0415
+
+    from agent.scrub.base import ScrubTarget  # noqa: PLC0415
+    from agent.scrub.simmem import SimMemoryScrubBackend  # noqa: PLC0415
+
+    size = size_mib << 20
+    memset: list[float] = []
+    writes: list[float] = []
+    verifies: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="accelguard-bench-", dir=directory) as scratch:
+        path = Path(scratch) / "gpu.mem"
+        with path.open("wb") as handle:
+            handle.truncate(size)
+        target = ScrubTarget(
+            partition_uuid="bench", gpu_uuid="bench", gpu_index=0, kind="gpu",
+            visible_device="", total_bytes=size, memory_file=str(path), offset=0,
+        )  # fmt: skip
+        backend = SimMemoryScrubBackend()
+        with path.open("r+b") as handle, mmap.mmap(handle.fileno(), size) as view:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            try:
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    ctypes.memset(address, 0, size)
+                    memset.append(time.perf_counter() - start)
+                    [result] = backend.scrub(target, (0,))
+                    writes.append(result.write_seconds)
+                    verifies.append(result.verify_seconds)
+            finally:
+                del address  # the mapping cannot close while a ctypes view exports it
+
+    def rate(samples: list[float]) -> float:
+        return size / statistics.median(samples)
+
+    baseline, write, verify = rate(memset), rate(writes), rate(verifies)
+    return {
+        "benchmark": "scrub",
+        "backend": "simmem",
+        "bytes": size,
+        "rounds": rounds,
+        "baseline_memset_bytes_per_s": baseline,
+        "write_bytes_per_s": write,
+        "verify_bytes_per_s": verify,
+        "ratio_write": write / baseline,
+        "ratio_verify": verify / baseline,
+    }

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grant.add_argument("--cgroup", required=True, help="the tenant's cgroup directory (absolute)")
     grant.add_argument("--ttl", type=float, default=0.0, help="seconds until the agent releases it")
+    grant.add_argument("--scrub-policy", choices=["zero", "multi-pass"], default="",
+                       help="how to scrub after this lease (default: the node's)")  # fmt: skip
     grant.add_argument("--json", action="store_true")
     release = lease_verbs.add_parser("release", help="revoke, evict, scrub; waits until clean")
     release.add_argument("lease_id")
@@ -93,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("uuid")
         action.add_argument("--reason", required=True)
         action.add_argument("--json", action="store_true")
+
+    scrub = commands.add_parser("scrub", help="scrub certificates")
+    scrub_verbs = scrub.add_subparsers(dest="verb", required=True)
+    certs = scrub_verbs.add_parser("certs", help="the node's signed scrub certificates")
+    certs.add_argument("--partition", default="", help="only this partition's")
+    certs.add_argument("--json", action="store_true")
+    verify_cert = scrub_verbs.add_parser("verify-cert", help="check a certificate offline")
+    verify_cert.add_argument("file", type=Path, help="one certificate (an element of certs --json)")
+    verify_cert.add_argument("--public-key", type=Path, help="PEM the signature must come from")
 
     sim = commands.add_parser("sim", help="the simulated node (no GPU needed)")
     sim_verbs = sim.add_subparsers(dest="verb", required=True)
@@ -123,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_lease = bench_verbs.add_parser("lease", help="grant and release-to-clean latency")
     bench_lease.add_argument("--rounds", type=int, default=50)
     bench_lease.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
+    bench_scrub = bench_verbs.add_parser("scrub", help="scrub bandwidth against memset")
+    bench_scrub.add_argument("--rounds", type=int, default=3)
+    bench_scrub.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
     return parser
 
 
@@ -184,6 +198,8 @@ def _client(config: Config) -> Any:
 
 def _print_status(status: Any) -> None:
     print(f"node {status.node_id}  agent {status.agent_version}  driver {status.driver_version}")
+    key = "".join(status.node_public_key.splitlines()[1:-1])
+    print(f"node key (Ed25519, signs scrub certificates): {key}")
     states = {p.uuid: p for p in status.partitions}
     for gpu in status.gpus:
         mig = "on" if gpu.mig_mode.current else "off"
@@ -236,10 +252,16 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.rounds < 1:
             raise ValidationError("--rounds must be at least 1")
-        runner = {"layout": bench.bench_layout, "lease": bench.bench_lease}[args.verb]
+        runner = {
+            "layout": bench.bench_layout,
+            "lease": bench.bench_lease,
+            "scrub": bench.bench_scrub,
+        }[args.verb]
         _print_json(runner(args.rounds, args.dir))
         return 0
 
+    if args.command == "scrub" and args.verb == "verify-cert":  # offline: no config, no agent
+        return _verify_certificate(args)
     config = load_config(args.config)
     if args.command == "config":
         print(to_toml(config), end="")
@@ -276,6 +298,8 @@ def _run(args: argparse.Namespace) -> int:
         return _partition(config, args)
     if args.command == "sim":
         return _sim(config, args)
+    if args.command == "scrub":
+        return _certificates(config, args)
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
 
@@ -305,7 +329,12 @@ def _lease(config: Config, args: argparse.Namespace) -> int:
 
     with _client(config) as client:
         if args.verb == "grant":
-            request = pb.GrantLeaseRequest(tenant=args.tenant, cgroup=args.cgroup, ttl_s=args.ttl)
+            request = pb.GrantLeaseRequest(
+                tenant=args.tenant,
+                cgroup=args.cgroup,
+                ttl_s=args.ttl,
+                scrub_policy=args.scrub_policy,
+            )
             if args.partition:
                 request.partition_uuid = args.partition
             else:
@@ -336,6 +365,47 @@ def _partition(config: Config, args: argparse.Namespace) -> int:
     return 0 if partition.state != "quarantined" or args.verb == "quarantine" else 1
 
 
+def _certificates(config: Config, args: argparse.Namespace) -> int:
+    with _client(config) as client:
+        documents = [json.loads(text) for text in client.certificates(args.partition)]
+    if args.json:
+        _print_json(documents)
+        return 0
+    for document in documents:
+        payload = document["payload"]
+        verdict = "verified" if payload["verified"] else "NOT verified"
+        print(
+            f"{payload['finished_at']}  {payload['partition_uuid']}  {verdict}  "
+            f"coverage {payload['coverage']}  lease {payload['previous_lease_id'] or '-'}"
+        )
+    return 0
+
+
+def _verify_certificate(args: argparse.Namespace) -> int:
+    from agent.scrub.certificate import verify_certificate  # noqa: PLC0415
+
+    try:
+        document = json.loads(args.file.read_bytes())
+    except OSError as error:
+        raise ValidationError(f"{args.file}: cannot read: {error.strerror}") from error
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValidationError(f"{args.file}: not JSON: {error}") from error
+    pinned = None
+    if args.public_key is not None:
+        try:
+            pinned = args.public_key.read_text()
+        except OSError as error:
+            raise ValidationError(f"{args.public_key}: cannot read: {error.strerror}") from error
+    checked = verify_certificate(document, pinned)
+    payload = checked.payload
+    print(
+        f"signature OK ({checked.key_fingerprint}): {payload['partition_uuid']} scrubbed "
+        f"{'and verified' if checked.scrub_verified else 'but NOT verified'}, "
+        f"coverage {payload['coverage']}"
+    )
+    return 0 if checked.scrub_verified else 1
+
+
 def _sim(config: Config, args: argparse.Namespace) -> int:
     from agent.sim import workload  # noqa: PLC0415
 
@@ -355,6 +425,12 @@ def _sim(config: Config, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from agent.config import LoggingConfig  # noqa: PLC0415
+    from agent.logs import configure_logging  # noqa: PLC0415
+
+    # Library logs go to stderr and only when they matter; stdout is for the command's output
+    # (one JSON document with --json). `accelguard agent` reconfigures from its config.
+    configure_logging(LoggingConfig(level="warning", format="console"))
     try:
         return _run(args)
     except (AccelguardError, ExceptionGroup) as raised:

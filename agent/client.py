@@ -95,6 +95,11 @@ class AdminClient:
         request = pb.PartitionActionRequest(partition_uuid=partition_uuid, reason=reason)
         return self._call(self._stub.QuarantinePartition, request, pb.Partition)
 
+    def certificates(self, partition_uuid: str = "") -> list[str]:
+        request = pb.ListCertificatesRequest(partition_uuid=partition_uuid)
+        response = self._call(self._stub.ListCertificates, request, pb.ListCertificatesResponse)
+        return list(response.certificates)
+
     def clear(self, partition_uuid: str, reason: str) -> pb.Partition:
         request = pb.PartitionActionRequest(partition_uuid=partition_uuid, reason=reason)
         return self._call(self._stub.ClearPartition, request, pb.Partition)

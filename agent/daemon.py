@@ -23,6 +23,7 @@ from agent.hw.nvml import NvmlBackend
 from agent.inventory import InventoryService
 from agent.layout import GpuLayoutResult, LayoutEngine, LayoutTarget
 from agent.leases import LeaseManager
+from agent.scrub.certificate import NodeKey
 from agent.scrub.runner import ScrubRunner
 from agent.store import Store
 from agent.systemd import SystemdNotifier
@@ -45,6 +46,8 @@ class Daemon:
             config.inventory.refresh_interval_s,
         )
         self.layout = LayoutEngine(self.backend, self.store)
+        # The node's Ed25519 key signs scrub certificates; created 0600 on first start.
+        self.node_key = NodeKey.load_or_create(config.node.state_dir / "node-key.pem")
         self.leases = LeaseManager(
             config,
             self.store,
@@ -53,12 +56,16 @@ class Daemon:
             self.backend,
             ScrubRunner(config.scrub.backend, config.scrub.deadline_s, config.scrub.min_coverage),
             Evictor(config.leases.evict_grace_s),
+            self.node_key,
         )
         self.notifier = SystemdNotifier()
         # Layout applies are serialised: two concurrent applies would plan against stale state.
         self._layout_lock = asyncio.Lock()
         self.admin = AdminServer(
-            config, AdminHandlers(config, self.inventory, self.leases, self._run_layout)
+            config,
+            AdminHandlers(
+                config, self.inventory, self.leases, self._run_layout, self.node_key.public_pem()
+            ),
         )
 
     async def _run_layout(self, targets: list[LayoutTarget], apply: bool) -> list[GpuLayoutResult]:

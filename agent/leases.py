@@ -23,6 +23,7 @@ import time
 import uuid as uuidlib
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -45,7 +46,8 @@ from agent.isolation import cdi
 from agent.isolation.cgroups import resolve_tenant_cgroup
 from agent.isolation.fence import fence_for
 from agent.isolation.rules import DeviceRule
-from agent.scrub.base import ScrubTarget
+from agent.scrub.base import POLICY_PATTERNS, ScrubTarget
+from agent.scrub.certificate import NodeKey, issue_certificate
 from agent.scrub.runner import ScrubOutcome, ScrubRunner
 from agent.scrub.simmem import partition_range
 from agent.store import LeaseRecord, PartitionRecord, Store
@@ -83,6 +85,7 @@ class LeaseManager:
         backend: AcceleratorBackend,
         scrubber: ScrubRunner,
         evictor: Evictor,
+        node_key: NodeKey,
     ) -> None:
         self._config = config
         self._store = store
@@ -91,6 +94,7 @@ class LeaseManager:
         self._backend = backend
         self._scrubber = scrubber
         self._evictor = evictor
+        self._node_key = node_key
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._grant_lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -181,6 +185,7 @@ class LeaseManager:
         partition_uuid: str = "",
         profile: str = "",
         ttl_s: float = 0.0,
+        scrub_policy: str = "",
     ) -> Grant:
         if not _TENANT.fullmatch(tenant):
             raise ValidationError(
@@ -194,6 +199,10 @@ class LeaseManager:
                 f"ttl {ttl_s:g}s: must be between 0 (no expiry) and "
                 f"{self._config.leases.max_ttl_s:g}s"
             )
+        if scrub_policy and scrub_policy not in POLICY_PATTERNS:
+            raise ValidationError(
+                f"scrub policy {scrub_policy!r}: use one of {', '.join(POLICY_PATTERNS)}"
+            )
         path = resolve_tenant_cgroup(cgroup, self._config.tenants.cgroup_parents)
         async with self._grant_lock:
             record = await self._select(partition_uuid, profile)
@@ -201,7 +210,13 @@ class LeaseManager:
             lease_id = f"lease-{uuidlib.uuid4().hex[:16]}"
             expires = time.time() + ttl_s if ttl_s else None
             taken = await self._executor.call(
-                self._store.begin_grant, lease_id, record.uuid, tenant, str(path), expires
+                self._store.begin_grant,
+                lease_id,
+                record.uuid,
+                tenant,
+                str(path),
+                expires,
+                scrub_policy,
             )
             if not taken:
                 raise ValidationError(f"partition {record.uuid} was taken concurrently; retry")
@@ -370,38 +385,57 @@ class LeaseManager:
         return target
 
     async def _scrub(self, partition_uuid: str, lease_id: str | None) -> PartitionRecord:
-        """Scrub a partition nobody holds; clean only on a verified result (invariant 2)."""
+        """Scrub a partition nobody holds; clean only on a verified result (invariant 2).
+
+        Every scrub that produced a result gets a signed certificate, failed ones included (they
+        say ``verified: false``): the evidence of what was and was not proven.
+        """
+        lease = await self._executor.call(self._store.lease, lease_id) if lease_id else None
+        policy = (lease.scrub_policy if lease else "") or self._config.scrub.policy
         await self._set_state(partition_uuid, "scrubbing", clean=False)
         failpoints.hit(FP_SCRUB_JOURNALED)
         record = await self._stored(partition_uuid)
         started = time.time()
         try:
-            outcome: ScrubOutcome = await self._scrubber.scrub(
-                self.scrub_target(record), self._config.scrub.policy
-            )
+            target = self.scrub_target(record)
+            outcome: ScrubOutcome = await self._scrubber.scrub(target, policy)
         except AccelguardError as error:
             await self._executor.call(
                 self._store.record_scrub,
-                partition_uuid,
-                lease_id,
-                started,
-                time.time(),
-                False,
-                {},
-                str(error),
-            )
+                partition_uuid, lease_id, started, time.time(), False, {}, str(error),
+            )  # fmt: skip
             return await self._quarantine(partition_uuid, f"scrub failed: {error}")
         failpoints.hit(FP_SCRUB_DONE)
+        certificate = issue_certificate(
+            self._node_key,
+            node_id=self._config.node.id,
+            target=target,
+            gpu_serial=self._gpu(record).serial,
+            previous_lease_id=lease.id if lease else "",
+            previous_tenant=lease.tenant if lease else "",
+            result=outcome.result,
+            started_at=datetime.fromtimestamp(outcome.started_at, UTC),
+            finished_at=datetime.fromtimestamp(outcome.finished_at, UTC),
+        )
+        clean = outcome.failure is None
         await self._executor.call(
             self._store.record_scrub, partition_uuid, lease_id, outcome.started_at,
-            outcome.finished_at, True, outcome.result.to_dict(), "",
+            outcome.finished_at, clean, outcome.result.to_dict(), outcome.failure or "",
         )  # fmt: skip
+        await self._executor.call(
+            self._store.add_certificate, partition_uuid, lease_id, clean, certificate
+        )
+        if outcome.failure is not None:
+            return await self._quarantine(partition_uuid, f"scrub failed: {outcome.failure}")
         await self._set_state(partition_uuid, "free", clean=True, reason="")
         log.info(
-            "partition_scrubbed", partition=partition_uuid, lease=lease_id,
+            "partition_scrubbed", partition=partition_uuid, lease=lease_id, policy=policy,
             bytes=outcome.result.bytes_verified, coverage=outcome.result.coverage,
         )  # fmt: skip
         return await self._stored(partition_uuid)
+
+    async def certificates(self, partition_uuid: str = "") -> list[dict[str, object]]:
+        return await self._executor.call(self._store.certificates, partition_uuid or None)
 
     async def _quarantine(self, partition_uuid: str, reason: str) -> PartitionRecord:
         await self._set_state(partition_uuid, "quarantined", clean=False, reason=reason)

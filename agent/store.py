@@ -78,6 +78,17 @@ MIGRATIONS: tuple[str, ...] = (
         error TEXT NOT NULL DEFAULT ''
     );
     """,
+    """
+    ALTER TABLE leases ADD COLUMN scrub_policy TEXT NOT NULL DEFAULT '';
+    CREATE TABLE certificates (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        partition_uuid TEXT NOT NULL,
+        lease_id TEXT,
+        verified INTEGER NOT NULL,
+        issued_at REAL NOT NULL,
+        document TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -112,6 +123,7 @@ class LeaseRecord:
     expires_at: float | None
     released_at: float | None
     release_reason: str
+    scrub_policy: str = ""
 
 
 @dataclass(frozen=True)
@@ -266,7 +278,13 @@ class Store:
         return [_lease(r) for r in self._db.execute(query + " ORDER BY created_at, id")]
 
     def begin_grant(
-        self, lease_id: str, partition_uuid: str, tenant: str, cgroup: str, expires_at: float | None
+        self,
+        lease_id: str,
+        partition_uuid: str,
+        tenant: str,
+        cgroup: str,
+        expires_at: float | None,
+        scrub_policy: str = "",
     ) -> bool:
         """Atomically take a free, clean partition for a new lease. False if it is not (any more).
 
@@ -283,8 +301,8 @@ class Store:
                 return False
             db.execute(
                 "INSERT INTO leases (id, partition_uuid, tenant, cgroup, state, created_at, "
-                "expires_at) VALUES (?, ?, ?, ?, 'granting', ?, ?)",
-                (lease_id, partition_uuid, tenant, cgroup, now, expires_at),
+                "expires_at, scrub_policy) VALUES (?, ?, ?, ?, 'granting', ?, ?, ?)",
+                (lease_id, partition_uuid, tenant, cgroup, now, expires_at, scrub_policy),
             )
         return True
 
@@ -346,6 +364,28 @@ class Store:
                  json.dumps(result, sort_keys=True), error),
             )  # fmt: skip
             return int(cursor.lastrowid or 0)
+
+    # -- scrub certificates ------------------------------------------------------------------
+
+    def add_certificate(
+        self, partition_uuid: str, lease_id: str | None, verified: bool, document: dict[str, Any]
+    ) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO certificates (partition_uuid, lease_id, verified, issued_at, "
+                "document) VALUES (?, ?, ?, ?, ?)",
+                (partition_uuid, lease_id, int(verified), time.time(), json.dumps(document)),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def certificates(self, partition_uuid: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT document FROM certificates"
+        args: tuple[str, ...] = ()
+        if partition_uuid:
+            query += " WHERE partition_uuid = ?"
+            args = (partition_uuid,)
+        rows = self._db.execute(query + " ORDER BY id", args).fetchall()
+        return [json.loads(row["document"]) for row in rows]
 
     # -- layout journal -------------------------------------------------------------------------
 
@@ -415,4 +455,5 @@ def _lease(row: sqlite3.Row) -> LeaseRecord:
         expires_at=row["expires_at"],
         released_at=row["released_at"],
         release_reason=row["release_reason"],
+        scrub_policy=row["scrub_policy"],
     )

@@ -27,6 +27,8 @@ class ScrubOutcome:
     result: ScrubResult
     started_at: float
     finished_at: float
+    # Why the result does not make the partition clean; None when it does.
+    failure: str | None
 
 
 class ScrubRunner:
@@ -37,27 +39,30 @@ class ScrubRunner:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def scrub(self, target: ScrubTarget, policy: str) -> ScrubOutcome:
-        """Scrub and verify; raises ScrubError unless every byte claimed was verified clean."""
+        """Run a worker. Raises ScrubError when there is no result at all (hung, died, garbage);
+        otherwise the outcome says whether every byte claimed was verified clean."""
         if policy not in POLICY_PATTERNS:
-            raise ScrubError(
-                f"unknown scrub policy {policy!r} (known: {', '.join(POLICY_PATTERNS)})"
-            )
+            known = ", ".join(POLICY_PATTERNS)
+            raise ScrubError(f"unknown scrub policy {policy!r} (known: {known})")
         async with self._locks[target.partition_uuid]:
             started = time.time()
             result = await self._run_worker(target, policy)
             finished = time.time()
+        return ScrubOutcome(result, started, finished, self._failure(target, result))
+
+    def _failure(self, target: ScrubTarget, result: ScrubResult) -> str | None:
         if not result.verified:
             mismatched = sum(p.mismatched_bytes for p in result.passes)
-            raise ScrubError(
+            return (
                 f"scrub of {target.partition_uuid} did not verify: {mismatched} bytes differ "
-                f"from the pattern after writing"
+                "from the pattern after writing"
             )
         if result.coverage < self._min_coverage:
-            raise ScrubError(
+            return (
                 f"scrub of {target.partition_uuid} covered {result.coverage:.1%} of "
                 f"{result.total_bytes} bytes, below the configured minimum {self._min_coverage:.0%}"
             )
-        return ScrubOutcome(result=result, started_at=started, finished_at=finished)
+        return None
 
     async def _run_worker(self, target: ScrubTarget, policy: str) -> ScrubResult:
         request = json.dumps(

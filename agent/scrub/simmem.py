@@ -23,6 +23,8 @@ MEMORY_SLICES = 8
 _CHUNK = 4 << 20
 
 FP_CORRUPT_AFTER_WRITE = failpoints.register("scrub.corrupt_after_write")
+# Test hook: reach only half of the range, as a scrubber that could not allocate everything would.
+FP_SHORT_COVERAGE = failpoints.register("scrub.short_coverage")
 
 
 @dataclass(frozen=True)
@@ -115,23 +117,22 @@ class SimMemoryScrubBackend:
                 raise ScrubError(
                     f"partition {target.partition_uuid}: memory file is shorter than its range"
                 )
+            reach = target.total_bytes
+            if failpoints.active(FP_SHORT_COVERAGE):
+                reach //= 2
             started = time.perf_counter()
             written = 0
-            while written < target.total_bytes:
-                written += os.pwrite(
-                    fd, block[: target.total_bytes - written], target.offset + written
-                )
+            while written < reach:
+                written += os.pwrite(fd, block[: reach - written], target.offset + written)
             # No fsync: the page cache is what every other process reads, and a killed worker
             # does not lose it; power loss is outside what the simulation models.
             wrote = time.perf_counter()
             if failpoints.active(FP_CORRUPT_AFTER_WRITE):
                 # Test hook: a fault between write and verify, which the verify must catch.
-                os.pwrite(fd, b"\x01", target.offset + target.total_bytes // 2)
+                os.pwrite(fd, b"\x01", target.offset + reach // 2)
             verified = mismatched = 0
-            while verified < target.total_bytes:
-                chunk = os.pread(
-                    fd, min(_CHUNK, target.total_bytes - verified), target.offset + verified
-                )
+            while verified < reach:
+                chunk = os.pread(fd, min(_CHUNK, reach - verified), target.offset + verified)
                 if not chunk:
                     break
                 if chunk != block[: len(chunk)]:

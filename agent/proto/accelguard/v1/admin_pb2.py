@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x63\x63\x65lguard/v1/admin.proto\x12\raccelguard.v1\"\r\n\x0bPingRequest\"%\n\x0cPingResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\"\x0f\n\rStatusRequest\"+\n\x07MigMode\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x08\x12\x0f\n\x07pending\x18\x02 \x01(\x08\"\xbd\x01\n\x0bMigInstance\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x17\n\x0fgpu_instance_id\x18\x02 \x01(\r\x12\x1b\n\x13\x63ompute_instance_id\x18\x03 \x01(\r\x12\x12\n\nprofile_id\x18\x04 \x01(\r\x12\x0f\n\x07profile\x18\x05 \x01(\t\x12\x17\n\x0fplacement_start\x18\x06 \x01(\r\x12\x16\n\x0eplacement_size\x18\x07 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\"\xe1\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x12\n\npci_bus_id\x18\x05 \x01(\t\x12(\n\x08mig_mode\x18\x06 \x01(\x0b\x32\x16.accelguard.v1.MigMode\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12-\n\tinstances\x18\x08 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12\x16\n\x0ereset_required\x18\t \x01(\x08\"\x9f\x01\n\tPartition\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tgpu_index\x18\x03 \x01(\r\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x63lean\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0e\n\x06holder\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65vice_nodes\x18\t \x03(\t\"\xa0\x01\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x03 \x01(\t\x12 \n\x04gpus\x18\x04 \x03(\x0b\x32\x12.accelguard.v1.Gpu\x12,\n\npartitions\x18\x05 \x03(\x0b\x32\x18.accelguard.v1.Partition\"\xc9\x01\n\x0cLayoutTarget\x12\x10\n\x08\x61ll_gpus\x18\x01 \x01(\x08\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\x12\x15\n\rdevice_filter\x18\x03 \x03(\t\x12\x13\n\x0bmig_enabled\x18\x04 \x01(\x08\x12\x37\n\x06\x63ounts\x18\x05 \x03(\x0b\x32\'.accelguard.v1.LayoutTarget.CountsEntry\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"=\n\rLayoutRequest\x12,\n\x07targets\x18\x01 \x03(\x0b\x32\x1b.accelguard.v1.LayoutTarget\"\xd8\x01\n\x0fGpuLayoutResult\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12(\n\x04kept\x18\x03 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12+\n\x07\x63reated\x18\x04 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12-\n\tdestroyed\x18\x05 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12\x0c\n\x04noop\x18\x06 \x01(\x08\x12\x0c\n\x04note\x18\x07 \x01(\t\">\n\x0eLayoutResponse\x12,\n\x04gpus\x18\x01 \x03(\x0b\x32\x1e.accelguard.v1.GpuLayoutResult\"\xaf\x01\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0epartition_uuid\x18\x03 \x01(\t\x12\x0e\n\x06\x63group\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12\x13\n\x0breleased_at\x18\x08 \x01(\x01\x12\x16\n\x0erelease_reason\x18\t \x01(\t\"{\n\x11GrantLeaseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x18\n\x0epartition_uuid\x18\x02 \x01(\tH\x00\x12\x11\n\x07profile\x18\x03 \x01(\tH\x00\x12\x0e\n\x06\x63group\x18\x04 \x01(\t\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x42\n\n\x08selector\"f\n\x12GrantLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.accelguard.v1.Lease\x12+\n\tpartition\x18\x02 \x01(\x0b\x32\x18.accelguard.v1.Partition\"\'\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"-\n\x11ListLeasesRequest\x12\x18\n\x10include_released\x18\x01 \x01(\x08\":\n\x12ListLeasesResponse\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.accelguard.v1.Lease\"\x17\n\x15ListPartitionsRequest\"F\n\x16ListPartitionsResponse\x12,\n\npartitions\x18\x01 \x03(\x0b\x32\x18.accelguard.v1.Partition\"@\n\x16PartitionActionRequest\x12\x16\n\x0epartition_uuid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xa7\x06\n\x05\x41\x64min\x12?\n\x04Ping\x12\x1a.accelguard.v1.PingRequest\x1a\x1b.accelguard.v1.PingResponse\x12H\n\tGetStatus\x12\x1c.accelguard.v1.StatusRequest\x1a\x1d.accelguard.v1.StatusResponse\x12I\n\nPlanLayout\x12\x1c.accelguard.v1.LayoutRequest\x1a\x1d.accelguard.v1.LayoutResponse\x12J\n\x0b\x41pplyLayout\x12\x1c.accelguard.v1.LayoutRequest\x1a\x1d.accelguard.v1.LayoutResponse\x12Q\n\nGrantLease\x12 .accelguard.v1.GrantLeaseRequest\x1a!.accelguard.v1.GrantLeaseResponse\x12L\n\x0cReleaseLease\x12\".accelguard.v1.ReleaseLeaseRequest\x1a\x18.accelguard.v1.Partition\x12Q\n\nListLeases\x12 .accelguard.v1.ListLeasesRequest\x1a!.accelguard.v1.ListLeasesResponse\x12]\n\x0eListPartitions\x12$.accelguard.v1.ListPartitionsRequest\x1a%.accelguard.v1.ListPartitionsResponse\x12V\n\x13QuarantinePartition\x12%.accelguard.v1.PartitionActionRequest\x1a\x18.accelguard.v1.Partition\x12Q\n\x0e\x43learPartition\x12%.accelguard.v1.PartitionActionRequest\x1a\x18.accelguard.v1.Partitionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x63\x63\x65lguard/v1/admin.proto\x12\raccelguard.v1\"\r\n\x0bPingRequest\"%\n\x0cPingResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\"\x0f\n\rStatusRequest\"+\n\x07MigMode\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x08\x12\x0f\n\x07pending\x18\x02 \x01(\x08\"\xbd\x01\n\x0bMigInstance\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x17\n\x0fgpu_instance_id\x18\x02 \x01(\r\x12\x1b\n\x13\x63ompute_instance_id\x18\x03 \x01(\r\x12\x12\n\nprofile_id\x18\x04 \x01(\r\x12\x0f\n\x07profile\x18\x05 \x01(\t\x12\x17\n\x0fplacement_start\x18\x06 \x01(\r\x12\x16\n\x0eplacement_size\x18\x07 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\"\xe1\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x12\n\npci_bus_id\x18\x05 \x01(\t\x12(\n\x08mig_mode\x18\x06 \x01(\x0b\x32\x16.accelguard.v1.MigMode\x12\x1a\n\x12memory_total_bytes\x18\x07 \x01(\x04\x12-\n\tinstances\x18\x08 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12\x16\n\x0ereset_required\x18\t \x01(\x08\"\x9f\x01\n\tPartition\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tgpu_index\x18\x03 \x01(\r\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x63lean\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0e\n\x06holder\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65vice_nodes\x18\t \x03(\t\"\xb9\x01\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x16\n\x0e\x64river_version\x18\x03 \x01(\t\x12 \n\x04gpus\x18\x04 \x03(\x0b\x32\x12.accelguard.v1.Gpu\x12,\n\npartitions\x18\x05 \x03(\x0b\x32\x18.accelguard.v1.Partition\x12\x17\n\x0fnode_public_key\x18\x06 \x01(\t\"\xc9\x01\n\x0cLayoutTarget\x12\x10\n\x08\x61ll_gpus\x18\x01 \x01(\x08\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\x12\x15\n\rdevice_filter\x18\x03 \x03(\t\x12\x13\n\x0bmig_enabled\x18\x04 \x01(\x08\x12\x37\n\x06\x63ounts\x18\x05 \x03(\x0b\x32\'.accelguard.v1.LayoutTarget.CountsEntry\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"=\n\rLayoutRequest\x12,\n\x07targets\x18\x01 \x03(\x0b\x32\x1b.accelguard.v1.LayoutTarget\"\xd8\x01\n\x0fGpuLayoutResult\x12\x11\n\tgpu_index\x18\x01 \x01(\r\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12(\n\x04kept\x18\x03 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12+\n\x07\x63reated\x18\x04 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12-\n\tdestroyed\x18\x05 \x03(\x0b\x32\x1a.accelguard.v1.MigInstance\x12\x0c\n\x04noop\x18\x06 \x01(\x08\x12\x0c\n\x04note\x18\x07 \x01(\t\">\n\x0eLayoutResponse\x12,\n\x04gpus\x18\x01 \x03(\x0b\x32\x1e.accelguard.v1.GpuLayoutResult\"\xaf\x01\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0epartition_uuid\x18\x03 \x01(\t\x12\x0e\n\x06\x63group\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12\x13\n\x0breleased_at\x18\x08 \x01(\x01\x12\x16\n\x0erelease_reason\x18\t \x01(\t\"\x91\x01\n\x11GrantLeaseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x18\n\x0epartition_uuid\x18\x02 \x01(\tH\x00\x12\x11\n\x07profile\x18\x03 \x01(\tH\x00\x12\x0e\n\x06\x63group\x18\x04 \x01(\t\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12\x14\n\x0cscrub_policy\x18\x06 \x01(\tB\n\n\x08selector\"f\n\x12GrantLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.accelguard.v1.Lease\x12+\n\tpartition\x18\x02 \x01(\x0b\x32\x18.accelguard.v1.Partition\"\'\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"-\n\x11ListLeasesRequest\x12\x18\n\x10include_released\x18\x01 \x01(\x08\":\n\x12ListLeasesResponse\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.accelguard.v1.Lease\"\x17\n\x15ListPartitionsRequest\"F\n\x16ListPartitionsResponse\x12,\n\npartitions\x18\x01 \x03(\x0b\x32\x18.accelguard.v1.Partition\"@\n\x16PartitionActionRequest\x12\x16\n\x0epartition_uuid\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x17ListCertificatesRequest\x12\x16\n\x0epartition_uuid\x18\x01 \x01(\t\"0\n\x18ListCertificatesResponse\x12\x14\n\x0c\x63\x65rtificates\x18\x01 \x03(\t2\x8c\x07\n\x05\x41\x64min\x12?\n\x04Ping\x12\x1a.accelguard.v1.PingRequest\x1a\x1b.accelguard.v1.PingResponse\x12H\n\tGetStatus\x12\x1c.accelguard.v1.StatusRequest\x1a\x1d.accelguard.v1.StatusResponse\x12I\n\nPlanLayout\x12\x1c.accelguard.v1.LayoutRequest\x1a\x1d.accelguard.v1.LayoutResponse\x12J\n\x0b\x41pplyLayout\x12\x1c.accelguard.v1.LayoutRequest\x1a\x1d.accelguard.v1.LayoutResponse\x12Q\n\nGrantLease\x12 .accelguard.v1.GrantLeaseRequest\x1a!.accelguard.v1.GrantLeaseResponse\x12L\n\x0cReleaseLease\x12\".accelguard.v1.ReleaseLeaseRequest\x1a\x18.accelguard.v1.Partition\x12Q\n\nListLeases\x12 .accelguard.v1.ListLeasesRequest\x1a!.accelguard.v1.ListLeasesResponse\x12]\n\x0eListPartitions\x12$.accelguard.v1.ListPartitionsRequest\x1a%.accelguard.v1.ListPartitionsResponse\x12V\n\x13QuarantinePartition\x12%.accelguard.v1.PartitionActionRequest\x1a\x18.accelguard.v1.Partition\x12Q\n\x0e\x43learPartition\x12%.accelguard.v1.PartitionActionRequest\x1a\x18.accelguard.v1.Partition\x12\x63\n\x10ListCertificates\x12&.accelguard.v1.ListCertificatesRequest\x1a\'.accelguard.v1.ListCertificatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,35 +48,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITION']._serialized_start=581
   _globals['_PARTITION']._serialized_end=740
   _globals['_STATUSRESPONSE']._serialized_start=743
-  _globals['_STATUSRESPONSE']._serialized_end=903
-  _globals['_LAYOUTTARGET']._serialized_start=906
-  _globals['_LAYOUTTARGET']._serialized_end=1107
-  _globals['_LAYOUTTARGET_COUNTSENTRY']._serialized_start=1062
-  _globals['_LAYOUTTARGET_COUNTSENTRY']._serialized_end=1107
-  _globals['_LAYOUTREQUEST']._serialized_start=1109
-  _globals['_LAYOUTREQUEST']._serialized_end=1170
-  _globals['_GPULAYOUTRESULT']._serialized_start=1173
-  _globals['_GPULAYOUTRESULT']._serialized_end=1389
-  _globals['_LAYOUTRESPONSE']._serialized_start=1391
-  _globals['_LAYOUTRESPONSE']._serialized_end=1453
-  _globals['_LEASE']._serialized_start=1456
-  _globals['_LEASE']._serialized_end=1631
-  _globals['_GRANTLEASEREQUEST']._serialized_start=1633
-  _globals['_GRANTLEASEREQUEST']._serialized_end=1756
-  _globals['_GRANTLEASERESPONSE']._serialized_start=1758
-  _globals['_GRANTLEASERESPONSE']._serialized_end=1860
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1862
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1901
-  _globals['_LISTLEASESREQUEST']._serialized_start=1903
-  _globals['_LISTLEASESREQUEST']._serialized_end=1948
-  _globals['_LISTLEASESRESPONSE']._serialized_start=1950
-  _globals['_LISTLEASESRESPONSE']._serialized_end=2008
-  _globals['_LISTPARTITIONSREQUEST']._serialized_start=2010
-  _globals['_LISTPARTITIONSREQUEST']._serialized_end=2033
-  _globals['_LISTPARTITIONSRESPONSE']._serialized_start=2035
-  _globals['_LISTPARTITIONSRESPONSE']._serialized_end=2105
-  _globals['_PARTITIONACTIONREQUEST']._serialized_start=2107
-  _globals['_PARTITIONACTIONREQUEST']._serialized_end=2171
-  _globals['_ADMIN']._serialized_start=2174
-  _globals['_ADMIN']._serialized_end=2981
+  _globals['_STATUSRESPONSE']._serialized_end=928
+  _globals['_LAYOUTTARGET']._serialized_start=931
+  _globals['_LAYOUTTARGET']._serialized_end=1132
+  _globals['_LAYOUTTARGET_COUNTSENTRY']._serialized_start=1087
+  _globals['_LAYOUTTARGET_COUNTSENTRY']._serialized_end=1132
+  _globals['_LAYOUTREQUEST']._serialized_start=1134
+  _globals['_LAYOUTREQUEST']._serialized_end=1195
+  _globals['_GPULAYOUTRESULT']._serialized_start=1198
+  _globals['_GPULAYOUTRESULT']._serialized_end=1414
+  _globals['_LAYOUTRESPONSE']._serialized_start=1416
+  _globals['_LAYOUTRESPONSE']._serialized_end=1478
+  _globals['_LEASE']._serialized_start=1481
+  _globals['_LEASE']._serialized_end=1656
+  _globals['_GRANTLEASEREQUEST']._serialized_start=1659
+  _globals['_GRANTLEASEREQUEST']._serialized_end=1804
+  _globals['_GRANTLEASERESPONSE']._serialized_start=1806
+  _globals['_GRANTLEASERESPONSE']._serialized_end=1908
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1910
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1949
+  _globals['_LISTLEASESREQUEST']._serialized_start=1951
+  _globals['_LISTLEASESREQUEST']._serialized_end=1996
+  _globals['_LISTLEASESRESPONSE']._serialized_start=1998
+  _globals['_LISTLEASESRESPONSE']._serialized_end=2056
+  _globals['_LISTPARTITIONSREQUEST']._serialized_start=2058
+  _globals['_LISTPARTITIONSREQUEST']._serialized_end=2081
+  _globals['_LISTPARTITIONSRESPONSE']._serialized_start=2083
+  _globals['_LISTPARTITIONSRESPONSE']._serialized_end=2153
+  _globals['_PARTITIONACTIONREQUEST']._serialized_start=2155
+  _globals['_PARTITIONACTIONREQUEST']._serialized_end=2219
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_start=2221
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_end=2270
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_start=2272
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_end=2320
+  _globals['_ADMIN']._serialized_start=2323
+  _globals['_ADMIN']._serialized_end=3231
 # @@protoc_insertion_point(module_scope)

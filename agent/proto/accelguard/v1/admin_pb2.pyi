@@ -233,9 +233,12 @@ class StatusResponse(_message.Message):
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
+    NODE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     agent_version: _builtins.str
     driver_version: _builtins.str
+    node_public_key: _builtins.str
+    """PEM of the node's Ed25519 key that signs scrub certificates."""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]: ...
     @_builtins.property
@@ -248,10 +251,11 @@ class StatusResponse(_message.Message):
         driver_version: _builtins.str = ...,
         gpus: _abc.Iterable[Global___Gpu] | None = ...,
         partitions: _abc.Iterable[Global___Partition] | None = ...,
+        node_public_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "driver_version", b"driver_version", "gpus", b"gpus", "node_id", b"node_id", "partitions", b"partitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "driver_version", b"driver_version", "gpus", b"gpus", "node_id", b"node_id", "node_public_key", b"node_public_key", "partitions", b"partitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -453,6 +457,7 @@ class GrantLeaseRequest(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     CGROUP_FIELD_NUMBER: _builtins.int
     TTL_S_FIELD_NUMBER: _builtins.int
+    SCRUB_POLICY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     partition_uuid: _builtins.str
     profile: _builtins.str
@@ -461,6 +466,8 @@ class GrantLeaseRequest(_message.Message):
     """absolute directory of the tenant's cgroup (v1 devices or v2)"""
     ttl_s: _builtins.float
     """0: no expiry"""
+    scrub_policy: _builtins.str
+    """"zero" or "multi-pass"; empty: the node's default"""
     def __init__(
         self,
         *,
@@ -469,10 +476,11 @@ class GrantLeaseRequest(_message.Message):
         profile: _builtins.str = ...,
         cgroup: _builtins.str = ...,
         ttl_s: _builtins.float = ...,
+        scrub_policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["partition_uuid", b"partition_uuid", "profile", b"profile", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup", b"cgroup", "partition_uuid", b"partition_uuid", "profile", b"profile", "selector", b"selector", "tenant", b"tenant", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup", b"cgroup", "partition_uuid", b"partition_uuid", "profile", b"profile", "scrub_policy", b"scrub_policy", "selector", b"selector", "tenant", b"tenant", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["partition_uuid", "profile"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
@@ -618,3 +626,47 @@ class PartitionActionRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PartitionActionRequest: _TypeAlias = PartitionActionRequest  # noqa: Y015
+
+@_typing.final
+class ListCertificatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_UUID_FIELD_NUMBER: _builtins.int
+    partition_uuid: _builtins.str
+    """empty: all"""
+    def __init__(
+        self,
+        *,
+        partition_uuid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partition_uuid", b"partition_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCertificatesRequest: _TypeAlias = ListCertificatesRequest  # noqa: Y015
+
+@_typing.final
+class ListCertificatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each a complete certificate as JSON text ({"payload", "signature", "public_key", "algorithm"}),
+        carried as text so the signed canonical payload reaches the verifier unchanged.
+        """
+
+    def __init__(
+        self,
+        *,
+        certificates: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCertificatesResponse: _TypeAlias = ListCertificatesResponse  # noqa: Y015

@@ -84,6 +84,11 @@ class AdminStub:
                 request_serializer=accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
                 _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/accelguard.v1.Admin/ListCertificates',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -152,6 +157,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCertificates(self, request, context):
+        """Signed scrub certificates kept by the node, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +216,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClearPartition,
                     request_deserializer=accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_admin__pb2.Partition.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +493,33 @@ class Admin:
             '/accelguard.v1.Admin/ClearPartition',
             accelguard_dot_v1_dot_admin__pb2.PartitionActionRequest.SerializeToString,
             accelguard_dot_v1_dot_admin__pb2.Partition.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/ListCertificates',
+            accelguard_dot_v1_dot_admin__pb2.ListCertificatesRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.ListCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
