@@ -8,8 +8,8 @@ them back into exit codes.
 from __future__ import annotations
 
 import asyncio
-import json
 import grp
+import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path

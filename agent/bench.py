@@ -234,8 +234,8 @@ def bench_scrub(rounds: int, directory: Path | None, size_mib: int = 256) -> dic
     verifies: list[float] = []
     with tempfile.TemporaryDirectory(prefix="accelguard-bench-", dir=directory) as scratch:
         path = Path(scratch) / "gpu.mem"
-        with path.open("wb") as handle:
-            handle.truncate(size)
+        with path.open("wb") as empty:
+            empty.truncate(size)
         target = ScrubTarget(
             partition_uuid="bench", gpu_uuid="bench", gpu_index=0, kind="gpu",
             visible_device="", total_bytes=size, memory_file=str(path), offset=0,

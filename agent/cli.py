@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,11 +252,12 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.rounds < 1:
             raise ValidationError("--rounds must be at least 1")
-        runner = {
+        runners: dict[str, Callable[[int, Path | None], dict[str, Any]]] = {
             "layout": bench.bench_layout,
             "lease": bench.bench_lease,
             "scrub": bench.bench_scrub,
-        }[args.verb]
+        }
+        runner = runners[args.verb]
         _print_json(runner(args.rounds, args.dir))
         return 0
 
