@@ -115,6 +115,8 @@ class ScrubConfig:
     deadline_s: float = _check(_positive, 600.0)
     # Below this fraction of the partition's memory verified, the partition is quarantined.
     min_coverage: float = _check(_fraction, 0.9)
+    # Also fill and clear every SM's shared memory (the LeftoverLocals class, CVE-2023-4969).
+    shared_memory: bool = True
 
 
 @dataclass(frozen=True)

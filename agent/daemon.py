@@ -54,7 +54,12 @@ class Daemon:
             self.executor,
             self.inventory,
             self.backend,
-            ScrubRunner(config.scrub.backend, config.scrub.deadline_s, config.scrub.min_coverage),
+            ScrubRunner(
+                config.scrub.backend,
+                config.scrub.deadline_s,
+                config.scrub.min_coverage,
+                config.scrub.shared_memory,
+            ),
             Evictor(config.leases.evict_grace_s),
             self.node_key,
         )

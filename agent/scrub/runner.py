@@ -32,8 +32,11 @@ class ScrubOutcome:
 
 
 class ScrubRunner:
-    def __init__(self, backend: str, deadline_s: float, min_coverage: float) -> None:
+    def __init__(
+        self, backend: str, deadline_s: float, min_coverage: float, shared_memory: bool = False
+    ) -> None:
         self._backend = backend
+        self._shared_memory = shared_memory
         self._deadline_s = deadline_s
         self._min_coverage = min_coverage
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -70,6 +73,7 @@ class ScrubRunner:
                 "backend": self._backend,
                 "policy": policy,
                 "patterns": list(POLICY_PATTERNS[policy]),
+                "shared_memory": self._shared_memory,
                 "target": target.to_dict(),
             }
         ).encode()

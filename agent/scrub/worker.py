@@ -20,7 +20,7 @@ FP_HANG = failpoints.register("scrub.worker_hang")
 FP_CRASH = failpoints.register("scrub.worker_crash")
 
 
-def backend_named(name: str) -> ScrubBackend:
+def backend_named(name: str, shared_memory: bool) -> ScrubBackend:
     if name == "simmem":
         from agent.scrub.simmem import SimMemoryScrubBackend  # noqa: PLC0415
 
@@ -28,7 +28,7 @@ def backend_named(name: str) -> ScrubBackend:
     if name == "cuda":
         from agent.scrub.cuda import CudaScrubBackend  # noqa: PLC0415
 
-        return CudaScrubBackend()
+        return CudaScrubBackend(shared_memory=shared_memory)
     raise ScrubError(f"unknown scrub backend {name!r}")
 
 
@@ -39,7 +39,7 @@ def main() -> int:
         target = ScrubTarget.from_dict(request["target"])
         patterns = tuple(int(p) for p in request["patterns"])
         policy = str(request["policy"])
-        backend = backend_named(str(request["backend"]))
+        backend = backend_named(str(request["backend"]), bool(request.get("shared_memory", False)))
     except (ValueError, KeyError, TypeError) as error:
         print(f"scrub worker: malformed request: {error}", file=sys.stderr)
         return 2
@@ -56,7 +56,11 @@ def main() -> int:
         print(f"scrub worker: {error}", file=sys.stderr)
         return 1
     result = ScrubResult(
-        backend=backend.name, policy=policy, total_bytes=target.total_bytes, passes=passes
+        backend=backend.name,
+        policy=policy,
+        total_bytes=target.total_bytes,
+        passes=passes,
+        detail=str(getattr(backend, "detail", "")),
     )
     json.dump(result.to_dict(), sys.stdout)
     return 0
