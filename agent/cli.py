@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--partition", required=True)
     read.add_argument("--find", required=True)
     read.add_argument("--json", action="store_true")
+    reset = sim_verbs.add_parser("reset-gpu", help="simulate the operator's GPU reset")
+    reset.add_argument("--gpu", type=int, required=True)
     hold = sim_verbs.add_parser("hold", help="a tenant process using the partition until killed")
     hold.add_argument("--partition", required=True)
     hold.add_argument("--cgroup", type=Path, help="join this cgroup first")
@@ -419,6 +421,9 @@ def _sim(config: Config, args: argparse.Namespace) -> int:
             _print_json({"partition": args.partition, "bytes_read": region.length, "count": count})
         else:
             print(f"{count} occurrences in {region.length} bytes")
+    elif args.verb == "reset-gpu":
+        workload.reset_gpu(config, args.gpu)
+        print(f"GPU {args.gpu} reset (simulated)")
     else:
         workload.hold(config, args.partition, args.cgroup, args.ignore_sigterm)
     return 0

@@ -84,9 +84,24 @@ class InventoryConfig:
     refresh_interval_s: float = _check(_positive, 30.0)
 
 
+def _hex_ids(value: Any) -> str | None:
+    for item in value:
+        try:
+            if not 0 <= int(item, 16) <= 0xFFFF:
+                return f"{item!r} is not a 16-bit PCI vendor id"
+        except ValueError:
+            return f"{item!r} is not a hex PCI vendor id such as '0x10de'"
+    return None
+
+
 @dataclass(frozen=True)
 class HotplugConfig:
     enabled: bool = True
+    # Which uevents mean "the accelerators may have changed": subsystems, and for PCI events
+    # the vendor ids and class-code prefixes (hex; "03" = display controllers) to react to.
+    subsystems: list[str] = field(default_factory=lambda: ["pci", "nvidia", "accel"])
+    pci_vendor_ids: list[str] = _check(_hex_ids, ["0x10de"])
+    pci_class_prefixes: list[str] = field(default_factory=lambda: ["03"])
 
 
 @dataclass(frozen=True)

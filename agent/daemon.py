@@ -103,13 +103,23 @@ class Daemon:
     def _hotplug(self) -> Coroutine[Any, Any, None] | None:
         if not self.config.hotplug.enabled:
             return None
-        from agent.hw.hotplug import HotplugMonitor  # noqa: PLC0415 - optional service
+        from agent.hw.hotplug import HotplugEvent, HotplugFilter, HotplugMonitor  # noqa: PLC0415
 
-        async def on_event(event: object) -> None:
-            log.info("hotplug_event", event=repr(event))
+        settings = self.config.hotplug
+        accelerators = HotplugFilter(
+            subsystems=frozenset(settings.subsystems),
+            pci_vendor_ids=frozenset(int(v, 16) for v in settings.pci_vendor_ids) or None,
+            pci_class_prefixes=frozenset(settings.pci_class_prefixes) or None,
+        )
+
+        async def on_event(event: HotplugEvent) -> None:
+            log.info(
+                "hotplug_event", action=event.action, subsystem=event.subsystem,
+                device=event.sys_path,
+            )  # fmt: skip
             self.inventory.refresh_soon()
 
-        monitor = HotplugMonitor(on_event)
+        monitor = HotplugMonitor(on_event, accelerators)
         return monitor.run()
 
     async def run(self) -> None:

@@ -95,6 +95,7 @@ class InventoryService:
     async def refresh(self) -> Snapshot:
         snapshot, new = await self._executor.call(self._collect)
         self.snapshot = snapshot
+        log.debug("inventory_refreshed", summary=self.summary())
         for uuid in new:
             log.info("partition_discovered", partition=uuid, clean=False)
         return snapshot

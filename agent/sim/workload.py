@@ -8,6 +8,7 @@ partition's device nodes.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import signal
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import Config
-from agent.errors import NotFoundError, ValidationError
+from agent.errors import HardwareError, NotFoundError, ValidationError
 from agent.hw.devnodes import DeviceNode, DeviceNodeMap
 from agent.hw.model import GpuInfo, MigInstanceInfo
 from agent.hw.nvml import NvmlBackend
 from agent.scrub.simmem import MemoryRange, count_occurrences, fill, partition_range
+
+_NVML_ERROR_IN_USE = 19
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,25 @@ def register_process(sim_dir: Path, pid: int, found: Located, used_bytes: int) -
             table.write(f"{pid} {found.gpu.index} {gi} {-1 if ci is None else ci} {used_bytes}\n")
             table.flush()
             os.fsync(table.fileno())
+
+
+def reset_gpu(config: Config, gpu_index: int) -> None:
+    """The simulated GPU reset (``nvidia-smi -r`` on hardware): a pending MIG mode becomes current.
+
+    nvml-sim exports ``nvmlSimResetGpu`` for this; real NVML has no such call, and accelguard never
+    resets a GPU by itself: it is the operator's step.
+    """
+    if not config.nvml.library or not config.nvml.sim_dir:
+        raise ValidationError("sim reset-gpu needs a simulated node's config (accelguard sim init)")
+    with NvmlBackend(config.nvml.library, config.nvml.sim_dir) as backend:
+        count = len(backend.inventory())
+        if not 0 <= gpu_index < count:
+            raise NotFoundError(f"GPU index {gpu_index} does not exist (this node has {count})")
+        library = ctypes.CDLL(config.nvml.library)
+        code = library.nvmlSimResetGpu(ctypes.c_uint(gpu_index))
+    if code != 0:
+        reason = "processes still run on it" if code == _NVML_ERROR_IN_USE else f"NVML error {code}"
+        raise HardwareError(f"GPU {gpu_index} was not reset: {reason}")
 
 
 def hold(config: Config, partition_uuid: str, cgroup: Path | None, ignore_sigterm: bool) -> None:

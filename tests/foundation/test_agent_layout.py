@@ -118,6 +118,14 @@ def test_mig_mode_change_is_reported_pending_not_hidden(agent: RunningAgent) -> 
     assert gpu1["reset_required"] is True
     human = agent.cli("status").stdout
     assert "GPU reset required" in human
+    # The reset is the operator's step (simulated here); then the whole GPU is a partition,
+    # dirty until scrubbed.
+    assert agent.cli("sim", "reset-gpu", "--gpu", "1").returncode == 0
+    gpu1 = agent.cli_json("status")["gpus"][1]
+    assert gpu1["mig_mode"] == {"current": False, "pending": False}
+    whole = [p for p in wait_all_clean(agent) if p["kind"] == "gpu"]
+    assert [p["uuid"] for p in whole] == [gpu1["uuid"]]
+    assert whole[0]["device_nodes"][-1].endswith("/nvidia1")
 
 
 @pytest.mark.parametrize(

@@ -64,3 +64,25 @@ def test_without_a_scrub_the_secret_would_leak(tmp_path: Path) -> None:
         small = backend.create_instance(0, Placement(profile_id=19, start=2, size=1))
     _, count = workload.find_pattern(config, small.uuid, SECRET)
     assert count > 1000
+
+
+def test_layout_never_destroys_a_leased_instance(
+    lease_agent: RunningAgent, cgroup_parents: dict[str, Path]
+) -> None:
+    agent = lease_agent
+    agent.cli_json("layout", "apply", "--gpu", "0", "3g.40gb=2")
+    wait_all_clean(agent)
+    cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "busy")
+    grant = agent.cli_json(
+        "lease", "grant", "--tenant", "t", "--profile", "3g.40gb", "--cgroup", str(cgroup)
+    )
+    before = agent.cli_json("status")["gpus"]
+    refused = agent.cli("layout", "apply", "--gpu", "0", "1g.10gb=7")
+    assert refused.returncode != 0
+    assert "pinned" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert agent.cli_json("status")["gpus"] == before
+    # A layout that keeps the leased instance is fine; the free one is scrubbed and replaced.
+    kept = agent.cli_json("layout", "apply", "--gpu", "0", "3g.40gb=1", "1g.10gb=3")["gpus"][0]
+    assert [i["uuid"] for i in kept["kept"]] == [grant["partition"]["uuid"]]
+    [lease] = agent.cli_json("lease", "list")["leases"]
+    assert lease["state"] == "active"
