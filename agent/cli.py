@@ -17,6 +17,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from agent import __version__
+from agent.attest.commands import (
+    add_attest_parser,
+    add_bench_attest,
+    run_attest,
+    run_bench_attest,
+)
 from agent.config import Config, load_config, to_toml
 from agent.errors import AccelguardError, LayoutError, ValidationError
 
@@ -128,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     hold.add_argument("--cgroup", type=Path, help="join this cgroup first")
     hold.add_argument("--ignore-sigterm", action="store_true")
 
+    add_attest_parser(commands)
+
     bench = commands.add_parser("bench", help="benchmarks (JSON with a same-run baseline)")
     bench_verbs = bench.add_subparsers(dest="verb", required=True)
     bench_layout = bench_verbs.add_parser("layout", help="apply/tear down a 7-instance layout")
@@ -139,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scrub = bench_verbs.add_parser("scrub", help="scrub bandwidth against memset")
     bench_scrub.add_argument("--rounds", type=int, default=3)
     bench_scrub.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
+    add_bench_attest(bench_verbs)
     return parser
 
 
@@ -249,6 +258,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"simulated node with {len(node.gpus)} GPUs ({', '.join(node.gpus)}) in {node.root}")
         print(f"config: {node.config_path}")
         return 0
+    if args.command == "bench" and args.verb == "attest":
+        _print_json(run_bench_attest(args))
+        return 0
     if args.command == "bench":
         from agent import bench  # noqa: PLC0415
 
@@ -269,6 +281,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(to_toml(config), end="")
         return 0
+    if args.command == "attest":
+        return run_attest(args, config)
     if args.command == "agent":
         from agent.daemon import run_daemon  # noqa: PLC0415
         from agent.logs import configure_logging  # noqa: PLC0415

@@ -496,6 +496,10 @@ class LeaseManager:
             else:
                 try:
                     await self._fence_cgroup(lease.cgroup)  # the fence survives; re-assert it
+                    nodes = self._nodes(record)
+                    await self._executor.call(
+                        cdi.write_spec, self._config.leases.cdi_dir, lease.id, nodes
+                    )
                 except IsolationError as error:
                     async with self._locks[lease.partition_uuid]:
                         await self._retire(lease.id, f"fence could not be re-applied: {error}")

@@ -1,0 +1,402 @@
+"""``accelguard attest ...`` and ``accelguard bench attest``: argument parsing and output.
+
+agent/cli.py adds these with :func:`add_attest_parser` / :func:`add_bench_attest` and runs them
+with :func:`run_attest` / :func:`run_bench_attest`. Errors are raised as AccelguardErrors (the
+CLI prints one line); a verification that fails is not an error: ``verify`` prints every
+failed check and returns 1.
+
+The attest modules (cryptography, the parsers, tpm2-pytss for ``quote``) are imported when a
+verb runs, not when the CLI builds its parser: every other command would pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from agent.errors import AttestationError, QuoteError, ValidationError
+
+if TYPE_CHECKING:
+    from agent.attest.verify import VerificationReport
+    from agent.config import Config
+
+_SELECTION_SYNTAX: Final = "BANK:I,J,K-L[+BANK:...], e.g. sha256:0-7,14+sha1:0-7"
+_SELECTION_PART: Final = re.compile(r"([a-z0-9_]+):([0-9,\-]+)")
+
+
+def add_attest_parser(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add ``attest`` and its verbs to the CLI's command subparsers."""
+    attest = commands.add_parser("attest", help="measured-boot attestation: quotes, logs, policy")
+    verbs = attest.add_subparsers(dest="verb", required=True)
+
+    quote = verbs.add_parser("quote", help="quote the PCRs and print an evidence document")
+    quote.add_argument("--nonce", required=True, help="the verifier's nonce, hex (1-64 bytes)")
+    quote.add_argument(
+        "--pcrs", help=f"PCR selection {_SELECTION_SYNTAX} (default: config [attest] pcrs)"
+    )
+    quote.add_argument(
+        "--event-log", type=Path, help="firmware event log (default: config [attest] event_log)"
+    )
+    quote.add_argument(
+        "--ima-log",
+        type=Path,
+        help="binary IMA list (default: config [attest] ima_log, if it exists)",
+    )
+    quote.add_argument(
+        "--ima-from", type=int, default=0, help="ship IMA entries from this index on (default 0)"
+    )
+    quote.add_argument("--tcti", help="TPM TCTI, e.g. swtpm:port=2321 (default: config)")
+    quote.add_argument("-o", "--output", type=Path, help="write the document here, not stdout")
+
+    verify = verbs.add_parser(
+        "verify", help="verify an evidence document; exit 0 only if it passes"
+    )
+    verify.add_argument("evidence", type=Path, help="evidence document (JSON)")
+    verify.add_argument("--nonce", help="the nonce sent to the node, hex (else: no freshness)")
+    verify.add_argument(
+        "--pcrs", help=f"the PCR selection asked for, {_SELECTION_SYNTAX} (else: not checked)"
+    )
+    verify.add_argument("--policy", type=Path, help="policy JSON (attest make-policy)")
+    verify.add_argument(
+        "--state", type=Path, help="per-AK verifier state (clock, IMA replay), JSON, updated"
+    )
+    verify.add_argument("--ak-name", help="Name of the AK enrolled for this node, hex")
+    verify.add_argument("--json", action="store_true")
+
+    log = verbs.add_parser("eventlog", help="parse a firmware event log and replay its PCRs")
+    log.add_argument(
+        "file", type=Path, help="e.g. /sys/kernel/security/tpm0/binary_bios_measurements"
+    )
+    log.add_argument("--json", action="store_true")
+
+    policy = verbs.add_parser("make-policy", help="a policy from a known-good event log")
+    policy.add_argument("file", type=Path, help="known-good firmware event log")
+    policy.add_argument(
+        "--pcrs", help=f"PCRs to cover, {_SELECTION_SYNTAX} or I,J,... (default: all measured)"
+    )
+    policy.add_argument("--description", default="", help="free text stored in the policy")
+    policy.add_argument("--no-golden", action="store_true", help="no golden PCR values")
+    policy.add_argument("--no-events", action="store_true", help="no per-event reference digests")
+    policy.add_argument("-o", "--output", type=Path, help="write the policy here, not stdout")
+
+
+def run_attest(args: argparse.Namespace, config: Config) -> int:
+    if args.verb == "quote":
+        return _quote(args, config)
+    if args.verb == "verify":
+        return _verify(args)
+    if args.verb == "eventlog":
+        return _eventlog(args)
+    if args.verb == "make-policy":
+        return _make_policy(args)
+    raise AssertionError(f"unhandled attest verb {args.verb}")  # pragma: no cover
+
+
+def add_bench_attest(bench_verbs: argparse._SubParsersAction[Any]) -> None:
+    bench = bench_verbs.add_parser(
+        "attest", help="event-log, IMA and quote verification throughput against hashlib"
+    )
+    bench.add_argument("--rounds", type=int, default=5, help="repetitions; the median is kept")
+    bench.add_argument(
+        "--ima-entries", type=int, default=100_000, help="synthetic IMA list size (default 100k)"
+    )
+    bench.add_argument(
+        "--event-log-kib", type=int, default=1024, help="synthetic event log size (default 1 MiB)"
+    )
+    bench.add_argument(
+        "--quotes", type=int, default=200, help="quote verifications per round (default 200)"
+    )
+
+
+def run_bench_attest(args: argparse.Namespace) -> dict[str, Any]:
+    from agent.attest.bench import bench_attest  # noqa: PLC0415 - only the bench needs it
+
+    for name in ("rounds", "ima_entries", "event_log_kib", "quotes"):
+        if getattr(args, name) < 1:
+            raise ValidationError(f"--{name.replace('_', '-')} must be at least 1")
+    return bench_attest(
+        rounds=args.rounds,
+        ima_entries=args.ima_entries,
+        event_log_bytes=args.event_log_kib * 1024,
+        quotes=args.quotes,
+    )
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+
+
+def parse_pcr_selection(text: str, what: str = "--pcrs") -> dict[str, list[int]]:
+    """``sha256:0-7,14+sha1:0`` -> ``{"sha256": [0..7, 14], "sha1": [0]}``."""
+    selection: dict[str, list[int]] = {}
+    for part in text.split("+"):
+        match = _SELECTION_PART.fullmatch(part.strip())
+        if match is None:
+            raise ValidationError(f"{what} {text!r}: expected {_SELECTION_SYNTAX}")
+        bank = match.group(1)
+        if bank in selection:
+            raise ValidationError(f"{what} {text!r}: bank {bank} is listed twice")
+        selection[bank] = _parse_indices(match.group(2), text, what)
+    from agent.attest.eventlog import PCR_COUNT  # noqa: PLC0415
+    from agent.attest.quote import normalise_selection  # noqa: PLC0415
+
+    try:
+        normalise_selection(selection)
+    except QuoteError as error:
+        raise ValidationError(f"{what} {text!r}: {error}") from None
+    for bank, indices in selection.items():
+        if max(indices) >= PCR_COUNT:
+            raise ValidationError(
+                f"{what} {text!r}: PCR {max(indices)} in {bank} is over {PCR_COUNT - 1}"
+            )
+    return selection
+
+
+def _parse_indices(text: str, whole: str, what: str) -> list[int]:
+    indices: set[int] = set()
+    for item in text.split(","):
+        low, _, high = item.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or len(low) > 2 or len(high) > 2:
+            raise ValidationError(f"{what} {whole!r}: {item!r} is not a PCR index or range")
+        first, last = int(low), int(high or low)
+        if first > last:
+            raise ValidationError(f"{what} {whole!r}: range {item!r} runs backwards")
+        indices.update(range(first, last + 1))
+    return sorted(indices)
+
+
+def _parse_hex(text: str, what: str, limit: int) -> bytes:
+    cleaned = text.removeprefix("0x")
+    try:
+        value = bytes.fromhex(cleaned)
+    except ValueError:
+        raise ValidationError(f"{what}: {text[:40]!r} is not hex") from None
+    if not 1 <= len(value) <= limit or " " in cleaned:
+        raise ValidationError(f"{what}: must be 1 to {limit} bytes of hex")
+    return value
+
+
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(limit + 1)
+    except OSError as error:
+        raise AttestationError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    if len(data) > limit:
+        raise AttestationError(f"{what} {path} is over the {limit}-byte limit")
+    return data
+
+
+def _write_output(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as error:
+        raise AttestationError(f"cannot write {output}: {error.strerror or error}") from error
+
+
+# --- quote --------------------------------------------------------------------------------------
+
+
+def _quote(args: argparse.Namespace, config: Config) -> int:
+    # tpm2-pytss is only needed on a node with a TPM; verify, eventlog and make-policy run
+    # without it (on the controller).
+    from agent.attest.evidence import (  # noqa: PLC0415
+        MAX_EVENT_LOG_BYTES,
+        MAX_NONCE_BYTES,
+        collect_evidence,
+    )
+    from agent.attest.tpm import TpmClient  # noqa: PLC0415
+
+    nonce = _parse_hex(args.nonce, "--nonce", MAX_NONCE_BYTES)
+    if args.pcrs is not None:
+        selection = parse_pcr_selection(args.pcrs)
+    else:
+        selection = parse_pcr_selection(config.attest.pcrs, "config [attest] pcrs")
+    if args.ima_from < 0:
+        raise ValidationError("--ima-from must not be negative")
+    event_log_path = args.event_log or config.attest.event_log
+    event_log = _read_bounded(event_log_path, MAX_EVENT_LOG_BYTES, "event log")
+    ima_path: Path | None = args.ima_log
+    if ima_path is None and config.attest.ima_log.exists():
+        ima_path = config.attest.ima_log
+    elif ima_path is None and args.ima_from:
+        raise ValidationError("--ima-from needs an IMA list (--ima-log or config [attest] ima_log)")
+
+    def read_ima() -> tuple[bytes, int] | None:
+        if ima_path is None:
+            return None
+        return _ima_tail(ima_path, args.ima_from)
+
+    with TpmClient(args.tcti or config.attest.tcti) as client:
+        key = client.ensure_attestation_key(config.attest.ak_handle)
+        certificate = client.endorsement_key().certificate
+        evidence = collect_evidence(client, key, selection, nonce, event_log, read_ima, certificate)
+    _write_output(evidence.to_json(), args.output)
+    return 0
+
+
+def _ima_tail(path: Path, first: int) -> tuple[bytes, int]:
+    """The binary list from entry ``first`` on: the agent ships only what the verifier lacks."""
+    from agent.attest import ima  # noqa: PLC0415
+    from agent.attest.evidence import MAX_IMA_LOG_BYTES  # noqa: PLC0415
+
+    data = _read_bounded(path, ima.MAX_LOG_BYTES, "IMA list")
+    if first == 0:
+        if len(data) > MAX_IMA_LOG_BYTES:
+            raise AttestationError(
+                f"IMA list {path} is {len(data)} bytes, over the {MAX_IMA_LOG_BYTES}-byte "
+                "limit of one evidence document: ship only new entries (--ima-from)"
+            )
+        return data, 0
+    entries = ima.parse_ima_binary(data, verify_template_hashes=False).entries
+    if first > len(entries):
+        raise ValidationError(f"--ima-from {first}: the list has only {len(entries)} entries")
+    offset = entries[first].offset if first < len(entries) else len(data)
+    return data[offset:], first
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from agent.attest.evidence import MAX_NONCE_BYTES, load_evidence  # noqa: PLC0415
+    from agent.attest.policy import Policy, load_policy  # noqa: PLC0415
+    from agent.attest.quote import compute_name  # noqa: PLC0415
+    from agent.attest.verify import open_state, verify_evidence  # noqa: PLC0415
+
+    nonce = None if args.nonce is None else _parse_hex(args.nonce, "--nonce", MAX_NONCE_BYTES)
+    expected = None if args.pcrs is None else parse_pcr_selection(args.pcrs)
+    enrolled = None if args.ak_name is None else _parse_hex(args.ak_name, "--ak-name", 66)
+    policy: Policy | None = None if args.policy is None else load_policy(args.policy)
+    evidence = load_evidence(args.evidence)
+    if args.state is None:
+        report = verify_evidence(evidence, nonce, policy, None, expected, enrolled_ak_name=enrolled)
+    else:
+        with open_state(args.state) as state:
+            try:
+                name: bytes | None = compute_name(evidence.ak_public)
+            except QuoteError:
+                name = None  # the quote checks report the malformed AK
+            report = verify_evidence(
+                evidence,
+                nonce,
+                policy,
+                state.clock_state(name),
+                expected,
+                enrolled_ak_name=enrolled,
+                ima_progress=state.ima_progress(name),
+            )
+            state.record(report)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        _print_report(report)
+    return 0 if report.ok else 1
+
+
+def _print_report(report: VerificationReport) -> None:
+    name = report.ak_name.hex() if report.ak_name is not None else "(undecodable)"
+    header = f"AK {name}"
+    if report.attest is not None:
+        clock = report.attest.clock_info
+        header += (
+            f"  clock {clock.clock}  resetCount {clock.reset_count}  "
+            f"restartCount {clock.restart_count}"
+        )
+        if report.attest.quote_info is not None:
+            covered = report.attest.quote_info.selection_dict()
+            header += "  quoted " + "+".join(
+                f"{bank}:{','.join(map(str, pcrs))}" for bank, pcrs in covered.items()
+            )
+    print(header)
+    print("checks: " + ", ".join(f"{check} {status}" for check, status in report.checks.items()))
+    for failure in report.failures:
+        print(f"FAILED {failure.check}: {failure.reason}: {failure.message}")
+    for item in report.unchecked:
+        print(f"NOT CHECKED {item.check}: {item.reason}: {item.message}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.ok:
+        print(f"result: PASS ({len(report.unchecked)} items not checked, listed above)")
+    else:
+        print(f"result: FAIL ({len(report.failures)} failed checks)")
+
+
+# --- eventlog and make-policy -------------------------------------------------------------------
+
+
+def _eventlog(args: argparse.Namespace) -> int:
+    from agent.attest import eventlog  # noqa: PLC0415
+
+    log = eventlog.read_event_log(args.file)
+    if args.json:
+        json.dump(log.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    banks = ", ".join(f"{bank} ({size} bytes)" for bank, size in log.algorithms.items())
+    print(f"format {log.format}; banks {banks}; replayed {', '.join(log.replayable_banks)}")
+    if log.startup_locality is not None:
+        print(f"StartupLocality {log.startup_locality}")
+    for event in log.events:
+        digests = " ".join(f"{bank}:{digest.hex()}" for bank, digest in event.digests.items())
+        decoded = eventlog.describe_event_data(event.event_type, event.data)
+        text = f"  {_short(decoded)}" if decoded else ""
+        print(f"#{event.index:<4} PCR {event.pcr:<2} {event.type_name}{text}")
+        if event.extends:
+            print(f"      {digests}")
+    for finding in log.findings:
+        print(f"{finding.severity}: {finding.kind}: {finding.message}")
+    print("pcrs:")
+    for bank, values in log.replay().items():
+        print(f"  {bank}:")
+        for pcr, value in sorted(values.items()):
+            print(f"    {pcr:>2}: {value.hex()}")
+    return 0
+
+
+def _short(decoded: dict[str, object]) -> str:
+    text = ", ".join(f"{key}={value}" for key, value in decoded.items())
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _make_policy(args: argparse.Namespace) -> int:
+    from agent.attest.eventlog import read_event_log  # noqa: PLC0415
+    from agent.attest.policy import make_policy  # noqa: PLC0415
+
+    if args.no_golden and args.no_events:
+        raise ValidationError("--no-golden and --no-events leave nothing to put in the policy")
+    log = read_event_log(args.file)
+    pcrs: list[int] | None = None
+    banks: list[str] | None = None
+    if args.pcrs is not None:
+        if ":" in args.pcrs:
+            selection = parse_pcr_selection(args.pcrs)
+            banks = list(selection)
+            pcrs = sorted({pcr for indices in selection.values() for pcr in indices})
+            unreplayable = [bank for bank in banks if bank not in log.replayable_banks]
+            if unreplayable:
+                raise ValidationError(
+                    f"--pcrs: the log cannot replay {', '.join(unreplayable)} (it replays "
+                    f"{', '.join(log.replayable_banks) or 'no bank'})"
+                )
+        else:
+            pcrs = _parse_indices(args.pcrs, args.pcrs, "--pcrs")
+    policy = make_policy(
+        log,
+        pcrs=pcrs,
+        banks=banks,
+        golden=not args.no_golden,
+        reference_events=not args.no_events,
+        description=args.description,
+    )
+    if not any(policy.golden_pcrs.values()) and not policy.reference_events:
+        raise ValidationError("the log measures none of the selected PCRs: the policy is empty")
+    _write_output(policy.to_json(), args.output)
+    return 0
