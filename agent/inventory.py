@@ -94,6 +94,7 @@ class InventoryService:
 
     async def refresh(self) -> Snapshot:
         snapshot, new = await self._executor.call(self._collect)
+        self._device_nodes.invalidate()
         self.snapshot = snapshot
         log.debug("inventory_refreshed", summary=self.summary())
         for uuid in new:

@@ -72,6 +72,24 @@ class DeviceNodeMap:
     def __init__(self, dev_root: Path, proc_root: Path) -> None:
         self.dev_root = dev_root
         self.proc_root = proc_root
+        self._majors: dict[str, int] | None = None
+        self._minors: dict[str, int] | None = None
+
+    def invalidate(self) -> None:
+        """Forget the cached driver tables; they change only when the driver is (re)loaded, which
+        the inventory notices, so it calls this on every refresh."""
+        self._majors = None
+        self._minors = None
+
+    def majors(self) -> dict[str, int]:
+        if self._majors is None:
+            self._majors = char_majors(self.proc_root)
+        return self._majors
+
+    def minors(self) -> dict[str, int]:
+        if self._minors is None:
+            self._minors = mig_minors(self.proc_root)
+        return self._minors
 
     def _uvm_major(self, majors: dict[str, int]) -> int:
         if "nvidia-uvm" not in majors:
@@ -82,7 +100,7 @@ class DeviceNodeMap:
 
     def gpu_nodes(self, gpu_minor: int) -> list[DeviceNode]:
         """Nodes of a whole GPU: its /dev/nvidiaN plus the shared control and UVM nodes."""
-        majors = char_majors(self.proc_root)
+        majors = self.majors()
         if not any(name in majors for name in _FRONTEND_NAMES):
             raise HardwareError(
                 f"{self.proc_root / 'devices'} lists no NVIDIA driver: is the driver loaded?"
@@ -99,11 +117,11 @@ class DeviceNodeMap:
         self, gpu_minor: int, gpu_instance_id: int, compute_instance_id: int
     ) -> list[DeviceNode]:
         """Nodes of a MIG instance: the parent GPU's nodes plus its GI and CI capabilities."""
-        majors = char_majors(self.proc_root)
+        majors = self.majors()
         if "nvidia-caps" not in majors:
             raise HardwareError(f"{self.proc_root / 'devices'} has no nvidia-caps entry")
         caps = majors["nvidia-caps"]
-        minors = mig_minors(self.proc_root)
+        minors = self.minors()
         nodes = self.gpu_nodes(gpu_minor)
         for capability in (
             f"gpu{gpu_minor}/gi{gpu_instance_id}/access",
@@ -122,9 +140,9 @@ class DeviceNodeMap:
         result: set[DeviceNode] = set()
         for minor in gpu_minors:
             result.update(self.gpu_nodes(minor))
-        majors = char_majors(self.proc_root)
+        majors = self.majors()
         if "nvidia-caps" in majors:
-            for capability, cap_minor in mig_minors(self.proc_root).items():
+            for capability, cap_minor in self.minors().items():
                 if capability.startswith("gpu"):
                     result.add(
                         DeviceNode(
