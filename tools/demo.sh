@@ -1,28 +1,71 @@
 #!/usr/bin/env bash
-# `make demo`: a simulated 2-GPU H100 node, a mixed MIG layout applied through the agent, and the
-# resulting inventory. Safe to run again: the layout is then already in place and nothing changes.
+# `make demo`: the main job on a simulated 2-GPU H100 node. A mixed MIG layout is applied through
+# the agent, a tenant gets a partition fenced by the kernel, leaves a secret in its memory, and the
+# release revokes, evicts, scrubs and signs a certificate; the next tenant finds nothing.
+# Safe to run again: the layout is then already in place and nothing is re-created.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AG=.venv/bin/accelguard
 DIR=${ACCELGUARD_DEMO_DIR:-/tmp/accelguard-demo}
 
-$AG sim init --dir "$DIR" --topology h100x2
-CONFIG="$DIR/agent.toml"
+CGROUP_ROOT=$(.venv/bin/python -c 'from agent.isolation.cgroups import hierarchy_mounts as m; r = m("v2") or m("v1-devices"); print(r[0] if r else "")')
+PARENT=""
+if [ -n "$CGROUP_ROOT" ]; then
+  PARENT="$CGROUP_ROOT/accelguard-demo"
+  mkdir -p "$PARENT/tenant-a"
+fi
 
-$AG --config "$CONFIG" agent 2>"$DIR/agent.log" &
+$AG sim init --dir "$DIR" --topology h100x2 ${PARENT:+--cgroup-parent "$PARENT"}
+CONFIG="$DIR/agent.toml"
+ag() { $AG --config "$CONFIG" "$@"; }
+
+# Started directly (not through the `ag` function) so that $! is the agent itself.
+$AG --config "$CONFIG" agent >"$DIR/agent.log" 2>&1 &
 AGENT=$!
-trap 'kill -TERM $AGENT 2>/dev/null; wait $AGENT 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  $AG --config "$CONFIG" status --json >/dev/null 2>&1 && break
+cleanup() {
+  kill -TERM $AGENT 2>/dev/null || true
+  wait $AGENT 2>/dev/null || true
+  [ -n "$PARENT" ] && rmdir "$PARENT/tenant-a" "$PARENT" 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 300); do
+  ag status --json >/dev/null 2>&1 && break
   kill -0 $AGENT 2>/dev/null || { cat "$DIR/agent.log"; exit 1; }
   sleep 0.1
 done
+wait_clean() {
+  for _ in $(seq 300); do
+    ag partition list --json | .venv/bin/python -c 'import json, sys; p = json.load(sys.stdin).get("partitions", []); sys.exit(0 if all(x["state"] == "free" and x["clean"] for x in p) else 1)' && return 0
+    sleep 0.1
+  done
+  echo "partitions did not become clean" >&2; return 1
+}
 
 echo "== layout: GPU0 3g.40gb=1 2g.20gb=1 1g.10gb=2, GPU1 7g.80gb=1"
-$AG --config "$CONFIG" layout apply --gpu 0 3g.40gb=1 2g.20gb=1 1g.10gb=2
-$AG --config "$CONFIG" layout apply --gpu 1 7g.80gb=1
+ag layout apply --gpu 0 3g.40gb=1 2g.20gb=1 1g.10gb=2
+ag layout apply --gpu 1 7g.80gb=1
+wait_clean
 echo
-echo "== inventory"
-$AG --config "$CONFIG" status
+echo "== inventory (new instances are scrubbed before they are free)"
+ag status
+
+if [ -z "$PARENT" ]; then
+  echo; echo "no cgroup v2 or v1 devices hierarchy here: skipping the tenant lease part"; exit 0
+fi
+echo
+echo "== tenant A leases a 3g.40gb instance; its cgroup can open exactly these nodes"
+LEASE_JSON=$(ag lease grant --tenant alice --profile 3g.40gb --cgroup "$PARENT/tenant-a" --json)
+LEASE=$(echo "$LEASE_JSON" | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["lease"]["id"])')
+PART=$(echo "$LEASE_JSON" | .venv/bin/python -c 'import json, sys; d = json.load(sys.stdin)["partition"]; print(d["uuid"]); [print("  " + n, file=sys.stderr) for n in d["device_nodes"]]')
+echo "lease $LEASE on $PART"
+ag sim write --partition "$PART" --pattern "alice-secret-weights"
+echo -n "tenant A reads back: "; ag sim read --partition "$PART" --find "alice-secret-weights"
+echo
+echo "== release: fence revoked, holders evicted, memory scrubbed and verified"
+ag lease release "$LEASE"
+echo -n "the next tenant reads: "; ag sim read --partition "$PART" --find "alice-secret-weights"
+echo
+echo "== signed scrub certificates"
+ag scrub certs --partition "$PART"
 echo
 echo "agent log: $DIR/agent.log"
