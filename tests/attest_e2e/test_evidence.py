@@ -9,12 +9,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.attest.bench import software_quote
@@ -28,17 +27,7 @@ from agent.attest.evidence import (
 from agent.attest.verify import verify_evidence
 from agent.errors import AttestationError
 from tests.attest_e2e.helpers import boot_measurements, ima_list, real_log
-
-FUZZ_SCALE = float(os.environ.get("ACCELGUARD_FUZZ_SCALE", "1"))
-
-
-def fuzz(examples: int) -> settings:
-    return settings(
-        max_examples=max(1, int(examples * FUZZ_SCALE)),
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+from tests.fuzzing import fuzz
 
 
 def software_evidence() -> Evidence:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.attest.eventlog import EventLog, parse_event_log
@@ -21,20 +20,11 @@ from agent.attest.policy import (
     make_policy,
 )
 from agent.errors import AttestationError
+from tests.fuzzing import fuzz
 
 TESTDATA = Path(__file__).resolve().parents[2].parent / "shared/testdata/eventlogs/tpm2-tools"
 REAL_LOGS = sorted(path.name for path in TESTDATA.glob("*.bin"))
-FUZZ_SCALE = float(os.environ.get("ACCELGUARD_FUZZ_SCALE", "1"))
 ARCH = "event-arch-linux.bin"
-
-
-def fuzz(examples: int) -> settings:
-    return settings(
-        max_examples=max(1, int(examples * FUZZ_SCALE)),
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
 
 
 def raw(name: str) -> bytes:

@@ -82,3 +82,8 @@ def tenant_cgroup(parents: dict[str, Path], hierarchy: str, name: str) -> Path:
     path = parents[hierarchy] / name
     path.mkdir(exist_ok=True)
     return path
+
+
+def any_tenant_cgroup(parents: dict[str, Path], name: str) -> Path:
+    """A tenant cgroup on whichever device hierarchy the machine has (v2 preferred)."""
+    return tenant_cgroup(parents, "v2" if "v2" in parents else "v1", name)

@@ -14,7 +14,7 @@ import pytest
 import agent.leases
 import agent.scrub.simmem
 from agent.failpoints import ENVIRONMENT_VARIABLE, KNOWN
-from tests.leases.conftest import tenant_cgroup
+from tests.leases.conftest import any_tenant_cgroup
 from tests.leases.test_eviction import _hold, reap
 from tests.support import RunningAgent, all_gpu_nodes, probe, wait_all_clean, wait_settled
 
@@ -66,7 +66,7 @@ def test_crash_during_grant(
     agent = lease_agent
     agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
     wait_all_clean(agent)
-    cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "t")
+    cgroup = any_tenant_cgroup(cgroup_parents, "t")
     _restart_with(agent, point)
     result = agent.cli(
         "lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup)
@@ -83,7 +83,7 @@ def test_crash_during_release(
     agent = lease_agent
     agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
     wait_all_clean(agent)
-    cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "t")
+    cgroup = any_tenant_cgroup(cgroup_parents, "t")
     grant = agent.cli_json(
         "lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup)
     )
