@@ -175,16 +175,22 @@ class Evictor:
         nvml_holders: NvmlHolders,
     ) -> EvictionReport:
         report = EvictionReport()
-        inside, outside = await self.holders(own_nodes, any_nodes, cgroup, nvml_holders)
+
+        async def current() -> tuple[set[int], set[int]]:
+            inside, outside = await self.holders(own_nodes, any_nodes, cgroup, nvml_holders)
+            for pid in sorted(outside - set(report.outsiders)):
+                # Not the tenant's process, yet it holds the partition: evicted all the same.
+                log.warning("evicting_outsider", pid=pid, cgroup=str(cgroup))
+                report.outsiders.append(pid)
+            return inside, outside
+
+        inside, outside = await current()
         if not inside and not outside:
             return report
-        report.outsiders = sorted(outside)
-        for pid in report.outsiders:
-            log.warning("evicting_outsider", pid=pid, cgroup=str(cgroup))
         report.terminated = _kill(inside | outside, signal.SIGTERM)
         deadline = asyncio.get_running_loop().time() + self._grace_s
         while asyncio.get_running_loop().time() < deadline:
-            inside, outside = await self.holders(own_nodes, any_nodes, cgroup, nvml_holders)
+            inside, outside = await current()
             if not inside and not outside:
                 return report
             await asyncio.sleep(self._poll_s)
@@ -196,7 +202,7 @@ class Evictor:
         # SIGKILL is not instant (a process in uninterruptible sleep in the driver finishes its
         # call first): wait, bounded, for the holders to be gone.
         for _ in range(200):
-            inside, outside = await self.holders(own_nodes, any_nodes, cgroup, nvml_holders)
+            inside, outside = await current()
             if not inside and not outside:
                 return report
             await asyncio.sleep(self._poll_s)

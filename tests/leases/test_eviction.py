@@ -57,7 +57,7 @@ def test_release_evicts_holders_then_scrubs(
     assert reap(outsider) in (-15, -9)
     events = [json.loads(line) for line in agent.log().splitlines() if line.startswith("{")]
     outsiders = [e for e in events if e["event"] == "evicting_outsider"]
-    assert [e["pid"] for e in outsiders] == [outsider.pid]
+    assert [e["pid"] for e in outsiders] == [outsider.pid], agent.log()[-4000:]
     evicted = next(i for i, e in enumerate(events) if e["event"] == "lease_evicted")
     assert stubborn.pid in events[evicted]["killed"]
     # The scrub that made it clean started after the last holder was gone (invariant 2).
