@@ -96,6 +96,9 @@ class LeaseManager:
         self._evictor = evictor
         self._node_key = node_key
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # One fence computation at a time per cgroup: two leases of one cgroup granted at once
+        # must not leave the fence of whichever computed first.
+        self._cgroup_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._grant_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._sanitizing: set[str] = set()
@@ -156,6 +159,10 @@ class LeaseManager:
 
     async def _fence_cgroup(self, cgroup: str) -> None:
         """Make the cgroup's fence allow exactly the nodes of its live leases (baseline aside)."""
+        async with self._cgroup_locks[cgroup]:
+            await self._apply_fence(cgroup)
+
+    async def _apply_fence(self, cgroup: str) -> None:
         path = Path(cgroup)
         if not path.is_dir():
             log.info("fence_cgroup_gone", cgroup=cgroup)
@@ -292,6 +299,10 @@ class LeaseManager:
         if lease.state == "releasing":
             raise ValidationError(f"lease {lease_id} is already being released")
         async with self._locks[lease.partition_uuid]:
+            # A concurrent release may have finished while we waited for the partition.
+            current = await self._executor.call(self._store.lease, lease_id)
+            if current is None or current.state == "released":
+                raise ValidationError(f"lease {lease_id} is already released")
             return await self._retire(lease_id, reason)
 
     async def _retire(self, lease_id: str, reason: str) -> PartitionRecord:
