@@ -28,22 +28,24 @@ from agent.store import Store
 SEVEN_INSTANCES = {"1g.10gb": 7}
 
 
-def _summary(samples: list[float]) -> dict[str, float]:
+def _latency(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
+
+    def at(fraction: float) -> float:
+        return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
+
     return {
         "p50_ms": statistics.median(ordered) * 1000,
-        "p90_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))] * 1000,
+        "p90_ms": at(0.9),
+        "p99_ms": at(0.99),
         "mean_ms": statistics.fmean(ordered) * 1000,
     }
 
 
-def _timed(rounds: int, body: Callable[[], None]) -> list[float]:
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        body()
-        samples.append(time.perf_counter() - start)
-    return samples
+def _seconds(body: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    body()
+    return time.perf_counter() - start
 
 
 def _raw_round(handle: Any, profile_id: int, ci_profile_id: int) -> None:
@@ -93,13 +95,13 @@ def bench_layout(rounds: int, directory: Path | None) -> dict[str, Any]:
             agent: list[float] = []
             raw: list[float] = []
             for _ in range(rounds):
-                agent += _timed(1, agent_round)
-                raw += _timed(1, raw_round)
+                agent.append(_seconds(agent_round))
+                raw.append(_seconds(raw_round))
         finally:
             store.close()
             backend.close()
-    agent_summary = _summary(agent)
-    raw_summary = _summary(raw)
+    agent_summary = _latency(agent)
+    raw_summary = _latency(raw)
     return {
         "benchmark": "layout",
         "layout": "7 x 1g.10gb on a simulated H100-80GB: apply then tear down",
@@ -107,14 +109,6 @@ def bench_layout(rounds: int, directory: Path | None) -> dict[str, Any]:
         "agent": agent_summary,
         "baseline_raw_pynvml": raw_summary,
         "ratio_p50": agent_summary["p50_ms"] / raw_summary["p50_ms"],
-    }
-
-
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_ms": statistics.median(ordered) * 1000,
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
     }
 
 
@@ -159,9 +153,7 @@ def bench_lease(rounds: int, directory: Path | None) -> dict[str, Any]:
                     tenant="bench", profile="1g.10gb", cgroup=str(tenant)
                 )
                 for _ in range(rounds):
-                    start = time.perf_counter()
-                    client.ping()
-                    pings.append(time.perf_counter() - start)
+                    pings.append(_seconds(client.ping))
                     start = time.perf_counter()
                     lease = client.grant_lease(request).lease.id
                     grants.append(time.perf_counter() - start)
@@ -175,7 +167,7 @@ def bench_lease(rounds: int, directory: Path | None) -> dict[str, Any]:
             agent.wait(timeout=30)
             tenant.rmdir()
             parent.rmdir()
-    grant, release, ping = _percentiles(grants), _percentiles(releases), _percentiles(pings)
+    grant, release, ping = _latency(grants), _latency(releases), _latency(pings)
     return {
         "benchmark": "lease",
         "rounds": rounds,

@@ -39,7 +39,7 @@ from agent.errors import (
 )
 from agent.evict import Evictor
 from agent.executor import BlockingExecutor
-from agent.hw.devnodes import DeviceNode
+from agent.hw.devnodes import DeviceNode, own_nodes
 from agent.hw.model import AcceleratorBackend, GpuInfo
 from agent.inventory import InventoryService
 from agent.isolation import cdi
@@ -151,11 +151,6 @@ class LeaseManager:
         if not nodes:
             raise NotFoundError(f"partition {record.uuid}: its GPU is not in the inventory")
         return nodes
-
-    @staticmethod
-    def _own_nodes(record: PartitionRecord, nodes: list[DeviceNode]) -> list[DeviceNode]:
-        """The nodes only this partition has: the MIG capabilities, or the GPU's /dev/nvidiaN."""
-        return nodes[4:] if record.kind == "mig" else nodes[3:]
 
     async def _fence_cgroup(self, cgroup: str) -> None:
         """Make the cgroup's fence allow exactly the nodes of its live leases (baseline aside)."""
@@ -339,7 +334,7 @@ class LeaseManager:
         ]
         cgroup = Path(lease.cgroup)
         report = await self._evictor.evict(
-            self._own_nodes(record, nodes),
+            own_nodes(nodes),
             nodes,
             cgroup if cgroup.is_dir() else None,
             kill_whole_cgroup=not others,

@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,18 @@ def real_nvml() -> Iterator[NvmlBackend]:
         backend.close()
 
 
-@pytest.fixture(scope="session")
-def record() -> Iterator[dict[str, Any]]:
-    """What the real hardware reported, written to $OUT/hw-record.json when $OUT is set."""
+@contextmanager
+def recorded(filename: str) -> Iterator[dict[str, Any]]:
+    """Findings that are written to $OUT/<filename> at the end, when $OUT is set (device runs)."""
     findings: dict[str, Any] = {}
     yield findings
     out = os.environ.get("OUT")
     if out and findings:
-        Path(out, "hw-record.json").write_text(json.dumps(findings, indent=2, sort_keys=True))
+        Path(out, filename).write_text(json.dumps(findings, indent=2, sort_keys=True))
+
+
+@pytest.fixture(scope="session")
+def record() -> Iterator[dict[str, Any]]:
+    """What the real hardware reported, written to $OUT/hw-record.json."""
+    with recorded("hw-record.json") as findings:
+        yield findings

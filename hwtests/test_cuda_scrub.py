@@ -32,6 +32,7 @@ import pytest
 from agent.hw.nvml import NvmlBackend
 from agent.scrub.base import POLICY_PATTERNS, ScrubResult, ScrubTarget
 from agent.scrub.cuda import CudaScrubBackend, benchmark_cuda, fill_free_memory, survey_free_memory
+from hwtests.conftest import recorded
 
 REPO = Path(__file__).resolve().parents[1]
 # Not a scrub pattern (0, 0x55555555, 0xAAAAAAAA), unlikely in a driver's own structures.
@@ -108,11 +109,8 @@ def run_child(visible_device: str, mode: str, *arguments: str) -> dict[str, Any]
 @pytest.fixture(scope="module")
 def scrub_record() -> Iterator[dict[str, Any]]:
     """Written to $OUT/scrub-record.json when $OUT is set."""
-    findings: dict[str, Any] = {}
-    yield findings
-    out = os.environ.get("OUT")
-    if out and findings:
-        Path(out, "scrub-record.json").write_text(json.dumps(findings, indent=2, sort_keys=True))
+    with recorded("scrub-record.json") as findings:
+        yield findings
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
 from agent.sim.node import SimNode, init_sim_node
-from tests.support import RunningAgent
+from tests.support import RunningAgent, running_agent
 
 
 @pytest.fixture
@@ -20,10 +18,5 @@ def sim_node(tmp_path: Path) -> SimNode:
 
 @pytest.fixture
 def agent(sim_node: SimNode) -> Iterator[RunningAgent]:
-    running = RunningAgent(node=sim_node, config=load_config(sim_node.config_path))
-    running.start()
-    try:
+    with running_agent(sim_node) as running:
         yield running
-    finally:
-        if running.process is not None:
-            running.stop(signal.SIGKILL)

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.client import AdminClient
-from agent.config import Config
+from agent.config import Config, load_config
 from agent.errors import AccelguardError
 from agent.sim.node import SimNode
 
@@ -120,16 +122,26 @@ class RunningAgent:
         raise AssertionError(f"no mutating_calls in {counters}")
 
 
-def wait_all_clean(agent: RunningAgent, timeout: float = 60) -> list[dict[str, Any]]:
-    """Wait until every partition is free and clean (new partitions are scrubbed first)."""
+def _wait_partitions(
+    agent: RunningAgent, done: Callable[[dict[str, Any]], bool], what: str, timeout: float
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     partitions: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         partitions = agent.partitions()
-        if all(p["state"] == "free" and p["clean"] for p in partitions):
+        if all(done(p) for p in partitions):
             return partitions
         time.sleep(0.1)
-    raise AssertionError(f"partitions never all clean: {partitions}\n{agent.log()[-3000:]}")
+    raise AssertionError(f"partitions never {what}: {partitions}\n{agent.log()[-3000:]}")
+
+
+def _clean(partition: dict[str, Any]) -> bool:
+    return partition["state"] == "free" and bool(partition["clean"])
+
+
+def wait_all_clean(agent: RunningAgent, timeout: float = 60) -> list[dict[str, Any]]:
+    """Wait until every partition is free and clean (new partitions are scrubbed first)."""
+    return _wait_partitions(agent, _clean, "all clean", timeout)
 
 
 PROBE = """
@@ -165,14 +177,21 @@ def all_gpu_nodes(dev_root: Path) -> list[str]:
 
 def wait_settled(agent: RunningAgent, timeout: float = 60) -> list[dict[str, Any]]:
     """Wait until every partition is free and clean, or quarantined with a reason."""
-    deadline = time.monotonic() + timeout
-    partitions: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        partitions = agent.partitions()
-        if all(
-            (p["state"] == "free" and p["clean"]) or (p["state"] == "quarantined" and p["reason"])
-            for p in partitions
-        ):
-            return partitions
-        time.sleep(0.1)
-    raise AssertionError(f"partitions never settled: {partitions}\n{agent.log()[-3000:]}")
+    return _wait_partitions(
+        agent,
+        lambda p: _clean(p) or (p["state"] == "quarantined" and bool(p["reason"])),
+        "settled",
+        timeout,
+    )
+
+
+@contextmanager
+def running_agent(node: SimNode) -> Iterator[RunningAgent]:
+    """The agent of ``node`` as a real process for the duration of the block."""
+    running = RunningAgent(node=node, config=load_config(node.config_path))
+    running.start()
+    try:
+        yield running
+    finally:
+        if running.process is not None:
+            running.stop(signal.SIGKILL)

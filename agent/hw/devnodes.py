@@ -66,6 +66,13 @@ def mig_minors(proc_root: Path) -> dict[str, int]:
     return minors
 
 
+def own_nodes(nodes: list[DeviceNode]) -> list[DeviceNode]:
+    """The nodes no other partition shares: a MIG instance's GI and CI capabilities, or a whole
+    GPU's /dev/nvidiaN (nvidiactl and the UVM nodes are every partition's)."""
+    caps = [n for n in nodes if n.path.parent.name == "nvidia-caps"]
+    return caps or [n for n in nodes if n.major == NVIDIA_MAJOR and n.minor != NVIDIACTL_MINOR]
+
+
 class DeviceNodeMap:
     """Resolves partitions to the device nodes a tenant must (and may only) open."""
 

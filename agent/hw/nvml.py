@@ -225,11 +225,11 @@ class NvmlBackend:
                     result.append((array[i], pynvml.nvmlGpuInstanceGetInfo(array[i])))
         return sorted(result, key=lambda item: int(item[1].id))
 
-    def _compute_instances(self, gi_handle: Any, where: str) -> list[Any]:
-        found: list[Any] = []
+    def _compute_profiles(self, gi_handle: Any, where: str) -> Iterator[Any]:
+        """The compute-instance profiles this GPU instance supports (NVML profile info structs)."""
         for index in range(pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT):
             try:
-                info = pynvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+                yield pynvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
                     gi_handle, index, pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED
                 )
             except pynvml.NVMLError as error:
@@ -240,6 +240,10 @@ class NvmlBackend:
                     continue
                 with nvml_errors(f"{where}: reading compute-instance profiles"):
                     raise
+
+    def _compute_instances(self, gi_handle: Any, where: str) -> list[Any]:
+        found: list[Any] = []
+        for info in self._compute_profiles(gi_handle, where):
             array = (pynvml.c_nvmlComputeInstance_t * _MAX_INSTANCES)()
             count = ctypes.c_uint(0)
             with nvml_errors(f"{where}: listing compute instances"):
@@ -384,13 +388,7 @@ class NvmlBackend:
         raise HardwareError(f"{where}: created but not listed by NVML")
 
     def _full_compute_profile(self, gi_handle: Any, slices: int, where: str) -> int:
-        for index in range(pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT):
-            try:
-                info = pynvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
-                    gi_handle, index, pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED
-                )
-            except pynvml.NVMLError:
-                continue
+        for info in self._compute_profiles(gi_handle, where):
             if int(info.sliceCount) == slices:
                 return int(info.id)
         raise HardwareError(f"{where}: no compute-instance profile spans {slices} slices")

@@ -15,10 +15,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import Config, parse_config, to_toml
-from agent.errors import ValidationError
+from agent.config import parse_config, to_toml
+from agent.errors import HardwareError, ValidationError
+from agent.hw.devnodes import NVIDIA_MAJOR, char_majors
 
-NVIDIA_MAJOR = 195
 MODELS = {"h100": "H100-80GB", "a100": "A100-40GB", "a100-80": "A100-80GB"}
 # mig-minors layout, as the driver lays it out: "config" and "monitor", then per GPU 15 GPU
 # instances, each with its access capability followed by those of its 8 compute instances.
@@ -67,16 +67,11 @@ def mig_minor_table(gpu_count: int) -> list[tuple[str, int]]:
 
 def _free_majors(count: int) -> list[int]:
     """Char majors no real driver on this machine uses (dynamic majors are taken from 511 down)."""
-    used: set[int] = {NVIDIA_MAJOR}
     try:
-        for line in Path("/proc/devices").read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0].isdigit():
-                used.add(int(parts[0]))
-    except OSError:
-        pass
-    candidates = [m for m in range(508, 384, -1) if m not in used]
-    return candidates[:count]
+        used = set(char_majors(Path("/proc")).values()) | {NVIDIA_MAJOR}
+    except HardwareError:
+        used = {NVIDIA_MAJOR}
+    return [m for m in range(508, 384, -1) if m not in used][:count]
 
 
 def _mknod(path: Path, major: int, minor: int) -> None:
@@ -135,11 +130,7 @@ def init_sim_node(
     devices = root / "proc" / "devices"
     if devices.exists():
         # Keep the majors of an existing node: its /dev nodes and fences were made with them.
-        current = {
-            p[1]: int(p[0])
-            for p in (line.split() for line in devices.read_text().splitlines())
-            if len(p) == 2 and p[0].isdigit()
-        }
+        current = char_majors(root / "proc")
         uvm_major = current.get("nvidia-uvm", uvm_major)
         caps_major = current.get("nvidia-caps", caps_major)
     devices.write_text(
@@ -184,9 +175,3 @@ def init_sim_node(
 
 def _header(topology: str) -> str:
     return f"# Simulated accelguard node ({topology}); written by `accelguard sim init`.\n\n"
-
-
-def sim_config_path(config: Config) -> Path | None:
-    if not config.nvml.sim_dir:
-        return None
-    return Path(config.nvml.sim_dir)

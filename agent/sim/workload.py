@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agent.config import Config
 from agent.errors import HardwareError, NotFoundError, ValidationError
-from agent.hw.devnodes import DeviceNode, DeviceNodeMap
+from agent.hw.devnodes import DeviceNode, DeviceNodeMap, own_nodes
 from agent.hw.model import GpuInfo, MigInstanceInfo
 from agent.hw.nvml import NvmlBackend
 from agent.scrub.simmem import MemoryRange, count_occurrences, fill, partition_range
@@ -74,12 +74,14 @@ def find_pattern(config: Config, partition_uuid: str, text: str) -> tuple[Memory
 def _own_nodes(config: Config, found: Located) -> list[DeviceNode]:
     nodes = DeviceNodeMap(config.devices.dev_root, config.devices.proc_root)
     if found.instance is None:
-        return nodes.gpu_nodes(found.gpu.minor)[3:]
+        return own_nodes(nodes.gpu_nodes(found.gpu.minor))
     if found.instance.compute_instance_id is None:
         raise NotFoundError("the MIG instance has no compute instance")
-    return nodes.mig_nodes(
-        found.gpu.minor, found.instance.gpu_instance_id, found.instance.compute_instance_id
-    )[4:]
+    return own_nodes(
+        nodes.mig_nodes(
+            found.gpu.minor, found.instance.gpu_instance_id, found.instance.compute_instance_id
+        )
+    )
 
 
 def register_process(sim_dir: Path, pid: int, found: Located, used_bytes: int) -> None:

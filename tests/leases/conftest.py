@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
 from agent.isolation.cgroups import hierarchy_mounts
 from agent.sim.node import init_sim_node
-from tests.support import RunningAgent
+from tests.support import RunningAgent, running_agent
 
 
 def _remove_cgroup_tree(root: Path) -> None:
@@ -69,13 +68,8 @@ def lease_agent(tmp_path: Path, cgroup_parents: dict[str, Path]) -> Iterator[Run
         cgroup_parents=list(cgroup_parents.values()),
         slice_bytes=1 << 20,
     )
-    running = RunningAgent(node=node, config=load_config(node.config_path))
-    running.start()
-    try:
+    with running_agent(node) as running:
         yield running
-    finally:
-        if running.process is not None:
-            running.stop(signal.SIGKILL)
 
 
 def tenant_cgroup(parents: dict[str, Path], hierarchy: str, name: str) -> Path:
