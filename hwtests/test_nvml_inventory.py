@@ -8,7 +8,7 @@ import pynvml
 import pytest
 
 from agent.errors import HardwareError
-from agent.hw.migprofiles import REFERENCE_GEOMETRIES
+from agent.hw.mig.profiles import REFERENCE_GEOMETRIES
 from agent.hw.nvml import NvmlBackend
 
 REFERENCE_FOR_NAME = {

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Build native/scrub/scrub.ptx from scrub.cu; the PTX is committed, so nodes need no CUDA toolkit
-# (the driver JIT-compiles PTX when agent/scrub/cuda.py loads it with cuModuleLoadDataEx).
+# (the driver JIT-compiles PTX when agent/scrub/cuda/kernels.py loads it with cuModuleLoadDataEx).
 #
 #   native/scrub/build.sh [OUTPUT]      (default: native/scrub/scrub.ptx next to this script)
 #

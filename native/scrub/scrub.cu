@@ -1,4 +1,4 @@
-// Device side of accelguard's memory scrub (agent/scrub/cuda.py loads the PTX built from this file).
+// Device side of accelguard's memory scrub (agent/scrub/cuda/kernels.py loads the PTX built from it).
 //
 // The host writes each pattern with cuMemsetD32; these kernels only READ global memory, so a
 // verification cannot itself "fix" what it checks. Counters are 64-bit and reduced per warp

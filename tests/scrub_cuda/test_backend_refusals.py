@@ -17,13 +17,10 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ScrubError
-from agent.scrub.cuda import (
-    CudaDriver,
-    CudaScrubBackend,
-    CudaScrubReport,
-    SharedMemoryReport,
-    benchmark_cuda,
-)
+from agent.scrub.cuda.backend import CudaScrubBackend, CudaScrubReport
+from agent.scrub.cuda.benchmark import benchmark_cuda
+from agent.scrub.cuda.driver import CudaDriver
+from agent.scrub.cuda.passes import SharedMemoryReport
 
 REPO = Path(__file__).resolve().parents[2]
 MIG = "MIG-0e1d2c3b-4a59-6877-8695-a4b3c2d1e0f9"
@@ -31,8 +28,8 @@ MIG = "MIG-0e1d2c3b-4a59-6877-8695-a4b3c2d1e0f9"
 _WORKER = """
 import json, sys
 from agent.errors import AccelguardError
-from agent.scrub.base import ScrubTarget
-from agent.scrub.cuda import CudaScrubBackend
+from agent.scrub.model import ScrubTarget
+from agent.scrub.cuda.backend import CudaScrubBackend
 target = ScrubTarget.from_dict(json.loads(sys.argv[1]))
 backend = CudaScrubBackend(library=sys.argv[2])
 try:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ScrubError
-from agent.scrub.cuda import (
+from agent.scrub.cuda.chunks import (
     CHUNK_FLOOR_BYTES,
     FIRST_CHUNK_BYTES,
     GIB,

@@ -1,5 +1,5 @@
 """The committed PTX: well-formed, loadable by the drivers we support, what scrub.cu builds to,
-and what agent/scrub/cuda.py launches (entry names, parameter types, block size).
+and what agent/scrub/cuda/kernels.py launches (entry names, parameter types, block size).
 
 The CUDA toolkit is optional in CI: the tests that need nvcc, ptxas or cuda.h skip, saying so,
 where it is missing.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.scrub import cuda
+from agent.scrub.cuda import driver, kernels
 
 REPO = Path(__file__).resolve().parents[2]
 NATIVE = REPO / "native" / "scrub"
@@ -43,12 +43,12 @@ def test_header_declares_an_isa_every_supported_driver_loads() -> None:
 
 def test_entries_are_the_kernels_cuda_py_launches() -> None:
     entries = {name: (params, int(threads)) for name, params, threads in _ENTRY.findall(ptx_text())}
-    assert sorted(entries) == sorted(cuda.KERNEL_NAMES)
+    assert sorted(entries) == sorted(kernels.KERNEL_NAMES)
     for name, (parameters, max_threads) in entries.items():
         declared = [_PTX_BITS[kind] for kind in _PARAMETER.findall(parameters)]
-        launched = [ctypes.sizeof(kind) * 8 for kind in cuda.KERNEL_PARAMETERS[name]]
+        launched = [ctypes.sizeof(kind) * 8 for kind in kernels.KERNEL_PARAMETERS[name]]
         assert declared == launched, name
-        assert max_threads == cuda.BLOCK_THREADS, name
+        assert max_threads == kernels.BLOCK_THREADS, name
 
 
 def test_ptx_is_plain_ascii_text_without_a_nul() -> None:
@@ -59,7 +59,7 @@ def test_ptx_is_plain_ascii_text_without_a_nul() -> None:
 
 
 def test_cuda_py_loads_the_committed_ptx_from_the_checkout() -> None:
-    assert cuda.scrub_ptx() == PTX.read_bytes()
+    assert kernels.scrub_ptx() == PTX.read_bytes()
 
 
 def test_kernels_only_read_global_memory_outside_their_counters() -> None:
@@ -120,7 +120,7 @@ def test_committed_ptx_is_what_scrub_cu_builds_to(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The ctypes signatures in cuda.py against the CUDA header (the driver itself is not in CI).
+# The ctypes signatures in agent/scrub/cuda/driver.py against the CUDA header (no driver in CI).
 
 _HANDLES = {"CUcontext", "CUmodule", "CUfunction", "CUevent", "CUstream"}
 _WIDE = {"CUdeviceptr", "size_t"}
@@ -147,11 +147,11 @@ def _declared_parameters(header: str, symbol: str) -> list[str]:
     raise AssertionError(f"{symbol} is not declared in cuda.h")
 
 
-@pytest.mark.parametrize("symbol", sorted(cuda.DRIVER_SIGNATURES))
+@pytest.mark.parametrize("symbol", sorted(driver.DRIVER_SIGNATURES))
 def test_ctypes_signature_matches_cuda_h(symbol: str) -> None:
     header = _header().read_text(encoding="utf-8", errors="replace")
     declared = _declared_parameters(header, symbol)
-    argtypes = cuda.DRIVER_SIGNATURES[symbol]
+    argtypes = driver.DRIVER_SIGNATURES[symbol]
     assert len(declared) == len(argtypes), (symbol, declared)
     for parameter, argtype in zip(declared, argtypes, strict=True):
         c_type = parameter.split()[0] if parameter.split()[0] != "const" else parameter.split()[1]

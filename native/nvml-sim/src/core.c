@@ -419,8 +419,8 @@ SIM_EXPORT const char *nvmlErrorString(nvmlReturn_t result)
 
 SIM_API(nvmlSystemGetDriverVersion, (char *version, unsigned int length), (version, length))
 {
-    nvmlReturn_t r = sim_require_init();
-    return r != NVML_SUCCESS ? r : sim_copy_string(SIM_DRIVER_VERSION, version, length);
+    SIM_CHECK(sim_require_init());
+    return sim_copy_string(SIM_DRIVER_VERSION, version, length);
 }
 
 SIM_API(nvmlSystemGetNVMLVersion, (char *version, unsigned int length), (version, length))

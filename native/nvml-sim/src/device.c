@@ -13,10 +13,7 @@ static struct sim_process process_buffer[SIM_MAX_PROCESSES];
 
 static nvmlReturn_t get_count(unsigned int *count)
 {
-    nvmlReturn_t r = sim_require_init();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_require_init());
     if (count == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -36,10 +33,7 @@ SIM_API(nvmlDeviceGetCount, (unsigned int *deviceCount), (deviceCount))
 
 static nvmlReturn_t get_handle_by_index(unsigned int index, nvmlDevice_t *device)
 {
-    nvmlReturn_t r = sim_require_init();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_require_init());
     if (device == NULL || index >= sim.topology.gpu_count) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -92,10 +86,7 @@ static nvmlReturn_t find_by_uuid(const char *uuid, nvmlDevice_t *device)
 
 SIM_API(nvmlDeviceGetHandleByUUID, (const char *uuid, nvmlDevice_t *device), (uuid, device))
 {
-    nvmlReturn_t r = sim_sync();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_sync());
     if (uuid == NULL || device == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -136,16 +127,11 @@ static void uuid_bytes(const char *text, unsigned char *out)
 SIM_API(nvmlDeviceGetHandleByUUIDV, (const nvmlUUID_t *uuid, nvmlDevice_t *device),
         (uuid, device))
 {
-    nvmlReturn_t r = sim_sync();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_sync());
     if (uuid == NULL || device == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    if (uuid->version != nvmlUUID_v1) {
-        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
-    }
+    SIM_CHECK(sim_check_version(uuid->version, nvmlUUID_v1));
     if (uuid->type == NVML_UUID_TYPE_ASCII) {
         char text[NVML_DEVICE_UUID_ASCII_LEN + 1];
         memcpy(text, uuid->value.str, NVML_DEVICE_UUID_ASCII_LEN);
@@ -171,10 +157,7 @@ SIM_API(nvmlDeviceGetHandleByUUIDV, (const nvmlUUID_t *uuid, nvmlDevice_t *devic
 SIM_API(nvmlDeviceGetHandleBySerial, (const char *serial, nvmlDevice_t *device),
         (serial, device))
 {
-    nvmlReturn_t r = sim_require_init();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_require_init());
     if (serial == NULL || device == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -192,10 +175,7 @@ SIM_API(nvmlDeviceGetHandleBySerial, (const char *serial, nvmlDevice_t *device),
 /* Accepts "domain:bus:device.function" with any domain width, or "bus:device.function". */
 static nvmlReturn_t get_handle_by_pci(const char *bus_id, nvmlDevice_t *device)
 {
-    nvmlReturn_t r = sim_require_init();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_require_init());
     if (bus_id == NULL || device == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -230,19 +210,6 @@ SIM_API(nvmlDeviceGetHandleByPciBusId, (const char *pciBusId, nvmlDevice_t *devi
 
 /* ---- identity ----------------------------------------------------------------------------- */
 
-/* Syncs the state and resolves any device handle (GPU or live MIG device). */
-static nvmlReturn_t resolve(nvmlDevice_t device, const struct nvmlDevice_st **out)
-{
-    nvmlReturn_t r = sim_sync();
-    return r != NVML_SUCCESS ? r : sim_resolve_device(&sim.state, device, out);
-}
-
-static nvmlReturn_t resolve_gpu(nvmlDevice_t device, unsigned int *gpu)
-{
-    nvmlReturn_t r = sim_sync();
-    return r != NVML_SUCCESS ? r : sim_resolve_gpu(&sim.state, device, gpu);
-}
-
 static const struct gi_profile_resources *mig_resources(const struct nvmlDevice_st *d)
 {
     const struct sim_gpu *g = &sim.state.gpu[d->gpu];
@@ -253,10 +220,7 @@ SIM_API(nvmlDeviceGetName, (nvmlDevice_t device, char *name, unsigned int length
         (device, name, length))
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     const char *model_name = sim_models[sim.state.gpu[d->gpu].model].name;
     if (!d->is_mig) {
         return sim_copy_string(model_name, name, length);
@@ -279,10 +243,7 @@ SIM_API(nvmlDeviceGetUUID, (nvmlDevice_t device, char *uuid, unsigned int length
         (device, uuid, length))
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     char text[NVML_DEVICE_UUID_V2_BUFFER_SIZE];
     if (d->is_mig) {
         sim_mig_uuid(d->gpu, d->gi, d->ci, d->serial, text, sizeof text);
@@ -296,10 +257,7 @@ SIM_API(nvmlDeviceGetSerial, (nvmlDevice_t device, char *serial, unsigned int le
         (device, serial, length))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     char text[NVML_DEVICE_SERIAL_BUFFER_SIZE];
     sim_gpu_serial(gpu, text, sizeof text);
     return sim_copy_string(text, serial, length);
@@ -308,10 +266,7 @@ SIM_API(nvmlDeviceGetSerial, (nvmlDevice_t device, char *serial, unsigned int le
 SIM_API(nvmlDeviceGetIndex, (nvmlDevice_t device, unsigned int *index), (device, index))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (index == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -324,10 +279,7 @@ SIM_API(nvmlDeviceGetMinorNumber, (nvmlDevice_t device, unsigned int *minorNumbe
         (device, minorNumber))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (minorNumber == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -338,10 +290,7 @@ SIM_API(nvmlDeviceGetMinorNumber, (nvmlDevice_t device, unsigned int *minorNumbe
 SIM_API(nvmlDeviceGetPciInfo_v3, (nvmlDevice_t device, nvmlPciInfo_t *pci), (device, pci))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (pci == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -361,16 +310,11 @@ SIM_API(nvmlDeviceGetPciInfoExt, (nvmlDevice_t device, nvmlPciInfoExt_v1_t *pci)
         (device, pci))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (pci == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    if (pci->version != nvmlPciInfoExt_v1) {
-        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
-    }
+    SIM_CHECK(sim_check_version(pci->version, nvmlPciInfoExt_v1));
     const struct sim_model_info *model = &sim_models[sim.state.gpu[gpu].model];
     memset(pci, 0, sizeof *pci);
     pci->version = nvmlPciInfoExt_v1;
@@ -386,10 +330,7 @@ SIM_API(nvmlDeviceGetPciInfoExt, (nvmlDevice_t device, nvmlPciInfoExt_v1_t *pci)
 SIM_API(nvmlDeviceGetArchitecture, (nvmlDevice_t device, unsigned int *arch), (device, arch))
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     if (arch == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -400,10 +341,7 @@ SIM_API(nvmlDeviceGetArchitecture, (nvmlDevice_t device, unsigned int *arch), (d
 static nvmlReturn_t get_attributes(nvmlDevice_t device, nvmlDeviceAttributes_t *attributes)
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     if (attributes == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -472,10 +410,7 @@ static nvmlReturn_t get_memory(nvmlDevice_t device, unsigned long long *total,
                                unsigned long long *used)
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     unsigned long long mib = d->is_mig ? mig_resources(d)->memory_mb
                                        : sim_models[sim.state.gpu[d->gpu].model].memory_mib;
     *total = mib << 20;
@@ -501,10 +436,7 @@ static nvmlReturn_t get_memory(nvmlDevice_t device, unsigned long long *total,
 SIM_API(nvmlDeviceGetMemoryInfo, (nvmlDevice_t device, nvmlMemory_t *memory), (device, memory))
 {
     unsigned long long total, used;
-    nvmlReturn_t r = get_memory(device, &total, &used);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(get_memory(device, &total, &used));
     if (memory == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -518,16 +450,11 @@ SIM_API(nvmlDeviceGetMemoryInfo_v2, (nvmlDevice_t device, nvmlMemory_v2_t *memor
         (device, memory))
 {
     unsigned long long total, used;
-    nvmlReturn_t r = get_memory(device, &total, &used);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(get_memory(device, &total, &used));
     if (memory == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    if (memory->version != nvmlMemory_v2) {
-        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
-    }
+    SIM_CHECK(sim_check_version(memory->version, nvmlMemory_v2));
     /* The simulated driver reserves nothing: free + used == total. */
     memory->total = total;
     memory->reserved = 0;
@@ -544,10 +471,7 @@ static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCou
                                       enum process_layout layout, int compute)
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     if (infoCount == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -605,10 +529,7 @@ SIM_API(nvmlDeviceGetTemperature, (nvmlDevice_t device, unsigned int sensorType,
         (device, sensorType, temp))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (temp == NULL || sensorType != NVML_TEMPERATURE_GPU) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -620,16 +541,11 @@ SIM_API(nvmlDeviceGetTemperatureV, (nvmlDevice_t device, nvmlTemperature_v1_t *t
         (device, temperature))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (temperature == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    if (temperature->version != nvmlTemperature_v1) {
-        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
-    }
+    SIM_CHECK(sim_check_version(temperature->version, nvmlTemperature_v1));
     if (temperature->sensorType != NVML_TEMPERATURE_GPU) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -640,10 +556,7 @@ SIM_API(nvmlDeviceGetTemperatureV, (nvmlDevice_t device, nvmlTemperature_v1_t *t
 SIM_API(nvmlDeviceGetPowerUsage, (nvmlDevice_t device, unsigned int *power), (device, power))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (power == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -656,10 +569,7 @@ SIM_API(nvmlDeviceGetTotalEccErrors, (nvmlDevice_t device, unsigned int errorTyp
         (device, errorType, counterType, eccCounts))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (eccCounts == NULL || errorType > NVML_MEMORY_ERROR_TYPE_UNCORRECTED ||
         counterType > NVML_AGGREGATE_ECC) {
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -678,10 +588,7 @@ SIM_API(nvmlDeviceGetRemappedRows, (nvmlDevice_t device, unsigned int *corrRows,
         (device, corrRows, uncRows, isPending, failureOccurred))
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (corrRows == NULL || uncRows == NULL || isPending == NULL || failureOccurred == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -696,10 +603,7 @@ static nvmlReturn_t clocks_reasons(nvmlDevice_t device, unsigned long long *reas
                                    int supported)
 {
     unsigned int gpu;
-    nvmlReturn_t r = resolve_gpu(device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (reasons == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }

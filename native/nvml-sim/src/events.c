@@ -52,10 +52,7 @@ struct nvmlEventSet_st {
 
 SIM_API(nvmlEventSetCreate, (nvmlEventSet_t *set), (set))
 {
-    nvmlReturn_t r = sim_require_init();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_require_init());
     if (set == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -71,10 +68,7 @@ SIM_API(nvmlEventSetCreate, (nvmlEventSet_t *set), (set))
 /* Freed sets keep their memory, so a late call on one is an error rather than a crash. */
 SIM_API(nvmlEventSetFree, (nvmlEventSet_t set), (set))
 {
-    nvmlReturn_t r = sim_require_init();
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_require_init());
     if (set == NULL || set->magic != MAGIC_EVENT_SET) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -87,13 +81,7 @@ SIM_API(nvmlDeviceGetSupportedEventTypes, (nvmlDevice_t device, unsigned long lo
         (device, eventTypes))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (eventTypes == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -106,13 +94,7 @@ SIM_API(nvmlDeviceRegisterEvents,
         (device, eventTypes, set))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (set == NULL || set->magic != MAGIC_EVENT_SET) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }

@@ -129,10 +129,7 @@ nvmlReturn_t sim_resolve_gpu(const struct sim_state *state, nvmlDevice_t device,
                              unsigned int *gpu)
 {
     const struct nvmlDevice_st *resolved;
-    nvmlReturn_t r = sim_resolve_device(state, device, &resolved);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_resolve_device(state, device, &resolved));
     if (resolved->is_mig) {
         return NVML_ERROR_NOT_SUPPORTED;
     }
@@ -143,10 +140,7 @@ nvmlReturn_t sim_resolve_gpu(const struct sim_state *state, nvmlDevice_t device,
 nvmlReturn_t sim_resolve_mig_gpu(const struct sim_state *state, nvmlDevice_t device,
                                  unsigned int *gpu)
 {
-    nvmlReturn_t r = sim_resolve_gpu(state, device, gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_resolve_gpu(state, device, gpu));
     return state->gpu[*gpu].mig_current ? NVML_SUCCESS : NVML_ERROR_NOT_SUPPORTED;
 }
 
@@ -173,4 +167,35 @@ nvmlReturn_t sim_resolve_ci(const struct sim_state *state, nvmlComputeInstance_t
     *gi = handle->gi;
     *ci = handle->ci;
     return NVML_SUCCESS;
+}
+
+nvmlReturn_t sim_synced_device(nvmlDevice_t device, const struct nvmlDevice_st **out)
+{
+    SIM_CHECK(sim_sync());
+    return sim_resolve_device(&sim.state, device, out);
+}
+
+nvmlReturn_t sim_synced_gpu(nvmlDevice_t device, unsigned int *gpu)
+{
+    SIM_CHECK(sim_sync());
+    return sim_resolve_gpu(&sim.state, device, gpu);
+}
+
+nvmlReturn_t sim_synced_mig_gpu(nvmlDevice_t device, unsigned int *gpu)
+{
+    SIM_CHECK(sim_sync());
+    return sim_resolve_mig_gpu(&sim.state, device, gpu);
+}
+
+nvmlReturn_t sim_synced_gi(nvmlGpuInstance_t handle, unsigned int *gpu, unsigned int *gi)
+{
+    SIM_CHECK(sim_sync());
+    return sim_resolve_gi(&sim.state, handle, gpu, gi);
+}
+
+nvmlReturn_t sim_synced_ci(nvmlComputeInstance_t handle, unsigned int *gpu, unsigned int *gi,
+                           unsigned int *ci)
+{
+    SIM_CHECK(sim_sync());
+    return sim_resolve_ci(&sim.state, handle, gpu, gi, ci);
 }

@@ -103,13 +103,7 @@ SIM_API(nvmlDeviceGetMigMode, (nvmlDevice_t device, unsigned int *currentMode,
         (device, currentMode, pendingMode))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (currentMode == NULL || pendingMode == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -128,10 +122,7 @@ static nvmlReturn_t set_mig_mode(struct sim_state *st, void *ctx, int *changed)
 {
     struct set_mig_request *req = ctx;
     unsigned int gpu;
-    nvmlReturn_t r = sim_resolve_gpu(st, req->device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_resolve_gpu(st, req->device, &gpu));
     if (req->activation_status == NULL || req->mode > NVML_DEVICE_MIG_ENABLE) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -217,13 +208,7 @@ static void fill_gi_profile(int model, int kind, nvmlGpuInstanceProfileInfo_t *o
 static nvmlReturn_t gi_profile_by_index(nvmlDevice_t device, unsigned int profile,
                                         const void *info, unsigned int *gpu, int *kind)
 {
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_mig_gpu(&sim.state, device, gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_mig_gpu(device, gpu));
     if (info == NULL || profile >= NVML_GPU_INSTANCE_PROFILE_COUNT) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -237,11 +222,9 @@ SIM_API(nvmlDeviceGetGpuInstanceProfileInfo,
 {
     unsigned int gpu;
     int kind;
-    nvmlReturn_t r = gi_profile_by_index(device, profile, info, &gpu, &kind);
-    if (r == NVML_SUCCESS) {
-        fill_gi_profile(sim.state.gpu[gpu].model, kind, info);
-    }
-    return r;
+    SIM_CHECK(gi_profile_by_index(device, profile, info, &gpu, &kind));
+    fill_gi_profile(sim.state.gpu[gpu].model, kind, info);
+    return NVML_SUCCESS;
 }
 
 static void gi_profile_name(int model, int kind, char *out, size_t len)
@@ -299,21 +282,15 @@ SIM_API(nvmlDeviceGetGpuInstanceProfileInfoV,
 {
     unsigned int gpu;
     int kind;
-    nvmlReturn_t r = gi_profile_by_index(device, profile, info, &gpu, &kind);
-    return r != NVML_SUCCESS ? r : fill_gi_profile_versioned(sim.state.gpu[gpu].model, kind, info);
+    SIM_CHECK(gi_profile_by_index(device, profile, info, &gpu, &kind));
+    return fill_gi_profile_versioned(sim.state.gpu[gpu].model, kind, info);
 }
 
 SIM_API(nvmlDeviceGetGpuInstanceProfileInfoByIdV,
         (nvmlDevice_t device, unsigned int profileId, void *info), (device, profileId, info))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_mig_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_mig_gpu(device, &gpu));
     int kind = sim_gi_kind_by_id(profileId);
     if (info == NULL || kind < 0) {
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -334,13 +311,7 @@ SIM_API(nvmlDeviceGetGpuInstancePossiblePlacements_v2,
         (device, profileId, placements, count))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     int kind = sim_gi_kind_by_id(profileId);
     if (count == NULL || kind < 0) {
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -397,13 +368,7 @@ SIM_API(nvmlDeviceGetGpuInstanceRemainingCapacity,
         (device, profileId, count))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_mig_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_mig_gpu(device, &gpu));
     int kind = sim_gi_kind_by_id(profileId);
     if (count == NULL || kind < 0) {
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -428,10 +393,7 @@ static nvmlReturn_t create_gi(struct sim_state *st, void *ctx, int *changed)
 {
     struct create_gi_request *req = ctx;
     unsigned int gpu;
-    nvmlReturn_t r = sim_resolve_mig_gpu(st, req->device, &gpu);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_resolve_mig_gpu(st, req->device, &gpu));
     int kind = sim_gi_kind_by_id(req->profile_id);
     if (!req->out_given || kind < 0 || (req->with_placement && req->placement == NULL)) {
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -477,10 +439,7 @@ static nvmlReturn_t create_gi(struct sim_state *st, void *ctx, int *changed)
 static nvmlReturn_t create_gi_api(struct create_gi_request *req, nvmlGpuInstance_t *gpuInstance)
 {
     req->out_given = gpuInstance != NULL;
-    nvmlReturn_t r = sim_mutate(1, create_gi, req);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_mutate(1, create_gi, req));
     *gpuInstance = sim_gi_handle(&sim.state, req->gpu, req->gi);
     return *gpuInstance == NULL ? NVML_ERROR_MEMORY : NVML_SUCCESS;
 }
@@ -511,10 +470,7 @@ static nvmlReturn_t destroy_gi(struct sim_state *st, void *ctx, int *changed)
 {
     struct destroy_gi_request *req = ctx;
     unsigned int gpu, gi;
-    nvmlReturn_t r = sim_resolve_gi(st, req->handle, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_resolve_gi(st, req->handle, &gpu, &gi));
     if (gi_has_cis(&st->gpu[gpu].gi[gi])) {
         return NVML_ERROR_IN_USE;
     }
@@ -543,13 +499,7 @@ SIM_API(nvmlDeviceGetGpuInstances,
         (device, profileId, gpuInstances, count))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_mig_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_mig_gpu(device, &gpu));
     int kind = sim_gi_kind_by_id(profileId);
     if (gpuInstances == NULL || count == NULL || kind < 0) {
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -574,13 +524,7 @@ SIM_API(nvmlDeviceGetGpuInstanceById,
         (device, id, gpuInstance))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_mig_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_mig_gpu(device, &gpu));
     if (gpuInstance == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -591,20 +535,11 @@ SIM_API(nvmlDeviceGetGpuInstanceById,
     return *gpuInstance == NULL ? NVML_ERROR_MEMORY : NVML_SUCCESS;
 }
 
-static nvmlReturn_t resolve_gi(nvmlGpuInstance_t handle, unsigned int *gpu, unsigned int *gi)
-{
-    nvmlReturn_t r = sim_sync();
-    return r != NVML_SUCCESS ? r : sim_resolve_gi(&sim.state, handle, gpu, gi);
-}
-
 SIM_API(nvmlGpuInstanceGetInfo, (nvmlGpuInstance_t gpuInstance, nvmlGpuInstanceInfo_t *info),
         (gpuInstance, info))
 {
     unsigned int gpu, gi;
-    nvmlReturn_t r = resolve_gi(gpuInstance, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gi(gpuInstance, &gpu, &gi));
     if (info == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -660,10 +595,7 @@ static nvmlReturn_t ci_profile_lookup(nvmlGpuInstance_t handle, unsigned int pro
                                       struct ci_profile_values *values)
 {
     unsigned int gpu, gi;
-    nvmlReturn_t r = resolve_gi(handle, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gi(handle, &gpu, &gi));
     if (info == NULL || profile >= NVML_COMPUTE_INSTANCE_PROFILE_COUNT ||
         engProfile >= NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_COUNT) {
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -682,10 +614,7 @@ SIM_API(nvmlGpuInstanceGetComputeInstanceProfileInfo,
         (gpuInstance, profile, engProfile, info))
 {
     struct ci_profile_values v;
-    nvmlReturn_t r = ci_profile_lookup(gpuInstance, profile, engProfile, info, &v);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(ci_profile_lookup(gpuInstance, profile, engProfile, info, &v));
     memset(info, 0, sizeof *info);
     info->id = profile; /* compute-instance profile ids equal their indices */
     info->sliceCount = v.slices;
@@ -705,10 +634,7 @@ SIM_API(nvmlGpuInstanceGetComputeInstanceProfileInfoV,
         (gpuInstance, profile, engProfile, info))
 {
     struct ci_profile_values v;
-    nvmlReturn_t r = ci_profile_lookup(gpuInstance, profile, engProfile, info, &v);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(ci_profile_lookup(gpuInstance, profile, engProfile, info, &v));
     unsigned int version = *(unsigned int *)info;
     nvmlComputeInstanceProfileInfo_v3_t out;
     memset(&out, 0, sizeof out);
@@ -765,18 +691,12 @@ SIM_API(nvmlGpuInstanceGetComputeInstanceRemainingCapacity,
         (gpuInstance, profileId, count))
 {
     unsigned int gpu, gi;
-    nvmlReturn_t r = resolve_gi(gpuInstance, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gi(gpuInstance, &gpu, &gi));
     if (count == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     const struct sim_gi *g = &sim.state.gpu[gpu].gi[gi];
-    r = ci_profile_check(g, profileId);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(ci_profile_check(g, profileId));
     unsigned int free_ids = 0;
     for (unsigned int ci = 0; ci < SIM_MAX_CI; ci++) {
         free_ids += !g->ci[ci].used;
@@ -792,18 +712,12 @@ SIM_API(nvmlGpuInstanceGetComputeInstancePossiblePlacements,
         (gpuInstance, profileId, placements, count))
 {
     unsigned int gpu, gi;
-    nvmlReturn_t r = resolve_gi(gpuInstance, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gi(gpuInstance, &gpu, &gi));
     if (count == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     const struct sim_gi *g = &sim.state.gpu[gpu].gi[gi];
-    r = ci_profile_check(g, profileId);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(ci_profile_check(g, profileId));
     unsigned int starts = sim_ci_starts_mask(sim_gi_profiles[g->kind].compute_slices, profileId);
     if (placements == NULL) {
         *count = popcount(starts);
@@ -838,18 +752,12 @@ static nvmlReturn_t create_ci(struct sim_state *st, void *ctx, int *changed)
 {
     struct create_ci_request *req = ctx;
     unsigned int gpu, gi;
-    nvmlReturn_t r = sim_resolve_gi(st, req->handle, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_resolve_gi(st, req->handle, &gpu, &gi));
     if (!req->out_given || (req->with_placement && req->placement == NULL)) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     struct sim_gi *g = &st->gpu[gpu].gi[gi];
-    r = ci_profile_check(g, req->profile_id);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(ci_profile_check(g, req->profile_id));
     unsigned int profile = req->profile_id;
     unsigned int start;
     if (req->with_placement) {
@@ -891,10 +799,7 @@ static nvmlReturn_t create_ci_api(struct create_ci_request *req,
                                   nvmlComputeInstance_t *computeInstance)
 {
     req->out_given = computeInstance != NULL;
-    nvmlReturn_t r = sim_mutate(1, create_ci, req);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_mutate(1, create_ci, req));
     *computeInstance = sim_ci_handle(&sim.state, req->gpu, req->gi, req->ci);
     return *computeInstance == NULL ? NVML_ERROR_MEMORY : NVML_SUCCESS;
 }
@@ -928,10 +833,7 @@ static nvmlReturn_t destroy_ci(struct sim_state *st, void *ctx, int *changed)
 {
     struct destroy_ci_request *req = ctx;
     unsigned int gpu, gi, ci;
-    nvmlReturn_t r = sim_resolve_ci(st, req->handle, &gpu, &gi, &ci);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_resolve_ci(st, req->handle, &gpu, &gi, &ci));
     int in_use = busy(gpu, gi, ci);
     if (in_use < 0) {
         return NVML_ERROR_UNKNOWN;
@@ -956,18 +858,12 @@ SIM_API(nvmlGpuInstanceGetComputeInstances,
         (gpuInstance, profileId, computeInstances, count))
 {
     unsigned int gpu, gi;
-    nvmlReturn_t r = resolve_gi(gpuInstance, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gi(gpuInstance, &gpu, &gi));
     if (computeInstances == NULL || count == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     const struct sim_gi *g = &sim.state.gpu[gpu].gi[gi];
-    r = ci_profile_check(g, profileId);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(ci_profile_check(g, profileId));
     unsigned int n = 0;
     for (unsigned int ci = 0; ci < SIM_MAX_CI; ci++) {
         if (g->ci[ci].used && g->ci[ci].profile == profileId) {
@@ -987,10 +883,7 @@ SIM_API(nvmlGpuInstanceGetComputeInstanceById,
         (gpuInstance, id, computeInstance))
 {
     unsigned int gpu, gi;
-    nvmlReturn_t r = resolve_gi(gpuInstance, &gpu, &gi);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gi(gpuInstance, &gpu, &gi));
     if (computeInstance == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -1006,13 +899,7 @@ static nvmlReturn_t ci_info(nvmlComputeInstance_t computeInstance, nvmlComputeIn
                             int with_placement)
 {
     unsigned int gpu, gi, ci;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_ci(&sim.state, computeInstance, &gpu, &gi, &ci);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_ci(computeInstance, &gpu, &gi, &ci));
     if (info == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -1053,13 +940,7 @@ SIM_API(nvmlDeviceGetMaxMigDeviceCount, (nvmlDevice_t device, unsigned int *coun
         (device, count))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
     if (count == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -1073,13 +954,7 @@ SIM_API(nvmlDeviceGetMigDeviceHandleByIndex,
         (device, index, migDevice))
 {
     unsigned int gpu;
-    nvmlReturn_t r = sim_sync();
-    if (r == NVML_SUCCESS) {
-        r = sim_resolve_mig_gpu(&sim.state, device, &gpu);
-    }
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_mig_gpu(device, &gpu));
     if (migDevice == NULL || index >= SIM_MAX_MIG_DEVICES) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -1096,20 +971,11 @@ SIM_API(nvmlDeviceGetMigDeviceHandleByIndex,
     return NVML_ERROR_NOT_FOUND;
 }
 
-static nvmlReturn_t resolve_mig_device(nvmlDevice_t device, const struct nvmlDevice_st **out)
-{
-    nvmlReturn_t r = sim_sync();
-    return r != NVML_SUCCESS ? r : sim_resolve_device(&sim.state, device, out);
-}
-
 SIM_API(nvmlDeviceGetDeviceHandleFromMigDeviceHandle,
         (nvmlDevice_t migDevice, nvmlDevice_t *device), (migDevice, device))
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve_mig_device(migDevice, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(migDevice, &d));
     if (device == NULL || !d->is_mig) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -1121,10 +987,7 @@ SIM_API(nvmlDeviceIsMigDeviceHandle, (nvmlDevice_t device, unsigned int *isMigDe
         (device, isMigDevice))
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve_mig_device(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     if (isMigDevice == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -1135,10 +998,7 @@ SIM_API(nvmlDeviceIsMigDeviceHandle, (nvmlDevice_t device, unsigned int *isMigDe
 SIM_API(nvmlDeviceGetGpuInstanceId, (nvmlDevice_t device, unsigned int *id), (device, id))
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve_mig_device(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     if (id == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -1152,10 +1012,7 @@ SIM_API(nvmlDeviceGetGpuInstanceId, (nvmlDevice_t device, unsigned int *id), (de
 SIM_API(nvmlDeviceGetComputeInstanceId, (nvmlDevice_t device, unsigned int *id), (device, id))
 {
     const struct nvmlDevice_st *d;
-    nvmlReturn_t r = resolve_mig_device(device, &d);
-    if (r != NVML_SUCCESS) {
-        return r;
-    }
+    SIM_CHECK(sim_synced_device(device, &d));
     if (id == NULL) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }

@@ -222,6 +222,24 @@ void sim_api_unlock(void);
 nvmlReturn_t sim_sync(void);
 nvmlReturn_t sim_require_init(void);
 
+/* The one way a function checks its preconditions -- initialisation, handles, a versioned
+ * struct's version word -- and fails: returns the check's result from the calling function
+ * unless it is NVML_SUCCESS. The checks are sim_require_init, sim_sync, the sim_synced_* and
+ * sim_resolve_* handle resolvers (handles.c) and sim_check_version. */
+#define SIM_CHECK(check)                     \
+    do {                                     \
+        nvmlReturn_t check_ = (check);       \
+        if (check_ != NVML_SUCCESS) {        \
+            return check_;                   \
+        }                                    \
+    } while (0)
+
+/* NVML_ERROR_ARGUMENT_VERSION_MISMATCH unless a versioned struct's version word is `expected`. */
+static inline nvmlReturn_t sim_check_version(unsigned int version, unsigned int expected)
+{
+    return version == expected ? NVML_SUCCESS : NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+}
+
 /* Read-modify-write of the state under the exclusive flock on DIR/state.lock. `mutation` sees
  * the freshest state; when it returns NVML_SUCCESS with *changed set, the state is written
  * (temp file + fdatasync + rename). `counted` adds one to DIR/counters first. */
@@ -283,6 +301,15 @@ nvmlReturn_t sim_resolve_gi(const struct sim_state *state, nvmlGpuInstance_t han
                             unsigned int *gpu, unsigned int *gi);
 nvmlReturn_t sim_resolve_ci(const struct sim_state *state, nvmlComputeInstance_t handle,
                             unsigned int *gpu, unsigned int *gi, unsigned int *ci);
+
+/* sim_sync, then the sim_resolve_* of the same name against the up-to-date `sim.state`: what an
+ * entry point that takes a handle checks first. */
+nvmlReturn_t sim_synced_device(nvmlDevice_t device, const struct nvmlDevice_st **out);
+nvmlReturn_t sim_synced_gpu(nvmlDevice_t device, unsigned int *gpu);
+nvmlReturn_t sim_synced_mig_gpu(nvmlDevice_t device, unsigned int *gpu);
+nvmlReturn_t sim_synced_gi(nvmlGpuInstance_t handle, unsigned int *gpu, unsigned int *gi);
+nvmlReturn_t sim_synced_ci(nvmlComputeInstance_t handle, unsigned int *gpu, unsigned int *gi,
+                           unsigned int *ci);
 
 /* ---- identity (identity.c) ---------------------------------------------------------------- */
 

@@ -27,6 +27,7 @@ from agent.errors import (
     InUseError,
     LinkError,
     NotFoundError,
+    RetryLaterError,
     ValidationError,
 )
 from agent.hw.model import GpuInfo, MigInstanceInfo
@@ -43,6 +44,7 @@ T = TypeVar("T")
 
 _STATUS_FOR: list[tuple[type[AccelguardError], grpc.StatusCode]] = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (RetryLaterError, grpc.StatusCode.ABORTED),
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (InsufficientResourcesError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InUseError, grpc.StatusCode.FAILED_PRECONDITION),

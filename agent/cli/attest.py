@@ -19,13 +19,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.errors import AttestationError, QuoteError, ValidationError
+from agent.inputs import JsonLimits, read_json_file
 
 if TYPE_CHECKING:
-    from agent.attest.verify import VerificationReport
+    from agent.attest.verify.report import VerificationReport
     from agent.config import Config
 
 _SELECTION_SYNTAX: Final = "BANK:I,J,K-L[+BANK:...], e.g. sha256:0-7,14+sha1:0-7"
 _SELECTION_PART: Final = re.compile(r"([a-z0-9_]+):([0-9,\-]+)")
+# Shape limits of the JSON files `verify` reads (agent/inputs.py; the byte caps are the formats'
+# own). Evidence needs 3 levels and about 210 items (10 fields, 8 banks of 24 PCRs); a policy 5
+# levels and MAX_REFERENCE_DIGESTS (100,000) digests plus a few thousand objects around them.
+# The slack leaves small malformed documents to the format checks, which name the field.
+_EVIDENCE_MAX_DEPTH: Final = 8
+_EVIDENCE_MAX_ITEMS: Final = 1024
+_POLICY_MAX_DEPTH: Final = 8
+_POLICY_MAX_ITEMS: Final = 200_000
 
 
 def add_attest_parser(commands: argparse._SubParsersAction[Any]) -> None:
@@ -140,8 +149,8 @@ def parse_pcr_selection(text: str, what: str = "--pcrs") -> dict[str, list[int]]
         if bank in selection:
             raise ValidationError(f"{what} {text!r}: bank {bank} is listed twice")
         selection[bank] = _parse_indices(match.group(2), text, what)
-    from agent.attest.eventlog import PCR_COUNT  # noqa: PLC0415
-    from agent.attest.quote import normalise_selection  # noqa: PLC0415
+    from agent.attest.tpm.algorithms import PCR_COUNT  # noqa: PLC0415
+    from agent.attest.tpm.wire import normalise_selection  # noqa: PLC0415
 
     try:
         normalise_selection(selection)
@@ -211,7 +220,7 @@ def _quote(args: argparse.Namespace, config: Config) -> int:
         MAX_NONCE_BYTES,
         collect_evidence,
     )
-    from agent.attest.tpm import TpmClient  # noqa: PLC0415
+    from agent.attest.tpm.client import TpmClient  # noqa: PLC0415
 
     nonce = _parse_hex(args.nonce, "--nonce", MAX_NONCE_BYTES)
     if args.pcrs is not None:
@@ -243,8 +252,8 @@ def _quote(args: argparse.Namespace, config: Config) -> int:
 
 def _ima_tail(path: Path, first: int) -> tuple[bytes, int]:
     """The binary list from entry ``first`` on: the agent ships only what the verifier lacks."""
-    from agent.attest import ima  # noqa: PLC0415
     from agent.attest.evidence import MAX_IMA_LOG_BYTES  # noqa: PLC0415
+    from agent.attest.logs import ima  # noqa: PLC0415
 
     data = _read_bounded(path, ima.MAX_LOG_BYTES, "IMA list")
     if first == 0:
@@ -265,16 +274,25 @@ def _ima_tail(path: Path, first: int) -> tuple[bytes, int]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from agent.attest.evidence import MAX_NONCE_BYTES, load_evidence  # noqa: PLC0415
-    from agent.attest.policy import Policy, load_policy  # noqa: PLC0415
-    from agent.attest.quote import compute_name  # noqa: PLC0415
-    from agent.attest.verify import open_state, verify_evidence  # noqa: PLC0415
+    from agent.attest.evidence import (  # noqa: PLC0415
+        MAX_DOCUMENT_BYTES,
+        MAX_NONCE_BYTES,
+        evidence_from_dict,
+    )
+    from agent.attest.policy import MAX_POLICY_BYTES, Policy  # noqa: PLC0415
+    from agent.attest.tpm.wire import compute_name  # noqa: PLC0415
+    from agent.attest.verify.engine import verify_evidence  # noqa: PLC0415
+    from agent.attest.verify.state import open_state  # noqa: PLC0415
 
     nonce = None if args.nonce is None else _parse_hex(args.nonce, "--nonce", MAX_NONCE_BYTES)
     expected = None if args.pcrs is None else parse_pcr_selection(args.pcrs)
     enrolled = None if args.ak_name is None else _parse_hex(args.ak_name, "--ak-name", 66)
-    policy: Policy | None = None if args.policy is None else load_policy(args.policy)
-    evidence = load_evidence(args.evidence)
+    policy: Policy | None = None
+    if args.policy is not None:
+        limits = JsonLimits(MAX_POLICY_BYTES, _POLICY_MAX_DEPTH, _POLICY_MAX_ITEMS)
+        policy = Policy.from_dict(read_json_file(args.policy, limits, "policy"))
+    limits = JsonLimits(MAX_DOCUMENT_BYTES, _EVIDENCE_MAX_DEPTH, _EVIDENCE_MAX_ITEMS)
+    evidence = evidence_from_dict(read_json_file(args.evidence, limits, "evidence"))
     if args.state is None:
         report = verify_evidence(evidence, nonce, policy, None, expected, enrolled_ak_name=enrolled)
     else:
@@ -333,7 +351,8 @@ def _print_report(report: VerificationReport) -> None:
 
 
 def _eventlog(args: argparse.Namespace) -> int:
-    from agent.attest import eventlog  # noqa: PLC0415
+    from agent.attest.logs import eventlog  # noqa: PLC0415
+    from agent.attest.logs.describe import describe_event_data  # noqa: PLC0415
 
     log = eventlog.read_event_log(args.file)
     if args.json:
@@ -346,7 +365,7 @@ def _eventlog(args: argparse.Namespace) -> int:
         print(f"StartupLocality {log.startup_locality}")
     for event in log.events:
         digests = " ".join(f"{bank}:{digest.hex()}" for bank, digest in event.digests.items())
-        decoded = eventlog.describe_event_data(event.event_type, event.data)
+        decoded = describe_event_data(event.event_type, event.data)
         text = f"  {_short(decoded)}" if decoded else ""
         print(f"#{event.index:<4} PCR {event.pcr:<2} {event.type_name}{text}")
         if event.extends:
@@ -367,7 +386,7 @@ def _short(decoded: dict[str, object]) -> str:
 
 
 def _make_policy(args: argparse.Namespace) -> int:
-    from agent.attest.eventlog import read_event_log  # noqa: PLC0415
+    from agent.attest.logs.eventlog import read_event_log  # noqa: PLC0415
     from agent.attest.policy import make_policy  # noqa: PLC0415
 
     if args.no_golden and args.no_events:

@@ -14,6 +14,7 @@ from agent.errors import (
     HardwareError,
     LinkError,
     NotFoundError,
+    RetryLaterError,
     ValidationError,
 )
 from agent.proto.accelguard.v1 import admin_pb2 as pb
@@ -24,6 +25,7 @@ T = TypeVar("T")
 _ERROR_FOR: dict[grpc.StatusCode, type[AccelguardError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ABORTED: RetryLaterError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: HardwareError,
     grpc.StatusCode.FAILED_PRECONDITION: HardwareError,
 }

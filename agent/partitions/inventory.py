@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -16,7 +17,7 @@ from agent.errors import AccelguardError, HardwareError
 from agent.executor import BlockingExecutor
 from agent.hw.devnodes import DeviceNode, DeviceNodeMap
 from agent.hw.model import AcceleratorBackend, GpuInfo
-from agent.store import PartitionRecord, Store
+from agent.store import PartitionRecord, Store, SyncResult
 
 log = structlog.get_logger("accelguard.inventory")
 
@@ -40,6 +41,7 @@ def partitions_of(gpus: tuple[GpuInfo, ...]) -> list[PartitionRecord]:
                     gi_id=None, ci_id=None, profile="", placement_start=None,
                     placement_size=None, state="free", clean=False,
                     reason=NEW_PARTITION_REASON, present=True, updated_at=0.0,
+                    identity=f"gpu {gpu.uuid} whole (MIG off)",
                 )
             )  # fmt: skip
             continue
@@ -53,6 +55,11 @@ def partitions_of(gpus: tuple[GpuInfo, ...]) -> list[PartitionRecord]:
                     profile=instance.profile, placement_start=instance.placement_start,
                     placement_size=instance.placement_size, state="free", clean=False,
                     reason=NEW_PARTITION_REASON, present=True, updated_at=0.0,
+                    identity=(
+                        f"gpu {gpu.uuid} MIG GI {instance.gpu_instance_id} "
+                        f"CI {instance.compute_instance_id} profile {instance.profile_id} "
+                        f"placement {instance.placement_start}+{instance.placement_size}"
+                    ),
                 )
             )  # fmt: skip
     return result
@@ -75,6 +82,12 @@ class InventoryService:
         self._wake = asyncio.Event()
         self.ready = asyncio.Event()
         self.snapshot = Snapshot(driver_version="", gpus=())
+        # One refresh at a time: each compares the hardware with the journal and must see the
+        # journal as the previous refresh left it.
+        self._refreshing = asyncio.Lock()
+        # Awaited after every refresh with what changed (the lease reconciler), before the
+        # refresh returns: a status right after a refresh already shows the consequences.
+        self.on_sync: list[Callable[[SyncResult], Awaitable[None]]] = []
 
     def summary(self) -> str:
         gpus = self.snapshot.gpus
@@ -84,21 +97,24 @@ class InventoryService:
     def refresh_soon(self) -> None:
         self._wake.set()
 
-    def _collect(self) -> tuple[Snapshot, list[str]]:
+    def _collect(self) -> tuple[Snapshot, SyncResult]:
         snapshot = Snapshot(
             driver_version=self._backend.driver_version(),
             gpus=tuple(self._backend.inventory()),
         )
-        new = self._store.sync_partitions(partitions_of(snapshot.gpus))
-        return snapshot, new
+        result = self._store.sync_partitions(partitions_of(snapshot.gpus))
+        return snapshot, result
 
     async def refresh(self) -> Snapshot:
-        snapshot, new = await self._executor.call(self._collect)
-        self._device_nodes.invalidate()
-        self.snapshot = snapshot
-        log.debug("inventory_refreshed", summary=self.summary())
-        for uuid in new:
-            log.info("partition_discovered", partition=uuid, clean=False)
+        async with self._refreshing:
+            snapshot, result = await self._executor.call(self._collect)
+            self._device_nodes.invalidate()
+            self.snapshot = snapshot
+            log.debug("inventory_refreshed", summary=self.summary())
+            for uuid in result.new:
+                log.info("partition_discovered", partition=uuid, clean=False)
+            for listener in self.on_sync:
+                await listener(result)
         return snapshot
 
     async def run(self) -> None:

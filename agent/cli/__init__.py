@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,14 @@ from agent.attest.commands import (
     run_bench_attest,
 )
 from agent.config import Config, load_config, to_toml
-from agent.errors import AccelguardError, LayoutError, ValidationError
+from agent.errors import (
+    AccelguardError,
+    ExitCode,
+    LayoutError,
+    RetryLaterError,
+    StoreError,
+    ValidationError,
+)
 
 PROG = "accelguard"
 
@@ -70,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-c", "--config-name", help="which mig-config of --file")
         sub.add_argument("profiles", nargs="*", help="PROFILE=COUNT, e.g. 3g.40gb=2")
         sub.add_argument("--json", action="store_true")
+        if verb == "apply":
+            sub.add_argument(
+                "--wait", type=_seconds, default=0.0, metavar="S",
+                help="wait up to S seconds until the GPUs' partitions are clean (exit 75 if not)",
+            )  # fmt: skip
 
     lease = commands.add_parser("lease", help="tenant leases of partitions")
     lease_verbs = lease.add_subparsers(dest="verb", required=True)
@@ -85,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--scrub-policy", choices=["zero", "multi-pass"], default="",
                        help="how to scrub after this lease (default: the node's)")  # fmt: skip
     grant.add_argument("--json", action="store_true")
+    grant.add_argument(
+        "--wait", type=_seconds, default=0.0, metavar="S",
+        help="if no clean partition is free yet, keep asking for up to S seconds",
+    )  # fmt: skip
     release = lease_verbs.add_parser("release", help="revoke, evict, scrub; waits until clean")
     release.add_argument("lease_id")
     release.add_argument("--json", action="store_true")
@@ -102,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--reason", required=True)
         action.add_argument("--json", action="store_true")
 
+    state = commands.add_parser("state", help="the agent's journal")
+    state_verbs = state.add_subparsers(dest="verb", required=True)
+    state_verbs.add_parser(
+        "recover",
+        help="set a corrupt journal aside; the agent then starts with every partition quarantined",
+    )
+
     scrub = commands.add_parser("scrub", help="scrub certificates")
     scrub_verbs = scrub.add_subparsers(dest="verb", required=True)
     certs = scrub_verbs.add_parser("certs", help="the node's signed scrub certificates")
@@ -109,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--json", action="store_true")
     verify_cert = scrub_verbs.add_parser("verify-cert", help="check a certificate offline")
     verify_cert.add_argument("file", type=Path, help="one certificate (an element of certs --json)")
-    verify_cert.add_argument("--public-key", type=Path, help="PEM the signature must come from")
+    verify_cert.add_argument(
+        "--public-key", type=Path, help="the signing node's public key PEM (default: this node's)"
+    )
 
     sim = commands.add_parser("sim", help="the simulated node (no GPU needed)")
     sim_verbs = sim.add_subparsers(dest="verb", required=True)
@@ -149,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scrub.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
     add_bench_attest(bench_verbs)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite, non-negative number of seconds")
+    return value
 
 
 def _layout_request(args: argparse.Namespace) -> Any:
@@ -283,6 +320,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "attest":
         return run_attest(args, config)
+    if args.command == "state":
+        return _recover_state(config)
     if args.command == "agent":
         from agent.daemon import run_daemon  # noqa: PLC0415
         from agent.logs import configure_logging  # noqa: PLC0415
@@ -304,10 +343,12 @@ def _run(args: argparse.Namespace) -> int:
                 response = client.apply_layout(request)
             else:
                 response = client.plan_layout(request)
-        if args.json:
-            _print_json(_message_dict(response))
-        else:
-            _print_layout(response, args.verb == "apply")
+            if args.json:
+                _print_json(_message_dict(response))
+            else:
+                _print_layout(response, args.verb == "apply")
+            if args.verb == "apply" and args.wait > 0:
+                return _wait_layout_clean(client, {g.gpu_index for g in response.gpus}, args.wait)
         return 0
     if args.command == "lease":
         return _lease(config, args)
@@ -341,6 +382,64 @@ def _lease_line(lease: Any) -> str:
     )
 
 
+def _progress(text: str) -> None:
+    """One updating line on a terminal; nothing when stderr is not one (scripts, logs)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{text}\033[K")
+        sys.stderr.flush()
+
+
+def _grant_waiting(client: Any, request: Any, wait_s: float) -> Any:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            response = client.grant_lease(request)
+        except RetryLaterError as error:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _progress("")
+                raise
+            _progress(f"waiting for a clean partition ({left:.0f}s left): {error}")
+            time.sleep(min(0.5, left))
+            continue
+        _progress("")
+        return response
+
+
+def _wait_layout_clean(client: Any, gpu_indices: set[int], wait_s: float) -> int:
+    """Wait until every partition of the GPUs is free and clean (0), or one is quarantined."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        partitions = [p for p in client.list_partitions().partitions if p.gpu_index in gpu_indices]
+        quarantined = [p for p in partitions if p.state == "quarantined"]
+        pending = [p for p in partitions if not (p.state == "free" and p.clean)]
+        if quarantined:
+            _progress("")
+            for partition in quarantined:
+                print(f"quarantined: {_partition_line(partition)}", file=sys.stderr)
+            return int(ExitCode.QUARANTINED)
+        if not pending:
+            _progress("")
+            return int(ExitCode.OK)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _progress("")
+            print(
+                f"{PROG}: {len(pending)} partitions not clean yet after {wait_s:g}s",
+                file=sys.stderr,
+            )
+            return int(ExitCode.RETRY_LATER)
+        _progress(f"waiting for {len(pending)} partitions to be scrubbed ({left:.0f}s left)")
+        time.sleep(min(0.2, left))
+
+
+def _release_exit(partition: Any) -> int:
+    """0 only for the safe outcome asked for: released and clean."""
+    if partition.state == "free" and partition.clean:
+        return int(ExitCode.OK)
+    return int(ExitCode.QUARANTINED)
+
+
 def _lease(config: Config, args: argparse.Namespace) -> int:
     from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
 
@@ -356,12 +455,13 @@ def _lease(config: Config, args: argparse.Namespace) -> int:
                 request.partition_uuid = args.partition
             else:
                 request.profile = args.profile
-            response = client.grant_lease(request)
+            response = _grant_waiting(client, request, args.wait)
             nodes = "\n".join(f"  {n}" for n in response.partition.device_nodes)
             _emit(args, response, f"{response.lease.id}  {response.partition.uuid}\n{nodes}")
         elif args.verb == "release":
             partition = client.release_lease(args.lease_id)
             _emit(args, partition, _partition_line(partition))
+            return _release_exit(partition)
         else:
             leases = client.list_leases(include_released=args.all)
             _emit(args, leases, "\n".join(_lease_line(lease) for lease in leases.leases))
@@ -379,7 +479,43 @@ def _partition(config: Config, args: argparse.Namespace) -> int:
         else:
             partition = client.clear(args.uuid, args.reason)
         _emit(args, partition, _partition_line(partition))
-    return 0 if partition.state != "quarantined" or args.verb == "quarantine" else 1
+    if args.verb == "quarantine":
+        return int(ExitCode.OK)
+    return _release_exit(partition)
+
+
+def _recover_state(config: Config) -> int:
+    """Set a damaged journal aside, under the agent's own lock (refused while it runs)."""
+    from agent.runtime.statedir import StateDirLock  # noqa: PLC0415
+
+    lock = StateDirLock(config.node.state_dir)
+    lock.acquire("recovery")
+    try:
+        journal = config.node.store_path
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            source = journal.with_name(journal.name + suffix)
+            if source.exists():
+                target = source.with_name(f"{journal.name}.damaged-{stamp}{suffix}")
+                try:
+                    source.rename(target)
+                except OSError as error:
+                    raise StoreError(f"cannot move {source} aside: {error.strerror}") from error
+                moved.append(target)
+    finally:
+        lock.release()
+    if not moved:
+        print(f"no journal at {journal}: nothing to recover")
+        return int(ExitCode.OK)
+    for path in moved:
+        print(f"kept {path}")
+    print(
+        "the next `accelguard agent` starts a new journal with every partition quarantined "
+        "(the node's key is older than it); inspect, then `accelguard partition clear` each "
+        "partition to scrub it"
+    )
+    return int(ExitCode.OK)
 
 
 def _certificates(config: Config, args: argparse.Namespace) -> int:
@@ -399,28 +535,48 @@ def _certificates(config: Config, args: argparse.Namespace) -> int:
 
 
 def _verify_certificate(args: argparse.Namespace) -> int:
-    from agent.scrub.certificate import verify_certificate  # noqa: PLC0415
+    from agent.inputs import read_bounded, read_json_file  # noqa: PLC0415
+    from agent.scrub.certificate import (  # noqa: PLC0415
+        CERTIFICATE_JSON_LIMITS,
+        MAX_PUBLIC_KEY_FILE_BYTES,
+        verify_certificate,
+    )
 
-    try:
-        document = json.loads(args.file.read_bytes())
-    except OSError as error:
-        raise ValidationError(f"{args.file}: cannot read: {error.strerror}") from error
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValidationError(f"{args.file}: not JSON: {error}") from error
-    pinned = None
     if args.public_key is not None:
+        raw = read_bounded(args.public_key, MAX_PUBLIC_KEY_FILE_BYTES, "public key")
         try:
-            pinned = args.public_key.read_text()
-        except OSError as error:
-            raise ValidationError(f"{args.public_key}: cannot read: {error.strerror}") from error
-    checked = verify_certificate(document, pinned)
+            trusted = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValidationError(f"public key {args.public_key}: not a PEM file") from None
+        source = f"the key in {args.public_key}"
+    else:
+        trusted, source = _own_node_public_key(args)
+    document = read_json_file(args.file, CERTIFICATE_JSON_LIMITS, "certificate")
+    checked = verify_certificate(document, trusted)
     payload = checked.payload
     print(
-        f"signature OK ({checked.key_fingerprint}): {payload['partition_uuid']} scrubbed "
-        f"{'and verified' if checked.scrub_verified else 'but NOT verified'}, "
+        f"signature OK ({source}, {checked.key_fingerprint}): {payload['partition_uuid']} "
+        f"scrubbed {'and verified' if checked.scrub_verified else 'but NOT verified'}, "
         f"coverage {payload['coverage']}"
     )
     return 0 if checked.scrub_verified else 1
+
+
+def _own_node_public_key(args: argparse.Namespace) -> tuple[str, str]:
+    """This node's public key, for verify-cert without --public-key. The certificate's embedded
+    key is never the fallback: anyone can re-sign an edited payload and embed their own key."""
+    from agent.scrub.certificate import NODE_KEY_FILE, NodeKey  # noqa: PLC0415
+
+    hint = "pass --public-key FILE with the signing node's key (`accelguard status` prints it)"
+    try:
+        path = load_config(args.config).node.state_dir / NODE_KEY_FILE
+    except AccelguardError as error:
+        raise ValidationError(f"no key to verify against ({error}); {hint}") from error
+    try:
+        key = NodeKey.load(path)
+    except AccelguardError as error:
+        raise ValidationError(f"no key to verify against ({error}); {hint}") from error
+    return key.public_pem(), f"this node's key {path}"
 
 
 def _sim(config: Config, args: argparse.Namespace) -> int:
@@ -444,7 +600,12 @@ def _sim(config: Config, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    problem = _non_utf8_argument(arguments)
+    if problem is not None:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return int(ExitCode.REFUSED)
+    args = build_parser().parse_args(arguments)
     from agent.config import LoggingConfig  # noqa: PLC0415
     from agent.logs import configure_logging  # noqa: PLC0415
 
@@ -461,6 +622,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except (RecursionError, MemoryError) as error:
+        # Inputs are bounded before they are parsed (agent/inputs.py), so this is a bound that is
+        # missing somewhere: still one line, not a traceback of a thousand frames.
+        if args.debug:
+            raise
+        print(
+            f"{PROG}: error: input too large or too deeply nested ({type(error).__name__}); "
+            "--debug shows where",
+            file=sys.stderr,
+        )
+        return int(ExitCode.FAILED)
+
+
+def _non_utf8_argument(arguments: Sequence[str]) -> str | None:
+    """Why an argument is refused, or None. Python hands over argv bytes that are not UTF-8 as
+    lone surrogates (PEP 383), and those fail only much later -- encoding a protobuf string, a
+    JSON document, a log line -- with a traceback."""
+    encoding = sys.getfilesystemencoding()
+    for position, argument in enumerate(arguments, start=1):
+        try:
+            # The bytes as given (what os.fsencode returns, in any locale) must be UTF-8.
+            raw = argument.encode(encoding, "surrogateescape")
+            raw.decode("utf-8")
+            continue
+        except UnicodeEncodeError:  # a surrogate no byte decodes to: passed in, not from argv
+            raw = argument.encode("utf-8", "backslashreplace")
+        except UnicodeDecodeError:
+            pass
+        after = ""
+        if position > 1 and arguments[position - 2].startswith("-"):
+            after = f" (after {arguments[position - 2][:40]})"
+        return (
+            f"argument {position}, {raw[:60]!r}{after}, is not valid UTF-8; "
+            "arguments must be UTF-8 text"
+        )
+    return None
 
 
 def _first_accelguard_error(raised: BaseException) -> AccelguardError | None:

@@ -24,21 +24,18 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from agent.attest import ima
-from agent.attest.eventlog import parse_event_log
-from agent.attest.quote import (
-    AK_ATTRIBUTES,
+from agent.attest.logs import ima
+from agent.attest.logs.eventlog import parse_event_log
+from agent.attest.tpm.algorithms import (
     ALG_ECC,
     ALG_ECDSA,
     ALG_NULL,
     ALG_SHA1,
     ALG_SHA256,
     ECC_NIST_P256,
-    TPM_GENERATED_VALUE,
-    TPM_ST_ATTEST_QUOTE,
-    compute_name,
-    verify_quote,
 )
+from agent.attest.tpm.checks import AK_ATTRIBUTES, verify_quote
+from agent.attest.tpm.wire import TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE, compute_name
 
 _MIB: Final = 1024 * 1024
 _EV_NO_ACTION: Final = 0x00000003
@@ -103,7 +100,7 @@ def synthetic_event_log(size: int) -> bytes:
 
 def synthetic_ima_list(entries: int) -> bytes:
     """A binary ``ima-ng`` list of ``entries`` measurements into PCR 10 (the kernel's layout:
-    see agent/attest/ima.py)."""
+    see agent/attest/logs/ima.py)."""
     parts = []
     for index in range(entries):
         digest = hashlib.sha256(b"file %d" % index).digest()

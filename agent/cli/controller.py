@@ -1,0 +1,202 @@
+"""``accelguard controller init|serve|check-config`` and ``accelguard ctl ...``: parsing and output.
+
+agent/cli.py adds these with :func:`add_parsers` and runs them with :func:`run`. Errors are
+raised as AccelguardErrors (the CLI prints one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from agent.errors import ConfigError
+
+
+def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
+    controller = commands.add_parser("controller", help="the fleet controller (its own process)")
+    verbs = controller.add_subparsers(dest="verb", required=True)
+    init = verbs.add_parser("init", help="create the CA, server certificate and command key")
+    init.add_argument("--dir", type=Path, required=True, help="controller state directory")
+    init.add_argument("--trust-domain", default="accelguard.local")
+    init.add_argument(
+        "--name", action="append", default=[],
+        help="DNS name or IP nodes dial (repeatable; default localhost, 127.0.0.1)",
+    )  # fmt: skip
+    init.add_argument("--enroll-listen", default="0.0.0.0:7443")
+    init.add_argument("--link-listen", default="0.0.0.0:7444")
+    serve = verbs.add_parser("serve", help="run the controller in the foreground")
+    serve.add_argument("--config", dest="controller_config", type=Path, required=True)
+    check = verbs.add_parser("check-config", help="validate controller.toml, print it")
+    check.add_argument("--config", dest="controller_config", type=Path, required=True)
+
+    ctl = commands.add_parser("ctl", help="operate the fleet through the controller")
+    ctl.add_argument(
+        "--controller-config", type=Path, default=None,
+        help="controller.toml (default /etc/accelguard/controller.toml): where its socket is",
+    )  # fmt: skip
+    ctl_verbs = ctl.add_subparsers(dest="verb", required=True)
+    token = ctl_verbs.add_parser("token", help="bootstrap tokens")
+    token_verbs = token.add_subparsers(dest="token_verb", required=True)
+    create = token_verbs.add_parser("create", help="a one-time token for one node id")
+    create.add_argument("--node-id", required=True)
+    create.add_argument("--ttl", type=_duration, default=0.0, help="e.g. 1h, 30m, 600 (default 1h)")
+    create.add_argument("--json", action="store_true")
+    nodes = ctl_verbs.add_parser("nodes", help="enrolled nodes")
+    nodes.add_argument("--json", action="store_true")
+    node = ctl_verbs.add_parser("node", help="one node")
+    node_verbs = node.add_subparsers(dest="node_verb", required=True)
+    show = node_verbs.add_parser("show", help="a node's enrollment, link and partitions")
+    show.add_argument("node_id")
+    show.add_argument("--json", action="store_true")
+    certs = ctl_verbs.add_parser("certs", help="scrub certificates a node reported")
+    certs.add_argument("--node", required=True)
+    certs.add_argument("--json", action="store_true")
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (600, 30m, 1h, 7d)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
+def _message_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _print_json(document: Any) -> None:
+    json.dump(document, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "controller":
+        return _controller(args)
+    return _ctl(args)
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from agent.controller import config as controller_config  # noqa: PLC0415
+
+    if args.verb == "init":
+        from agent.controller.pki import init_pki  # noqa: PLC0415
+
+        names = args.name or ["localhost", "127.0.0.1"]
+        directory = args.dir.resolve()
+        settings = controller_config.parse_controller_config(
+            {
+                "controller": {
+                    "state_dir": str(directory),
+                    "trust_domain": args.trust_domain,
+                    "enroll_listen": args.enroll_listen,
+                    "link_listen": args.link_listen,
+                    "admin_socket": str(directory / "controller.sock"),
+                }
+            }
+        )
+        fingerprint = init_pki(settings.controller.pki_dir, args.trust_domain, names)
+        config_path = directory / "controller.toml"
+        if not config_path.exists():
+            config_path.write_text(
+                "# accelguard controller; written by `accelguard controller init`.\n\n"
+                + controller_config.controller_config_toml(settings)
+            )
+        print(f"ca_fingerprint: {fingerprint}")
+        print(f"config: {config_path}")
+        return 0
+    config = controller_config.load_controller_config(args.controller_config)
+    if args.verb == "check-config":
+        print(controller_config.controller_config_toml(config), end="")
+        return 0
+    from agent.controller.server import serve  # noqa: PLC0415
+    from agent.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(config.logging)
+    return serve(config)
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    from agent.controller.config import load_controller_config  # noqa: PLC0415
+
+    return load_controller_config(args.controller_config).controller.admin_socket
+
+
+def _when(timestamp: float) -> str:
+    if not timestamp:
+        return "never"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from agent.controller.client import ControllerClient  # noqa: PLC0415
+
+    with ControllerClient(_socket(args)) as client:
+        if args.verb == "token":
+            response = client.create_token(args.node_id, args.ttl)
+            if args.json:
+                _print_json(_message_dict(response))
+            else:
+                print(response.token)
+            return 0
+        if args.verb == "nodes":
+            nodes = client.nodes()
+            if args.json:
+                _print_json(_message_dict(nodes))
+                return 0
+            print(f"{'NODE':24} {'LINK':12} {'LAST SEEN':21} {'ATTESTATION':12} PARTITIONS")
+            for node in nodes.nodes:
+                partitions = ", ".join(f"{p.state}={p.count}" for p in node.partitions) or "-"
+                link = "connected" if node.connected else "offline"
+                print(
+                    f"{node.node_id:24} {link:12} {_when(node.last_seen):21} "
+                    f"{node.attestation:12} {partitions}"
+                )
+            return 0
+        if args.verb == "node":
+            detail = client.node(args.node_id)
+            if args.json:
+                _print_json(_message_dict(detail))
+                return 0
+            summary = detail.summary
+            print(f"node: {summary.node_id} ({detail.spiffe_id})")
+            print(f"link: {'connected' if summary.connected else 'offline'}, last seen "
+                  f"{_when(summary.last_seen)}, agent {summary.agent_version or '-'}")  # fmt: skip
+            print(f"attestation: {summary.attestation}, AK name {detail.ak_name_hex or '-'}")
+            print(f"certificate: serial {detail.certificate_serial}, "
+                  f"expires {_when(detail.certificate_not_after)}")  # fmt: skip
+            print(f"reports: {summary.reports} " + json.dumps(dict(detail.reports_by_kind)))
+            for p in detail.partitions:
+                clean = "clean" if p.clean else "dirty"
+                print(f"  {p.uuid} {p.kind} gpu{p.gpu_index} {p.profile or '-'} {p.state} {clean}"
+                      + (f" lease {p.lease_id}" if p.lease_id else ""))  # fmt: skip
+            return 0
+        if args.verb == "certs":
+            certs = client.certificates(args.node)
+            if args.json:
+                _print_json(_message_dict(certs))
+                return 0
+            for c in certs.certificates:
+                checked = "signature ok" if c.signature_checked else "signature NOT checked"
+                verified = "verified" if c.scrub_verified else "NOT VERIFIED"
+                after = f", after lease {c.previous_lease_id}" if c.previous_lease_id else ""
+                print(f"{c.seq:8} {c.partition_uuid} {c.finished_at} {verified}, {checked}{after}")
+            return 0
+    raise ConfigError(f"unknown ctl verb {args.verb}")  # pragma: no cover
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,535 @@
+"""Eviction: after a fence is revoked, make sure no process still holds the partition.
+
+An open file descriptor survives a cgroup device change, so revoking the fence is not enough
+(DESIGN.md invariant 3). Who is evicted, who is left alone, and when an eviction fails:
+
+- a process of the tenant's cgroup that holds any of the partition's nodes (an open descriptor
+  whose ``st_rdev`` is the node's, or a memory map of the node file) or that NVML lists on the
+  partition gets SIGTERM, the grace period, then SIGKILL (``cgroup.kill`` on cgroup v2, freeze and
+  kill on v1). One that cannot be read is evicted all the same: it is the revoked tenant's;
+- a process outside the cgroup that NVML lists on the partition is evicted the same way
+  (``evicting_outsider``): the driver says it runs there;
+- a process outside the cgroup that only holds shared nodes (``nvidiactl``, the UVM nodes, the
+  parent ``/dev/nvidiaN``, also for a whole GPU) is logged (``shared_node_holder``) and left alone:
+  nvidia-persistenced, DCGM and dcgm-exporter hold those on every GPU node;
+- a process outside the cgroup that holds one of the partition's MIG capability nodes and that
+  NVML does not list is not signalled either (we cannot tell what it is), and the eviction fails:
+  the partition is quarantined rather than declared free;
+- a process that cannot be read (EACCES without CAP_SYS_PTRACE, any error but its own exit) fails
+  the eviction: a scan that skipped a process proves nothing.
+
+Finding holders costs one ``stat`` per descriptor, microseconds each in the kernel, and a busy
+node has 10^5-10^6 descriptors. So the polls during the grace period look only at the cgroup's
+members, the pids NVML lists and the pids already found; one census of every process runs after
+they are gone (no process of the tenant is left to pass a descriptor to an outsider behind it),
+and again only if it finds someone to evict. Every scan runs in a thread of its own, never on the
+event loop nor on the daemon's single blocking executor (journal and NVML keep answering).
+
+The agent's ancestors (its supervisor: systemd, or a test runner) are scanned too, but one that
+cannot be read is logged (``scan_skipped_ancestor``), not a failure: a supervisor can replace or
+trace the agent at will, so no eviction protects against it, and a sandbox's supervisor may be
+unreadable even to root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from agent.errors import AccelguardError
+from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode
+from agent.isolation.cgroups import cgroup_hierarchy, hierarchy_mounts, read_mounts
+
+log = structlog.get_logger("accelguard.evict")
+
+# The pids NVML reports on the partition (the driver's own view of who holds it).
+NvmlHolders = Callable[[], Awaitable[set[int]]]
+
+# A census that finds new holders drives them out and counts again; a node where holders keep
+# appearing faster than that is not one to hand to the next tenant.
+CENSUS_ROUNDS = 3
+# The process went away between listing and reading it: it holds nothing any more.
+_GONE = (errno.ENOENT, errno.ESRCH)
+
+
+_CAP_SYS_PTRACE = 19
+
+
+def _has_ptrace_capability() -> bool:
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        effective = next(line for line in status.splitlines() if line.startswith("CapEff:"))
+        return bool(int(effective.split()[1], 16) >> _CAP_SYS_PTRACE & 1)
+    return False
+
+
+class EvictionError(AccelguardError):
+    """The partition cannot be proven free of holders: it must not be scrubbed or reused."""
+
+
+class ScanError(EvictionError):
+    """A live process's descriptors or memory maps could not be read."""
+
+    def __init__(self, pid: int, what: str, error: OSError) -> None:
+        hint = ""
+        if error.errno in (errno.EACCES, errno.EPERM):
+            hint = (
+                " (refused despite CAP_SYS_PTRACE: a security module or sandbox hides it)"
+                if _has_ptrace_capability()
+                else " (the agent needs CAP_SYS_PTRACE to read other users' processes)"
+            )
+        self.pid = pid
+        self.detail = f"cannot read /proc/{pid}/{what}: {error.strerror}{hint}"
+        super().__init__(f"the holder scan {self.detail}; the partition cannot be proven free")
+
+
+@dataclass
+class EvictionReport:
+    terminated: list[int] = field(default_factory=list)
+    killed: list[int] = field(default_factory=list)
+    outsiders: list[int] = field(default_factory=list)
+    shared_holders: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NodeTargets:
+    """What a scan looks for: the partition's nodes by device number and by node file."""
+
+    by_rdev: dict[int, DeviceNode]
+    # (st_dev, st_ino) of each node file: /proc/PID/maps names a mapping's file this way.
+    by_file: dict[tuple[int, int], DeviceNode]
+    own: frozenset[DeviceNode]
+    exclusive: frozenset[DeviceNode]
+    # The inode numbers of by_file as /proc/PID/maps prints them, for a cheap first test.
+    mapped_inodes: frozenset[bytes]
+
+    @classmethod
+    def of(cls, own_nodes: Iterable[DeviceNode], any_nodes: Iterable[DeviceNode]) -> NodeTargets:
+        own = frozenset(own_nodes)
+        every = own | frozenset(any_nodes)
+        by_file: dict[tuple[int, int], DeviceNode] = {}
+        for node in every:
+            # A node file that is missing cannot be mapped through; descriptors still match by
+            # st_rdev, whatever file they were opened through.
+            with contextlib.suppress(OSError):
+                info = node.path.stat()
+                by_file[(info.st_dev, info.st_ino)] = node
+        return cls(
+            by_rdev={os.makedev(n.major, n.minor): n for n in every if n.kind == "c"},
+            by_file=by_file,
+            own=own,
+            # /dev/nvidiaN is a whole GPU's own node, yet node services hold it on every GPU:
+            # only a MIG capability node proves that an outsider reaches this very partition.
+            exclusive=frozenset(n for n in own if n.major != NVIDIA_MAJOR),
+            mapped_inodes=frozenset(str(ino).encode() for _, ino in by_file),
+        )
+
+    @property
+    def every(self) -> frozenset[DeviceNode]:
+        return frozenset(self.by_rdev.values()) | frozenset(self.by_file.values())
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    uid: int
+    command: str
+    nodes: frozenset[DeviceNode]
+
+
+@dataclass
+class Census:
+    """Every process that holds one of the partition's nodes, from one pass over /proc."""
+
+    holders: dict[int, Holder] = field(default_factory=dict)
+    skipped: list[ScanError] = field(default_factory=list)
+    processes: int = 0
+    descriptors: int = 0
+    seconds: float = 0.0
+
+
+def is_alive(pid: int, proc_root: Path = Path("/proc")) -> bool:
+    """A zombie has released its file descriptors and its GPU context: it is not a holder."""
+    try:
+        data = (proc_root / str(pid) / "stat").read_bytes()
+    except OSError:
+        return False
+    # The state follows the parenthesised command name, which may itself contain ')'.
+    state = data[data.rfind(b")") + 2 : data.rfind(b")") + 3]
+    return state not in (b"Z", b"X", b"")
+
+
+def _descriptor_nodes(
+    pid: int, targets: NodeTargets, proc_root: Path, census: Census | None = None
+) -> set[DeviceNode] | None:
+    try:
+        directory = os.open(proc_root / str(pid) / "fd", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        if error.errno in _GONE:
+            return None
+        raise ScanError(pid, "fd", error) from error
+    held: set[DeviceNode] = set()
+    by_rdev = targets.by_rdev
+    try:
+        names = os.listdir(directory)  # noqa: PTH208 - by descriptor; Path cannot
+        if census is not None:
+            census.descriptors += len(names)
+        for name in names:
+            try:
+                # Through the fd directory, so the kernel resolves one name, not a whole path.
+                info = os.stat(name, dir_fd=directory)
+            except OSError as error:
+                if error.errno in _GONE:
+                    continue  # closed meanwhile (or the process exited: its maps say so)
+                raise ScanError(pid, f"fd/{name}", error) from error
+            node = by_rdev.get(info.st_rdev)
+            if node is not None and stat.S_ISCHR(info.st_mode):
+                held.add(node)
+    except OSError as error:
+        if error.errno in _GONE:
+            return None
+        raise ScanError(pid, "fd", error) from error
+    finally:
+        os.close(directory)
+    return held
+
+
+def _mapped_nodes(pid: int, targets: NodeTargets, proc_root: Path) -> set[DeviceNode] | None:
+    """Nodes mapped into the process: a mapping outlives the descriptor it was made with."""
+    try:
+        data = (proc_root / str(pid) / "maps").read_bytes()
+    except OSError as error:
+        if error.errno in _GONE:
+            return None
+        raise ScanError(pid, "maps", error) from error
+    held: set[DeviceNode] = set()
+    # Most processes map none of the node files: one substring test per node file tells.
+    if not any(b" " + inode in data for inode in targets.mapped_inodes):
+        return held
+    for line in data.splitlines():
+        # address perms offset major:minor inode [path]
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5 or fields[4] not in targets.mapped_inodes:
+            continue
+        major, _, minor = fields[3].partition(b":")
+        key = (os.makedev(int(major, 16), int(minor, 16)), int(fields[4]))
+        if key in targets.by_file:
+            held.add(targets.by_file[key])
+    return held
+
+
+def process_nodes(
+    pid: int, targets: NodeTargets, proc_root: Path = Path("/proc"), census: Census | None = None
+) -> frozenset[DeviceNode] | None:
+    """The partition's nodes ``pid`` holds by descriptor or by mapping; None if it has exited.
+
+    Raises ScanError when a live process cannot be read.
+    """
+    by_descriptor = _descriptor_nodes(pid, targets, proc_root, census)
+    if by_descriptor is None:
+        return None
+    mapped = _mapped_nodes(pid, targets, proc_root)
+    if mapped is None:
+        return None
+    return frozenset(by_descriptor | mapped)
+
+
+def _parent(pid: int, proc_root: Path) -> int:
+    try:
+        data = (proc_root / str(pid) / "stat").read_bytes()
+    except OSError:
+        return 0
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
+def ancestors(proc_root: Path = Path("/proc")) -> set[int]:
+    found: set[int] = set()
+    pid = _parent(os.getpid(), proc_root)
+    while pid > 0 and pid not in found:
+        found.add(pid)
+        pid = _parent(pid, proc_root)
+    return found
+
+
+def _identity(pid: int, proc_root: Path) -> tuple[int, str]:
+    """(real uid, command name) for messages; -1 and '?' if the process is gone."""
+    uid, command = -1, "?"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in (proc_root / str(pid) / "status").read_text(errors="replace").splitlines():
+            if line.startswith("Name:"):
+                command = line.partition(":")[2].strip() or "?"
+            elif line.startswith("Uid:"):
+                uid = int(line.split()[1])
+                break
+    return uid, command
+
+
+def take_census(targets: NodeTargets, proc_root: Path = Path("/proc")) -> Census:
+    """Read every process of the node (blocking: run it in a thread). Raises ScanError."""
+    started = time.perf_counter()
+    census = Census()
+    own = os.getpid()
+    supervisors = ancestors(proc_root)
+    for name in os.listdir(proc_root):  # noqa: PTH208 - names only, no Path per process
+        if not name.isdigit() or int(name) == own:
+            continue
+        pid = int(name)
+        census.processes += 1
+        try:
+            nodes = process_nodes(pid, targets, proc_root, census)
+        except ScanError as error:
+            if pid not in supervisors:
+                raise
+            census.skipped.append(error)
+            continue
+        if nodes and is_alive(pid, proc_root):
+            uid, command = _identity(pid, proc_root)
+            census.holders[pid] = Holder(pid, uid, command, nodes)
+    census.seconds = time.perf_counter() - started
+    return census
+
+
+def cgroup_pids(cgroup: Path) -> set[int]:
+    try:
+        text = (cgroup / "cgroup.procs").read_text()
+    except OSError:
+        return set()
+    return {int(line) for line in text.split() if line.isdigit()}
+
+
+def _kill(pids: Iterable[int], signum: int) -> list[int]:
+    sent = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+            sent.append(pid)
+    return sent
+
+
+def _freezer_twin(cgroup: Path) -> Path | None:
+    """The cgroup v1 freezer cgroup at the same relative path as a v1 devices cgroup, if any."""
+    mounts = read_mounts()
+    freezers = [
+        m.mount_point for m in mounts if m.fs_type == "cgroup" and "freezer" in m.super_options
+    ]
+    for devices in hierarchy_mounts("v1-devices", mounts):
+        try:
+            relative = cgroup.relative_to(devices)
+        except ValueError:
+            continue
+        for freezer in freezers:
+            twin = freezer / relative
+            if (twin / "freezer.state").exists():
+                return twin
+    return None
+
+
+def kill_cgroup(cgroup: Path, pids: set[int]) -> list[int]:
+    """SIGKILL everything in the tenant's cgroup, without letting it fork away first."""
+    if cgroup_hierarchy(cgroup) == "v2" and (cgroup / "cgroup.kill").exists():
+        # cgroup.kill (Linux 5.14) kills every process of the cgroup atomically, forks included.
+        (cgroup / "cgroup.kill").write_text("1")
+        return sorted(pids)
+    freezer = _freezer_twin(cgroup)
+    if freezer is not None:
+        (freezer / "freezer.state").write_text("FROZEN")
+        try:
+            killed = _kill(cgroup_pids(cgroup) | pids, signal.SIGKILL)
+        finally:
+            (freezer / "freezer.state").write_text("THAWED")
+        return killed
+    # No freezer: kill repeatedly until the cgroup stays empty (a fork may race one round).
+    swept: list[int] = []
+    for _ in range(10):
+        round_pids = cgroup_pids(cgroup) | {p for p in pids if is_alive(p)}
+        if not round_pids:
+            break
+        swept += _kill(round_pids, signal.SIGKILL)
+    return swept
+
+
+def _tenant_holds(nodes: frozenset[DeviceNode], targets: NodeTargets, sole_lease: bool) -> bool:
+    """Whether a process of the tenant's cgroup holds the partition being released.
+
+    While the cgroup holds another live lease, its processes need the shared nodes (nvidiactl,
+    UVM, maybe the same /dev/nvidiaN) for that lease: only this partition's own nodes count then.
+    """
+    return bool(nodes if sole_lease else nodes & targets.own)
+
+
+def _node_names(nodes: Iterable[DeviceNode]) -> str:
+    return ", ".join(sorted(str(n.path) for n in nodes))
+
+
+class Evictor:
+    def __init__(
+        self,
+        grace_s: float,
+        proc_root: Path = Path("/proc"),
+        poll_s: float = 0.05,
+    ) -> None:
+        self._grace_s = grace_s
+        self._proc_root = proc_root
+        self._poll_s = poll_s
+
+    def _survey(
+        self,
+        targets: NodeTargets,
+        cgroup: Path | None,
+        sole_lease: bool,
+        listed: set[int],
+        watched: set[int],
+    ) -> tuple[set[int], set[int]]:
+        """(pids in the tenant's cgroup, pids outside it) that hold the partition, looking only
+        at the cgroup's members, the pids NVML lists and the pids found before (blocking)."""
+        members = cgroup_pids(cgroup) if cgroup is not None else set()
+        inside: set[int] = set()
+        outside: set[int] = set()
+        own = os.getpid()
+        for pid in members | listed | watched:
+            if pid == own or not is_alive(pid, self._proc_root):
+                continue
+            if pid in listed:
+                (inside if pid in members else outside).add(pid)
+                continue
+            try:
+                nodes = process_nodes(pid, targets, self._proc_root)
+            except ScanError:
+                # Unreadable, yet the tenant's or found holding before: evicted, not trusted.
+                nodes = targets.every
+            if nodes is None:
+                continue
+            if pid in members and _tenant_holds(nodes, targets, sole_lease):
+                inside.add(pid)
+            elif pid not in members and nodes & targets.own:
+                outside.add(pid)
+        return inside, outside
+
+    async def evict(
+        self,
+        own_nodes: list[DeviceNode],
+        any_nodes: list[DeviceNode],
+        cgroup: Path | None,
+        kill_whole_cgroup: bool,
+        nvml_holders: NvmlHolders,
+    ) -> EvictionReport:
+        report = EvictionReport()
+        targets = await asyncio.to_thread(NodeTargets.of, own_nodes, any_nodes)
+        watched: set[int] = set()
+        for _ in range(CENSUS_ROUNDS):
+            await self._drive_out(targets, cgroup, kill_whole_cgroup, nvml_holders, report, watched)
+            census = await asyncio.to_thread(take_census, targets, self._proc_root)
+            log.info(
+                "holder_census", processes=census.processes, descriptors=census.descriptors,
+                holders=sorted(census.holders), seconds=round(census.seconds, 3),
+            )  # fmt: skip
+            for skipped in census.skipped:
+                log.warning("scan_skipped_ancestor", pid=skipped.pid, error=skipped.detail)
+            members = await asyncio.to_thread(cgroup_pids, cgroup) if cgroup is not None else set()
+            listed = await nvml_holders()
+            late = {
+                pid
+                for pid, holder in census.holders.items()
+                if pid in listed
+                or (pid in members and _tenant_holds(holder.nodes, targets, kill_whole_cgroup))
+            }
+            late |= {p for p in listed if is_alive(p, self._proc_root)}
+            if not late:
+                break
+            # New holders since the polls (a process moved into the cgroup, a new CUDA context):
+            # drive them out too, then count again.
+            watched |= late
+        else:
+            raise EvictionError(
+                f"processes {sorted(late)} kept appearing on the partition through "
+                f"{CENSUS_ROUNDS} evictions"
+            )
+        self._judge_remaining(census, targets, report)
+        return report
+
+    def _judge_remaining(
+        self, census: Census, targets: NodeTargets, report: EvictionReport
+    ) -> None:
+        """The holders left once every process to evict is gone: node services on shared
+        nodes are logged; anyone on a capability node fails the eviction."""
+        unknown: list[str] = []
+        for holder in sorted(census.holders.values(), key=lambda h: h.pid):
+            exclusive = holder.nodes & targets.exclusive
+            if exclusive:
+                unknown.append(
+                    f"pid {holder.pid} (uid {holder.uid}, {holder.command}) holds "
+                    f"{_node_names(exclusive)}"
+                )
+                continue
+            log.info(
+                "shared_node_holder", pid=holder.pid, uid=holder.uid, command=holder.command,
+                nodes=sorted(str(n.path) for n in holder.nodes),
+            )  # fmt: skip
+            report.shared_holders.append(holder.pid)
+        if unknown:
+            raise EvictionError(
+                f"{'; '.join(unknown)}: outside the tenant's cgroup and not listed by NVML on "
+                "the partition, so not killed; the partition stays out of service until an "
+                "operator finds out why"
+            )
+
+    async def _drive_out(
+        self,
+        targets: NodeTargets,
+        cgroup: Path | None,
+        kill_whole_cgroup: bool,
+        nvml_holders: NvmlHolders,
+        report: EvictionReport,
+        watched: set[int],
+    ) -> None:
+        """SIGTERM, grace, SIGKILL for the tenant's holders and the outsiders NVML lists."""
+
+        async def current() -> tuple[set[int], set[int]]:
+            listed = await nvml_holders()
+            inside, outside = await asyncio.to_thread(
+                self._survey, targets, cgroup, kill_whole_cgroup, listed, set(watched)
+            )
+            for pid in sorted(outside - set(report.outsiders)):
+                # Not the tenant's process, yet the driver says it runs on the partition.
+                log.warning("evicting_outsider", pid=pid, cgroup=str(cgroup))
+                report.outsiders.append(pid)
+            watched.update(inside | outside)
+            return inside, outside
+
+        inside, outside = await current()
+        if not inside and not outside:
+            return
+        report.terminated += _kill(inside | outside, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace_s
+        while loop.time() < deadline:
+            inside, outside = await current()
+            if not inside and not outside:
+                return
+            await asyncio.sleep(self._poll_s)
+        if inside and cgroup is not None and kill_whole_cgroup:
+            report.killed += kill_cgroup(cgroup, inside)
+        else:
+            report.killed += _kill(inside, signal.SIGKILL)
+        report.killed += _kill(outside, signal.SIGKILL)
+        # SIGKILL is not instant (a process in uninterruptible sleep in the driver finishes its
+        # call first): wait, bounded, for the holders to be gone.
+        for _ in range(200):
+            inside, outside = await current()
+            if not inside and not outside:
+                return
+            await asyncio.sleep(self._poll_s)
+        raise EvictionError(
+            f"processes {sorted(inside | outside)} still hold the partition after SIGKILL"
+        )
