@@ -19,7 +19,7 @@ One JSON object; binary fields are standard base64, PCR values and the nonce are
 over the controller link, so :func:`parse_evidence` treats it as hostile: the document and each
 field are bounded before they are decoded, unknown and duplicate keys are rejected, base64 must
 be canonical, and every problem raises :class:`~agent.errors.AttestationError` naming the field.
-Parsing checks shape only; :mod:`agent.attest.verify` judges the contents.
+Parsing checks shape only; :mod:`agent.attest.verify.engine` judges the contents.
 """
 
 from __future__ import annotations
@@ -33,26 +33,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from agent.attest import eventlog, ima
-from agent.attest.quote import hash_algorithm_id
+from agent.attest.logs import eventlog, ima
+from agent.attest.reader import read_bounded
+from agent.attest.tpm.algorithms import BANKS, PCR_COUNT, hash_algorithm_id
+from agent.attest.tpm.wire import MAX_STRUCTURE_BYTES
 from agent.errors import AttestationError, QuoteError
 
 if TYPE_CHECKING:
-    from agent.attest.tpm import AttestationKey, TpmClient
+    from agent.attest.tpm.client import TpmClient
+    from agent.attest.tpm.keys import AttestationKey
 
 EVIDENCE_VERSION: Final = 1
 
-# TPM structures: quote.py refuses anything over 4096 bytes, so nothing larger is worth keeping.
-MAX_TPM_STRUCTURE_BYTES: Final = 4096
-# TPM2_Quote's qualifyingData is a TPM2B_DATA: at most sizeof(TPMT_HA) = 66 bytes; tpm.py
-# sends at most 64.
+# TPM structures: tpm/wire.py refuses anything larger, so nothing larger is worth keeping.
+MAX_TPM_STRUCTURE_BYTES: Final = MAX_STRUCTURE_BYTES
+# TPM2_Quote's qualifyingData is a TPM2B_DATA: at most sizeof(TPMT_HA) = 66 bytes;
+# tpm/client.py sends at most 64.
 MAX_NONCE_BYTES: Final = 64
 MAX_EVENT_LOG_BYTES: Final = eventlog.MAX_LOG_BYTES
 # The node ships the IMA list incrementally (ima_start_index), so one document carries far less
 # than a whole list may hold (ima.MAX_LOG_BYTES); a first attestation of a busy server carries a
 # few tens of MiB.
 MAX_IMA_LOG_BYTES: Final = 64 * 1024 * 1024
-# EK certificates are 1-2 KiB; tpm.py reads at most 16 KiB from NV.
+# EK certificates are 1-2 KiB; tpm/client.py reads at most 16 KiB from NV.
 MAX_EK_CERTIFICATE_BYTES: Final = 16 * 1024
 # base64 grows 4/3; the JSON around the fields is small.
 MAX_DOCUMENT_BYTES: Final = (MAX_EVENT_LOG_BYTES + MAX_IMA_LOG_BYTES) * 4 // 3 + 1024 * 1024
@@ -174,12 +177,7 @@ def evidence_from_dict(document: object) -> Evidence:
 
 
 def load_evidence(path: str | Path) -> Evidence:
-    try:
-        with Path(path).open("rb") as stream:
-            text = stream.read(MAX_DOCUMENT_BYTES + 1)
-    except OSError as error:
-        raise AttestationError(f"cannot read evidence {path}: {error.strerror or error}") from error
-    return parse_evidence(text)
+    return parse_evidence(read_bounded(path, MAX_DOCUMENT_BYTES, "evidence", AttestationError))
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -236,16 +234,14 @@ def _pcrs_field(value: object) -> dict[str, dict[int, bytes]]:
     for bank, values in value.items():
         where = f"evidence.pcrs.{str(bank)[:32]}"
         try:
-            size = eventlog.BANKS[bank].digest_size
+            size = BANKS[bank].digest_size
             hash_algorithm_id(bank)
         except (KeyError, QuoteError):
-            raise AttestationError(
-                f"{where}: unknown bank; known: {', '.join(eventlog.BANKS)}"
-            ) from None
+            raise AttestationError(f"{where}: unknown bank; known: {', '.join(BANKS)}") from None
         if not isinstance(values, dict) or not values:
             raise AttestationError(f"{where}: must be a non-empty object of PCR -> hex")
-        if len(values) > eventlog.PCR_COUNT:
-            raise AttestationError(f"{where}: more than {eventlog.PCR_COUNT} PCRs")
+        if len(values) > PCR_COUNT:
+            raise AttestationError(f"{where}: more than {PCR_COUNT} PCRs")
         parsed: dict[int, bytes] = {}
         for index, digest in values.items():
             if (
@@ -256,9 +252,9 @@ def _pcrs_field(value: object) -> dict[str, dict[int, bytes]]:
             ):
                 raise AttestationError(f"{where}.{str(index)[:8]}: PCR must be a decimal number")
             pcr = int(index)
-            if pcr >= eventlog.PCR_COUNT or str(pcr) != index:
+            if pcr >= PCR_COUNT or str(pcr) != index:
                 raise AttestationError(
-                    f"{where}.{index}: PCR must be 0-{eventlog.PCR_COUNT - 1} without leading zeros"
+                    f"{where}.{index}: PCR must be 0-{PCR_COUNT - 1} without leading zeros"
                 )
             if not isinstance(digest, str) or len(digest) != 2 * size or not _HEX.fullmatch(digest):
                 raise AttestationError(f"{where}.{index}: must be {2 * size} lower-case hex digits")

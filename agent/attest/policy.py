@@ -22,16 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from agent.attest.eventlog import (
-    BANKS,
-    EV_SEPARATOR,
-    PCR_COUNT,
-    EventLog,
-    event_type_from_name,
-    event_type_name,
-    initial_pcr_value,
-)
-from agent.errors import AttestationError
+from agent.attest.logs.describe import EV_SEPARATOR, event_type_from_name, event_type_name
+from agent.attest.logs.eventlog import EventLog
+from agent.attest.reader import read_bounded
+from agent.attest.tpm.algorithms import BANKS, PCR_COUNT, initial_pcr_value
+from agent.errors import PolicyError
 
 POLICY_VERSION: Final = 1
 MAX_POLICY_BYTES: Final = 16 * 1024 * 1024
@@ -45,12 +40,6 @@ _TOP_LEVEL_KEYS: Final = frozenset(
 )
 # bytes.fromhex skips whitespace, which would let a short digest through the length check.
 _HEX: Final = re.compile(r"[0-9a-fA-F]*")
-
-
-class PolicyError(AttestationError):
-    """A policy document is invalid; the message names the key."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -155,12 +144,7 @@ class Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    try:
-        with Path(path).open("rb") as stream:
-            text = stream.read(MAX_POLICY_BYTES + 1)
-    except OSError as error:
-        raise PolicyError(f"cannot read policy {path}: {error.strerror or error}") from error
-    return Policy.from_json(text)
+    return Policy.from_json(read_bounded(path, MAX_POLICY_BYTES, "policy", PolicyError))
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -173,7 +157,12 @@ def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]
 
 
 def _parse_pcr(key: object, path: str) -> int:
-    if not isinstance(key, str) or not key.isdigit() or len(key) > 2 or int(key) >= PCR_COUNT:
+    if (
+        not isinstance(key, str)
+        or not (key.isascii() and key.isdigit())
+        or len(key) > 2
+        or int(key) >= PCR_COUNT
+    ):
         raise PolicyError(f"{path}.{key}: PCR must be a decimal number 0-{PCR_COUNT - 1}")
     return int(key)
 

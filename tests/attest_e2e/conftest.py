@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.attest.tpm import AttestationKey, TpmClient
+from agent.attest.tpm.client import TpmClient
+from agent.attest.tpm.keys import AttestationKey
 from tests.attest_e2e.helpers import AK_HANDLE, BootedTpm, start_booted_tpm
 
 

@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent.attest.eventlog import BANKS, Event, EventLog, parse_event_log
 from agent.attest.evidence import Evidence
-from agent.attest.tpm import AttestationKey, TpmClient
-from tests.attest_tpm.conftest import Swtpm
+from agent.attest.logs.eventlog import Event, EventLog, parse_event_log
+from agent.attest.tpm.algorithms import BANKS
+from agent.attest.tpm.client import TpmClient
+from agent.attest.tpm.keys import AttestationKey
+from tests.swtpm import Swtpm
 
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO.parent / "shared/testdata/eventlogs/tpm2-tools"

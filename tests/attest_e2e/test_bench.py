@@ -6,10 +6,10 @@ import argparse
 import json
 from typing import Any
 
-from agent.attest.bench import synthetic_event_log, synthetic_ima_list
-from agent.attest.commands import add_bench_attest, run_bench_attest
-from agent.attest.eventlog import parse_event_log
-from agent.attest.ima import parse_ima_binary
+from agent.attest.logs.eventlog import parse_event_log
+from agent.attest.logs.ima import parse_ima_binary
+from agent.bench.attest import synthetic_event_log, synthetic_ima_list
+from agent.cli.bench import add_bench_attest, run_bench_attest
 from tests.attest_e2e.helpers import run_cli
 
 SMALL = ["--rounds", "1", "--ima-entries", "500", "--event-log-kib", "16", "--quotes", "3"]

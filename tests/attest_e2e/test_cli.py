@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
 
-from agent.attest.commands import add_attest_parser, parse_pcr_selection, run_attest
-from agent.attest.eventlog import BANKS
 from agent.attest.evidence import load_evidence
+from agent.attest.tpm.algorithms import BANKS
+from agent.cli import main
+from agent.cli.attest import add_parsers as add_attest_parser
+from agent.cli.attest import parse_pcr_selection
+from agent.cli.attest import run as run_attest
 from agent.config import load_config
 from agent.errors import ValidationError
 from tests.attest_e2e.helpers import (
+    ACCELGUARD,
     SELECTION_TEXT,
     TESTDATA,
     BootedTpm,
@@ -30,6 +40,7 @@ from tests.attest_e2e.helpers import (
     with_event_digest_changed,
     write_config,
 )
+from tests.fuzzing import MUTATIONS, fuzz, mutate
 
 SHIM_EVENT = 23  # PCR 4, EV_EFI_BOOT_SERVICES_APPLICATION in the GCE log
 REAL_LOGS = sorted(path.name for path in TESTDATA.glob("*.bin"))
@@ -209,3 +220,101 @@ def test_errors_are_one_line_with_the_right_exit_code(node: Path, tmp_path: Path
                           "--event-log", str(tmp_path / "absent"))  # fmt: skip
     assert missing_log.returncode == 1
     assert "cannot read event log" in missing_log.stderr
+
+
+# --- hostile files (issue 8) ---------------------------------------------------------------------
+
+# What a file given as evidence or policy may hold instead of the document: each is refused by
+# the reader (agent/inputs.py) before the format's checks see it.
+HOSTILE_JSON = {
+    "duplicate": (
+        b'{"version": 1, "nonce": "00", "nonce": "01"}',
+        "member name 'nonce' appears twice",
+    ),
+    "nan": (b'{"version": NaN}', "NaN is not a JSON number"),
+    "deep": (b"[" * 1_000_000 + b"]" * 1_000_000, "nested deeper than 8 levels"),
+    "not-utf8": (b'{"version": 1, "nonce": "\xff"}', "not UTF-8 text"),
+    "surrogate": (b'{"pcrs": {"\\udc00": {}}}', "unpaired surrogate"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_JSON))
+@pytest.mark.parametrize("option", ["evidence", "--policy"])
+def test_hostile_json_is_one_line_exit_2(tmp_path: Path, name: str, option: str) -> None:
+    data, reason = HOSTILE_JSON[name]
+    hostile = tmp_path / f"{name}.json"
+    hostile.write_bytes(data)
+    harmless = tmp_path / "harmless.json"
+    harmless.write_text("{}")
+    if option == "evidence":
+        result = run_cli("attest", "verify", str(hostile))
+        what = "evidence"
+    else:
+        result = run_cli("attest", "verify", str(harmless), "--policy", str(hostile))
+        what = "policy"
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"accelguard: error: {what} {hostile}: "), result.stderr
+    assert reason in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+PEAK_RSS = """
+import json, resource, subprocess, sys
+result = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps([result.returncode, result.stderr,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))
+"""
+
+
+def subprocess_json(command: list[str]) -> Any:
+    completed = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+    return json.loads(completed.stdout)
+
+
+def test_evidence_of_many_small_items_is_refused_in_little_memory(tmp_path: Path) -> None:
+    """The issue's 112 MB input took 2.9 GB: within the byte cap, but 37 million dicts. The item
+    count is refused before json builds them; the child's peak RSS says what it cost."""
+    hostile = tmp_path / "items.json"
+    hostile.write_bytes(b"[" + b"{}," * 37_000_000 + b"{}]")
+    measured = subprocess_json(
+        [sys.executable, "-c", PEAK_RSS, *ACCELGUARD, "attest", "verify", str(hostile)]
+    )
+    code, stderr, peak = measured
+    assert code == 2, stderr
+    assert stderr == (
+        f"accelguard: error: evidence {hostile}: more than 1024 array elements and object members\n"
+    )
+    assert peak < 400 << 20  # the file's 111 MB read once, plus the interpreter
+
+
+def test_evidence_over_the_byte_cap_is_refused_unread(tmp_path: Path) -> None:
+    from agent.attest.evidence import MAX_DOCUMENT_BYTES  # noqa: PLC0415
+
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as stream:
+        stream.truncate(10 * MAX_DOCUMENT_BYTES)  # sparse
+    result = run_cli("attest", "verify", str(huge), timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"accelguard: error: evidence {huge}: {10 * MAX_DOCUMENT_BYTES} bytes, over the "
+        f"{MAX_DOCUMENT_BYTES}-byte limit\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def real_evidence(node: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    directory = tmp_path_factory.mktemp("fuzz")
+    return quote(node, directory / "evidence.json", os.urandom(16).hex()).read_bytes()
+
+
+@fuzz(300)
+@given(mutations=MUTATIONS)
+def test_mutated_evidence_never_raises(
+    real_evidence: bytes, tmp_path_factory: pytest.TempPathFactory, mutations: Any
+) -> None:
+    """Flipped, cut and inserted bytes of a real evidence file through the whole CLI, in
+    process: an exit code, never an exception (RecursionError, KeyError, UnicodeError...)."""
+    path = tmp_path_factory.getbasetemp() / "mutated-evidence.json"
+    path.write_bytes(mutate(real_evidence, mutations))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["attest", "verify", str(path)]) in (0, 1, 2)

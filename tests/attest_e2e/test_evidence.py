@@ -1,6 +1,6 @@
 """The evidence document parser: strict, bounded, and only ever raising AttestationError.
 
-The documents here are built in software (agent.attest.bench's quote signed by a P-256 key
+The documents here are built in software (agent.bench.attest's quote signed by a P-256 key
 shaped like an AK) so the parser and the verifier can be fuzzed without a TPM.
 """
 
@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.attest.bench import software_quote
 from agent.attest.evidence import (
     MAX_DOCUMENT_BYTES,
     MAX_NONCE_BYTES,
@@ -24,7 +23,8 @@ from agent.attest.evidence import (
     evidence_from_dict,
     parse_evidence,
 )
-from agent.attest.verify import verify_evidence
+from agent.attest.verify.engine import verify_evidence
+from agent.bench.attest import software_quote
 from agent.errors import AttestationError
 from tests.attest_e2e.helpers import boot_measurements, ima_list, real_log
 from tests.fuzzing import fuzz

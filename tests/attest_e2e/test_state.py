@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.attest.quote import ClockState
-from agent.attest.verify import (
-    ImaProgress,
-    VerifierState,
-    load_state,
-    open_state,
-    save_state,
-)
+from agent.attest.tpm.checks import ClockState
+from agent.attest.verify.report import ImaProgress
+from agent.attest.verify.state import VerifierState, load_state, open_state, save_state
 from agent.errors import AttestationError
 
 NAME = b"\x00\x0b" + bytes(range(32))

@@ -14,19 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.attest.eventlog import parse_event_log
 from agent.attest.evidence import Evidence, parse_evidence
-from agent.attest.ima import parse_ima_binary
+from agent.attest.logs.eventlog import parse_event_log
+from agent.attest.logs.ima import parse_ima_binary
 from agent.attest.policy import make_policy
-from agent.attest.quote import decode_attest
-from agent.attest.tpm import AkAlgorithm, AttestationKey, TpmClient
-from agent.attest.verify import (
-    Check,
-    VerificationReport,
-    load_state,
-    open_state,
-    verify_evidence,
-)
+from agent.attest.tpm.client import TpmClient
+from agent.attest.tpm.keys import AkAlgorithm, AttestationKey
+from agent.attest.tpm.wire import decode_attest
+from agent.attest.verify.engine import verify_evidence
+from agent.attest.verify.report import Check, VerificationReport
+from agent.attest.verify.state import load_state, open_state
 from tests.attest_e2e.helpers import (
     AK_HANDLE,
     SELECTION,

@@ -19,8 +19,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.attest.eventlog import (
-    BANKS,
+from agent.attest.logs.eventlog import (
     MAX_EVENT_DATA_BYTES,
     MAX_EVENTS,
     MAX_LOG_BYTES,
@@ -29,6 +28,7 @@ from agent.attest.eventlog import (
     parse_event_log,
     read_event_log,
 )
+from agent.attest.tpm.algorithms import BANKS
 from agent.errors import EventLogError
 from tests.fuzzing import MUTATIONS, fuzz, mutate, random_mutations
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.attest.ima import (
+from agent.attest.logs.ima import (
     MAX_TEMPLATE_DATA_BYTES,
     ImaEntry,
     parse_ima_ascii,

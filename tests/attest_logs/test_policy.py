@@ -10,16 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.attest.eventlog import EventLog, parse_event_log
+from agent.attest.logs.eventlog import EventLog, parse_event_log
 from agent.attest.policy import (
     Policy,
-    PolicyError,
     PolicyFinding,
     evaluate,
     load_policy,
     make_policy,
 )
-from agent.errors import AttestationError
+from agent.errors import AttestationError, PolicyError
 from tests.fuzzing import fuzz
 
 TESTDATA = Path(__file__).resolve().parents[2].parent / "shared/testdata/eventlogs/tpm2-tools"
@@ -356,3 +355,10 @@ def test_to_dict_is_json() -> None:
     assert set(document["golden_pcrs"]) == {"sha1", "sha256"}
     finding = PolicyFinding("pcr-mismatch", "x", pcr=1)
     assert json.loads(json.dumps(finding.to_dict()))["pcr"] == 1
+
+
+@pytest.mark.parametrize("key", ["²", "1٠", "١"])  # noqa: RUF001 - the point of the test
+def test_non_ascii_digit_pcr_keys_are_refused_not_crashed(key: str) -> None:
+    document = {"version": 1, "golden_pcrs": {"sha256": {key: "00" * 32}}}
+    with pytest.raises(AttestationError, match="PCR"):
+        Policy.from_dict(document)

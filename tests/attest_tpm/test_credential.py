@@ -10,8 +10,10 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agent.attest.quote import decode_public, kdf_a, make_credential
-from agent.attest.tpm import AttestationKey, TpmClient
+from agent.attest.tpm.client import TpmClient
+from agent.attest.tpm.credential import kdf_a, make_credential
+from agent.attest.tpm.keys import AttestationKey
+from agent.attest.tpm.wire import decode_public
 from agent.errors import AttestationError, QuoteError, TpmError
 
 

@@ -13,18 +13,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.attest.quote import (
-    check_ak_attributes,
+from agent.attest.tpm.checks import check_ak_attributes, verify_quote
+from agent.attest.tpm.client import TpmClient
+from agent.attest.tpm.credential import make_credential
+from agent.attest.tpm.keys import AkAlgorithm
+from agent.attest.tpm.wire import (
     compute_name,
     decode_attest,
     decode_public,
     decode_public_area,
     decode_quote_info,
     decode_signature,
-    make_credential,
-    verify_quote,
 )
-from agent.attest.tpm import AkAlgorithm, TpmClient
 from agent.errors import AttestationError, QuoteError
 
 SELECTION = {"sha1": list(range(24)), "sha256": list(range(24))}

@@ -14,17 +14,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from agent.attest.quote import (
+from agent.attest.tpm.checks import (
     AK_ATTRIBUTES,
-    ATTR_DECRYPT,
-    ATTR_RESTRICTED,
     QuoteCheckResult,
     Reason,
     check_ak_attributes,
-    decode_attest,
     verify_quote,
 )
-from agent.attest.tpm import AttestationKey, Quote, TpmClient
+from agent.attest.tpm.client import Quote, TpmClient
+from agent.attest.tpm.keys import AttestationKey
+from agent.attest.tpm.wire import ATTR_DECRYPT, ATTR_RESTRICTED, decode_attest
 from agent.errors import QuoteError
 
 SELECTION = {"sha1": list(range(24)), "sha256": list(range(24))}

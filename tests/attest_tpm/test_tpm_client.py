@@ -15,23 +15,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.attest.quote import (
-    AK_ATTRIBUTES,
-    Reason,
-    check_ak_attributes,
-    compute_name,
-    decode_public,
-    verify_quote,
-)
-from agent.attest.tpm import (
+from agent.attest.tpm.checks import AK_ATTRIBUTES, Reason, check_ak_attributes, verify_quote
+from agent.attest.tpm.client import TpmClient
+from agent.attest.tpm.keys import (
     DEFAULT_AK_HANDLE,
     EK_CERTIFICATE_NV_INDEX,
     EK_PERSISTENT_HANDLE,
     AkAlgorithm,
     AttestationKey,
     AttestationKeyBlob,
-    TpmClient,
 )
+from agent.attest.tpm.wire import compute_name, decode_public
 from agent.errors import TpmError
 
 ALL_PCRS = {"sha1": list(range(24)), "sha256": list(range(24))}

@@ -24,6 +24,10 @@ hash zero-padded to the bank's size: ``legacy_padded_sha1=True``.
 
 Violations (a file measured while open for write, or vice versa) are listed with an all-zero
 template hash and extend the PCR with all ``0xFF`` of the bank's size (``ima_add_violation``).
+
+Why this module is over 600 lines: both list formats build the same :class:`ImaEntry` from the
+same template table with the same checks, and :func:`read_ima_log` picks between them; an ASCII
+parser in a module of its own would import all of that back.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from agent.attest.eventlog import BANKS, HashBank
+from agent.attest.reader import ByteReader, read_bounded
+from agent.attest.tpm.algorithms import BANKS, PCR_COUNT, HashAlgorithm
 from agent.errors import ImaLogError
 
 # Bounds for hostile input. A busy server's list reaches a few hundred thousand entries.
@@ -50,7 +55,6 @@ IMA_EVENT_NAME_LEN_MAX: Final = 255
 MAX_ASCII_LINE_BYTES: Final = 2 * MAX_TEMPLATE_DATA_BYTES + 4096
 # CONFIG_IMA_MEASURE_PCR_IDX default.
 IMA_DEFAULT_PCR: Final = 10
-PCR_COUNT: Final = 24
 
 SourceFormat = Literal["ascii", "binary"]
 # Builds the error for the line being parsed, prefixed with its entry index and offset.
@@ -105,7 +109,7 @@ def template_field_ids(template_name: str) -> tuple[str, ...] | None:
     return None
 
 
-def _bank(name: str) -> HashBank:
+def _bank(name: str) -> HashAlgorithm:
     bank = BANKS.get(name)
     if bank is None:
         raise ImaLogError(f"unknown hash bank {name!r}; known: {', '.join(BANKS)}")
@@ -300,7 +304,7 @@ def replay(
     return value
 
 
-def _extended_digest(entry: ImaEntry, bank: HashBank, legacy_padded_sha1: bool) -> bytes:
+def _extended_digest(entry: ImaEntry, bank: HashAlgorithm, legacy_padded_sha1: bool) -> bytes:
     if legacy_padded_sha1 and bank.name != entry.template_hash_bank:
         if entry.template_hash_bank != "sha1":
             raise ImaLogError(
@@ -318,29 +322,19 @@ def _extended_digest(entry: ImaEntry, bank: HashBank, legacy_padded_sha1: bool) 
 # --- Parsing ---
 
 
-class _Cursor:
-    __slots__ = ("data", "offset")
+_SHORTFALL: Final = (
+    "{what} needs {needed} bytes but only {remaining} remain (truncated list or corrupt length "
+    "field)"
+)
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.offset = 0
 
-    @property
-    def remaining(self) -> int:
-        return len(self.data) - self.offset
+def _entry_reader(data: bytes, index: int) -> ByteReader:
+    """A little-endian reader whose errors name entry ``index`` and the offset in ``data``."""
 
-    def take(self, size: int, index: int, what: str) -> bytes:
-        if size > self.remaining:
-            raise ImaLogError(
-                f"entry {index} (offset {self.offset}): {what} needs {size} bytes but only "
-                f"{self.remaining} remain (truncated list or corrupt length field)"
-            )
-        chunk = self.data[self.offset : self.offset + size]
-        self.offset += size
-        return chunk
+    def error(at: int, message: str) -> ImaLogError:
+        return ImaLogError(f"entry {index} (offset {at}): {message}")
 
-    def u32(self, index: int, what: str) -> int:
-        return int.from_bytes(self.take(4, index, what), "little")
+    return ByteReader(data, byteorder="little", error=error, shortfall=_SHORTFALL)
 
 
 def _as_bytes(data: object, what: str) -> bytes:
@@ -420,44 +414,50 @@ def parse_ima_binary(
     _check_size(raw)
     _check_first_index(first_index)
     hash_size = _bank(template_hash_bank).digest_size
-    cursor = _Cursor(raw)
     entries: list[ImaEntry] = []
+    index = first_index
+
+    def error(at: int, message: str) -> ImaLogError:
+        # Reads the loop's current ``index``: one reader serves the whole list.
+        return ImaLogError(f"entry {index} (offset {at}): {message}")
+
+    cursor = ByteReader(raw, byteorder="little", error=error, shortfall=_SHORTFALL)
     while cursor.remaining:
         index = first_index + len(entries)
         if len(entries) >= MAX_ENTRIES:
             raise ImaLogError(f"entry {index}: more than {MAX_ENTRIES} entries")
         offset = cursor.offset
-        pcr = cursor.u32(index, "PCR")
+        pcr = cursor.u32("PCR")
         _check_pcr(pcr, index)
-        template_hash = cursor.take(hash_size, index, "template hash")
-        name_size = cursor.u32(index, "template name length")
+        template_hash = cursor.take(hash_size, "template hash")
+        name_size = cursor.u32("template name length")
         if name_size > MAX_TEMPLATE_NAME_BYTES:
             raise ImaLogError(
                 f"entry {index} (offset {offset}): template name length {name_size} is over "
                 f"{MAX_TEMPLATE_NAME_BYTES}"
             )
-        name = _check_template_name(cursor.take(name_size, index, "template name"), index)
+        name = _check_template_name(cursor.take(name_size, "template name"), index)
         if name == "ima":
             # ima_measurements_show: no template data length for `ima`, the digest without a
             # length, the name with its strlen and without the NUL.
-            digest = cursor.take(20, index, "file digest")
-            file_name_size = cursor.u32(index, "file name length")
+            digest = cursor.take(20, "file digest")
+            file_name_size = cursor.u32("file name length")
             if file_name_size > IMA_EVENT_NAME_LEN_MAX:
                 raise ImaLogError(
                     f"entry {index} (offset {offset}): `ima` template file name length "
                     f"{file_name_size} is over {IMA_EVENT_NAME_LEN_MAX}"
                 )
-            file_name = cursor.take(file_name_size, index, "file name")
+            file_name = cursor.take(file_name_size, "file name")
             fields: tuple[bytes, ...] = (digest, file_name + b"\x00")
             field_ids: tuple[str, ...] | None = TEMPLATE_FIELDS["ima"]
         else:
-            data_size = cursor.u32(index, "template data length")
+            data_size = cursor.u32("template data length")
             if data_size > MAX_TEMPLATE_DATA_BYTES:
                 raise ImaLogError(
                     f"entry {index} (offset {offset}): template data length {data_size} is over "
                     f"{MAX_TEMPLATE_DATA_BYTES}"
                 )
-            template_data = cursor.take(data_size, index, "template data")
+            template_data = cursor.take(data_size, "template data")
             fields = _split_fields(template_data, index)
             field_ids = template_field_ids(name)
             if field_ids is not None and len(field_ids) != len(fields):
@@ -475,13 +475,13 @@ def parse_ima_binary(
 
 
 def _split_fields(template_data: bytes, index: int) -> tuple[bytes, ...]:
-    cursor = _Cursor(template_data)
+    cursor = _entry_reader(template_data, index)
     fields: list[bytes] = []
     while cursor.remaining:
         if len(fields) >= MAX_FIELDS:
             raise ImaLogError(f"entry {index}: more than {MAX_FIELDS} template fields")
-        size = cursor.u32(index, f"template field {len(fields)} length")
-        fields.append(cursor.take(size, index, f"template field {len(fields)}"))
+        size = cursor.u32(f"template field {len(fields)} length")
+        fields.append(cursor.take(size, f"template field {len(fields)}"))
     return tuple(fields)
 
 
@@ -620,14 +620,13 @@ def read_ima_log(path: str | Path, *, binary: bool | None = None, first_index: i
     Kernels with per-bank lists (``binary_runtime_measurements_sha256``, Linux 6.x) list the
     template hash of the bank named by the suffix; the suffix selects it here.
     """
-    try:
-        with Path(path).open("rb") as stream:
-            data = stream.read(MAX_LOG_BYTES + 1)
-    except OSError as error:
-        raise ImaLogError(
-            f"cannot read IMA measurement list {path}: {error.strerror or error}"
-            " (is securityfs mounted and IMA enabled? reading it needs root)"
-        ) from error
+    data = read_bounded(
+        path,
+        MAX_LOG_BYTES,
+        "IMA measurement list",
+        ImaLogError,
+        hint=" (is securityfs mounted and IMA enabled? reading it needs root)",
+    )
     name = Path(path).name
     suffix = name.rpartition("_runtime_measurements_")[2] if "_measurements_" in name else ""
     template_hash_bank = suffix if suffix in BANKS else "sha1"

@@ -5,7 +5,12 @@ or a ``TSS2_Exception``; every TPM failure becomes a :class:`~agent.errors.TpmEr
 which command failed. ESAPI calls block and an ESAPI context is not thread-safe, so the daemon
 drives one :class:`TpmClient` from one executor thread at a time.
 
-Keys (see docs/attestation-tpm.md):
+Why this module is over 600 lines: it is one class around one ESAPI context, whose methods share
+that context, its loaded-object caches and ``_translated``. Splitting it would spread the TSS
+boundary over several modules; what needs no TSS (key values, decoding, checks) is already
+elsewhere in ``tpm/``.
+
+Keys (see docs/attestation-tpm.md; their value types and recognition rules are in ``keys.py``):
 
 * The endorsement key is the TCG EK Credential Profile default RSA-2048 key (template L-1),
   taken from the persistent handle 0x81010001 when a matching one is there, else re-created (it
@@ -22,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Any, Final
 
 from tpm2_pytss import ESAPI, TSS2_Exception
@@ -52,55 +56,39 @@ from tpm2_pytss.types import (
     TPMU_HA,
 )
 
-from agent.attest.quote import (
-    AK_ATTRIBUTES,
-    ALG_ECC,
-    ALG_RSA,
-    ECC_NIST_P256,
-    Credential,
-    EccParameters,
+from agent.attest.tpm.algorithms import PCR_COUNT, bank_name, digest_size, hash_algorithm_id
+from agent.attest.tpm.checks import AK_ATTRIBUTES, check_ak_attributes
+from agent.attest.tpm.keys import (
+    DEFAULT_AK_HANDLE,
+    EK_CERTIFICATE_NV_INDEX,
+    EK_PERSISTENT_HANDLE,
+    AkAlgorithm,
+    AttestationKey,
+    AttestationKeyBlob,
+    EndorsementKey,
+    algorithm_of,
+    check_persistent_handle,
+    der_length,
+    parse_ak_algorithm,
+    same_key_template,
+)
+from agent.attest.tpm.wire import (
     PcrBankSelection,
-    RsaParameters,
-    bank_name,
-    check_ak_attributes,
     compute_name,
     decode_attest,
     decode_public,
-    digest_size,
-    hash_algorithm_id,
-    make_credential,
     normalise_selection,
     pcr_digest,
 )
 from agent.errors import QuoteError, TpmError
 
-__all__ = [
-    "DEFAULT_AK_HANDLE",
-    "EK_CERTIFICATE_NV_INDEX",
-    "EK_PERSISTENT_HANDLE",
-    "AkAlgorithm",
-    "AttestationKey",
-    "AttestationKeyBlob",
-    "Credential",
-    "EndorsementKey",
-    "Quote",
-    "TpmClient",
-    "make_credential",
-]
+__all__ = ["Quote", "TpmClient"]
 
-#: TCG "Registry of Reserved TPM 2.0 Handles and Localities": RSA EK and the usual AK slot.
-EK_PERSISTENT_HANDLE: Final = 0x81010001
-DEFAULT_AK_HANDLE: Final = 0x81010002
-#: TCG EK Credential Profile: the NV index of the RSA-2048 EK certificate.
-EK_CERTIFICATE_NV_INDEX: Final = 0x01C00002
 # TCG EK Credential Profile, policy A: PolicySecret(TPM_RH_ENDORSEMENT). Using the EK (to create
 # or load its children, or to activate a credential) needs a policy session that satisfies it.
 _EK_POLICY_A: Final = bytes.fromhex(
     "837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa"
 )
-# Owner-authorised persistent objects live in 0x81000000-0x817FFFFF (Part 2 TPM2_EvictControl).
-_PERSISTENT_FIRST: Final = 0x81000000
-_PERSISTENT_LAST_OWNER: Final = 0x817FFFFF
 # TPML_DIGEST holds at most 8 digests, so TPM2_PCR_Read returns at most 8 PCRs per call.
 _PCR_READ_ATTEMPTS: Final = 5
 _QUOTE_ATTEMPTS: Final = 3
@@ -108,64 +96,6 @@ _MAX_NONCE: Final = 64
 _MAX_CREDENTIAL_BLOB: Final = 2 + 64 + 2 + 64  # sizeof(TPMS_ID_OBJECT) with SHA-512
 _MAX_ENCRYPTED_SECRET: Final = 512  # sizeof(TPMU_ENCRYPTED_SECRET) with RSA-4096
 _MAX_EK_CERTIFICATE: Final = 16384
-
-
-class AkAlgorithm(StrEnum):
-    """Key type of the attestation key; the signing scheme is always SHA-256."""
-
-    ECC_P256 = "ecc-p256"
-    RSA_2048 = "rsa-2048"
-
-
-@dataclass(frozen=True)
-class EndorsementKey:
-    """The EK: its TPM2B_PUBLIC, its Name, and its certificate (DER) if the TPM holds one."""
-
-    public: bytes
-    name: bytes
-    certificate: bytes | None
-    persistent_handle: int | None
-
-
-@dataclass(frozen=True)
-class AttestationKeyBlob:
-    """A TPM2_Create result: the AK's TPM2B_PUBLIC and TPM2B_PRIVATE (wrapped by the EK).
-
-    The private part is only usable inside the TPM that made it, so the blob may be kept in a
-    plain 0600 file and loaded again after a reboot with :meth:`TpmClient.load_attestation_key`.
-    """
-
-    public: bytes
-    private: bytes
-
-    def to_bytes(self) -> bytes:
-        return self.public + self.private
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> AttestationKeyBlob:
-        """Split TPM2B_PUBLIC || TPM2B_PRIVATE; TpmError if the bytes are not that."""
-        if len(data) < 4:
-            raise TpmError("saved attestation key is truncated: expected two TPM2B structures")
-        public_size = 2 + int.from_bytes(data[:2], "big")
-        private_size = 2 + int.from_bytes(data[public_size : public_size + 2], "big")
-        if public_size + private_size != len(data):
-            raise TpmError(
-                "saved attestation key is malformed: sizes do not add up to "
-                f"{len(data)} bytes; delete it and create a new AK"
-            )
-        return cls(data[:public_size], data[public_size:])
-
-
-@dataclass(frozen=True)
-class AttestationKey:
-    """An AK loaded in the TPM. ``handle`` is the TPM handle (persistent 0x81... or transient)."""
-
-    handle: int
-    public: bytes
-    name: bytes
-    algorithm: AkAlgorithm
-    persistent: bool
-    blob: AttestationKeyBlob | None
 
 
 @dataclass(frozen=True)
@@ -233,45 +163,6 @@ def _ek_template() -> Any:
     rsa.exponent = 0
     area.unique.rsa = b"\0" * 256
     return TPM2B_PUBLIC(publicArea=area)
-
-
-def _algorithm_of(public: bytes) -> AkAlgorithm | None:
-    area = decode_public(public)
-    params = area.parameters
-    if area.type == ALG_ECC and isinstance(params, EccParameters):
-        return AkAlgorithm.ECC_P256 if params.curve_id == ECC_NIST_P256 else None
-    if area.type == ALG_RSA and isinstance(params, RsaParameters):
-        return AkAlgorithm.RSA_2048 if params.key_bits == 2048 else None
-    return None  # pragma: no cover - decode_public only returns RSA or ECC
-
-
-def _same_key_template(public: bytes, template: bytes) -> bool:
-    """True if two TPM2B_PUBLIC differ at most in their ``unique`` field (the key itself)."""
-    try:
-        a, b = decode_public(public), decode_public(template)
-    except QuoteError:
-        return False
-    if not isinstance(a.parameters, RsaParameters) or not isinstance(b.parameters, RsaParameters):
-        return False
-    return (a.type, a.name_alg, a.object_attributes, a.auth_policy) == (
-        b.type,
-        b.name_alg,
-        b.object_attributes,
-        b.auth_policy,
-    ) and replace(a.parameters, modulus=b"") == replace(b.parameters, modulus=b"")
-
-
-def _der_length(data: bytes) -> int | None:
-    """Length of the DER element at the start of ``data`` (EK certificates are often padded)."""
-    if len(data) < 2 or data[0] != 0x30:
-        return None
-    first = data[1]
-    if first < 0x80:
-        return 2 + first
-    count = first & 0x7F
-    if count == 0 or count > 4 or len(data) < 2 + count:
-        return None
-    return 2 + count + int.from_bytes(data[2 : 2 + count], "big")
 
 
 def _selection_structure(selection: Mapping[int, tuple[int, ...]]) -> Any:
@@ -372,7 +263,7 @@ class TpmClient:
         esys = self._context()
         template = _ek_template()
         persisted = self._persistent_object(EK_PERSISTENT_HANDLE)
-        if persisted is not None and _same_key_template(persisted[1], template.marshal()):
+        if persisted is not None and same_key_template(persisted[1], template.marshal()):
             handle, public, persistent = persisted[0], persisted[1], EK_PERSISTENT_HANDLE
             self._ek_transient = False
         else:
@@ -422,9 +313,9 @@ class TpmClient:
                 esys.tr_close(nv_handle)
         if certificate is None:
             return None
-        der_length = _der_length(bytes(certificate))
-        if der_length is not None and der_length <= len(certificate):
-            return bytes(certificate[:der_length])
+        length = der_length(bytes(certificate))
+        if length is not None and length <= len(certificate):
+            return bytes(certificate[:length])
         return bytes(certificate)
 
     def _read_nv(self, nv_handle: Any) -> bytes | None:
@@ -485,7 +376,7 @@ class TpmClient:
     ) -> AttestationKey:
         """Create a new AK under the EK and load it (transient; see :meth:`persist_attestation_key`
         or keep :attr:`AttestationKey.blob` to reload it after a restart)."""
-        algorithm = _ak_algorithm(algorithm)
+        algorithm = parse_ak_algorithm(algorithm)
         ek_handle, _ = self._endorsement()
         esys = self._context()
         with (
@@ -502,7 +393,7 @@ class TpmClient:
         """Load an AK created earlier by this TPM (TpmError if the blob is not an AK)."""
         try:
             violations = check_ak_attributes(blob.public)
-            algorithm = _algorithm_of(blob.public)
+            algorithm = algorithm_of(blob.public)
             name = compute_name(blob.public)
         except QuoteError as exc:
             raise TpmError(f"saved attestation key is malformed: {exc}") from exc
@@ -530,7 +421,7 @@ class TpmClient:
         self, key: AttestationKey, handle: int = DEFAULT_AK_HANDLE
     ) -> AttestationKey:
         """Make a loaded AK persistent at ``handle`` (TPM2_EvictControl with owner auth)."""
-        _check_persistent_handle(handle)
+        check_persistent_handle(handle)
         if key.persistent:
             raise TpmError(f"attestation key is already persistent at 0x{key.handle:08x}")
         esys = self._context()
@@ -542,14 +433,14 @@ class TpmClient:
 
     def attestation_key_at(self, handle: int = DEFAULT_AK_HANDLE) -> AttestationKey | None:
         """The AK persisted at ``handle``, None if the handle is empty, TpmError if not an AK."""
-        _check_persistent_handle(handle)
+        check_persistent_handle(handle)
         found = self._persistent_object(handle)
         if found is None:
             return None
         public = found[1]
         try:
             violations = check_ak_attributes(public)
-            algorithm = _algorithm_of(public)
+            algorithm = algorithm_of(public)
             name = compute_name(public)
         except QuoteError as exc:
             raise TpmError(f"object at 0x{handle:08x} has an unusable public area: {exc}") from exc
@@ -565,7 +456,7 @@ class TpmClient:
         self, handle: int = DEFAULT_AK_HANDLE, algorithm: AkAlgorithm = AkAlgorithm.ECC_P256
     ) -> AttestationKey:
         """The AK at ``handle``, creating and persisting one there first if the handle is empty."""
-        algorithm = _ak_algorithm(algorithm)
+        algorithm = parse_ak_algorithm(algorithm)
         existing = self.attestation_key_at(handle)
         if existing is not None:
             if existing.algorithm != algorithm:
@@ -662,8 +553,8 @@ class TpmClient:
 
     def extend_pcr(self, index: int, digests: Mapping[str, bytes]) -> None:
         """TPM2_PCR_Extend PCR ``index`` with one digest per bank, e.g. ``{"sha256": d}``."""
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 23:
-            raise TpmError(f"PCR index {index!r} is outside 0..23")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < PCR_COUNT:
+            raise TpmError(f"PCR index {index!r} is outside 0..{PCR_COUNT - 1}")
         if not digests:
             raise TpmError("extend_pcr needs at least one bank digest")
         entries = []
@@ -758,21 +649,3 @@ def _normalised(selection: Mapping[str, Iterable[int]]) -> dict[int, tuple[int, 
         return normalise_selection({bank: list(indices) for bank, indices in selection.items()})
     except (QuoteError, AttributeError, TypeError) as exc:
         raise TpmError(f"invalid PCR selection {selection!r}: {exc}") from exc
-
-
-def _ak_algorithm(value: str) -> AkAlgorithm:
-    try:
-        return AkAlgorithm(value)
-    except ValueError:
-        known = ", ".join(a.value for a in AkAlgorithm)
-        raise TpmError(f"unknown AK algorithm {value!r}: expected one of {known}") from None
-
-
-def _check_persistent_handle(handle: int) -> None:
-    if isinstance(handle, bool) or not isinstance(handle, int):
-        raise TpmError(f"persistent handle must be an integer, not {handle!r}")
-    if not _PERSISTENT_FIRST <= handle <= _PERSISTENT_LAST_OWNER:
-        raise TpmError(
-            f"persistent handle 0x{handle:08x} is outside the owner range "
-            f"0x{_PERSISTENT_FIRST:08x}-0x{_PERSISTENT_LAST_OWNER:08x}"
-        )

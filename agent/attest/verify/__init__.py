@@ -1,0 +1,1 @@
+"""Verifier side of attestation: one evidence document against quote, logs and policy."""
