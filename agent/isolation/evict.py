@@ -46,11 +46,11 @@ from pathlib import Path
 
 import structlog
 
-from agent.errors import AccelguardError
+from agent.errors import EvictionError, ScanError
 from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode
 from agent.isolation.cgroups import cgroup_hierarchy, hierarchy_mounts, read_mounts
 
-log = structlog.get_logger("accelguard.evict")
+log = structlog.get_logger(__name__)
 
 # The pids NVML reports on the partition (the driver's own view of who holds it).
 NvmlHolders = Callable[[], Awaitable[set[int]]]
@@ -73,24 +73,16 @@ def _has_ptrace_capability() -> bool:
     return False
 
 
-class EvictionError(AccelguardError):
-    """The partition cannot be proven free of holders: it must not be scrubbed or reused."""
-
-
-class ScanError(EvictionError):
-    """A live process's descriptors or memory maps could not be read."""
-
-    def __init__(self, pid: int, what: str, error: OSError) -> None:
-        hint = ""
-        if error.errno in (errno.EACCES, errno.EPERM):
-            hint = (
-                " (refused despite CAP_SYS_PTRACE: a security module or sandbox hides it)"
-                if _has_ptrace_capability()
-                else " (the agent needs CAP_SYS_PTRACE to read other users' processes)"
-            )
-        self.pid = pid
-        self.detail = f"cannot read /proc/{pid}/{what}: {error.strerror}{hint}"
-        super().__init__(f"the holder scan {self.detail}; the partition cannot be proven free")
+def _scan_error(pid: int, what: str, error: OSError) -> ScanError:
+    """The ScanError for an unreadable ``/proc/<pid>/<what>``, saying why it may be refused."""
+    hint = ""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        hint = (
+            " (refused despite CAP_SYS_PTRACE: a security module or sandbox hides it)"
+            if _has_ptrace_capability()
+            else " (the agent needs CAP_SYS_PTRACE to read other users' processes)"
+        )
+    return ScanError(pid, what, error, hint)
 
 
 @dataclass
@@ -177,7 +169,7 @@ def _descriptor_nodes(
     except OSError as error:
         if error.errno in _GONE:
             return None
-        raise ScanError(pid, "fd", error) from error
+        raise _scan_error(pid, "fd", error) from error
     held: set[DeviceNode] = set()
     by_rdev = targets.by_rdev
     try:
@@ -191,14 +183,14 @@ def _descriptor_nodes(
             except OSError as error:
                 if error.errno in _GONE:
                     continue  # closed meanwhile (or the process exited: its maps say so)
-                raise ScanError(pid, f"fd/{name}", error) from error
+                raise _scan_error(pid, f"fd/{name}", error) from error
             node = by_rdev.get(info.st_rdev)
             if node is not None and stat.S_ISCHR(info.st_mode):
                 held.add(node)
     except OSError as error:
         if error.errno in _GONE:
             return None
-        raise ScanError(pid, "fd", error) from error
+        raise _scan_error(pid, "fd", error) from error
     finally:
         os.close(directory)
     return held
@@ -211,7 +203,7 @@ def _mapped_nodes(pid: int, targets: NodeTargets, proc_root: Path) -> set[Device
     except OSError as error:
         if error.errno in _GONE:
             return None
-        raise ScanError(pid, "maps", error) from error
+        raise _scan_error(pid, "maps", error) from error
     held: set[DeviceNode] = set()
     # Most processes map none of the node files: one substring test per node file tells.
     if not any(b" " + inode in data for inode in targets.mapped_inodes):

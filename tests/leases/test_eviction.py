@@ -3,32 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
-from tests.leases.conftest import tenant_cgroup
-from tests.support import ACCELGUARD, REPO, RunningAgent, wait_all_clean
-
-
-def _hold(agent: RunningAgent, partition: str, *extra: str) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [*ACCELGUARD, "--config", str(agent.config_path), "sim", "hold", "--partition", partition,
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("holding"), process.stderr.read() if process.stderr else line
-    return process
-
-
-def reap(process: subprocess.Popen[str]) -> int:
-    """Wait for an evicted holder and close its pipes; returns its exit status."""
-    code = process.wait(timeout=30)
-    for pipe in (process.stdout, process.stderr):
-        if pipe is not None:
-            pipe.close()
-    return code
+from tests.leases.helpers import any_tenant_cgroup, hold, holding, reap, tenant_cgroup
+from tests.support import RunningAgent, wait_all_clean
 
 
 def test_release_evicts_holders_then_scrubs(
@@ -42,10 +20,10 @@ def test_release_evicts_holders_then_scrubs(
         "lease", "grant", "--tenant", "erin", "--profile", "1g.10gb", "--cgroup", str(cgroup)
     )
     partition = grant["partition"]["uuid"]
-    polite = _hold(agent, partition, "--cgroup", str(cgroup))
-    stubborn = _hold(agent, partition, "--cgroup", str(cgroup), "--ignore-sigterm")
+    polite = hold(agent, partition, "--cgroup", str(cgroup))
+    stubborn = hold(agent, partition, "--cgroup", str(cgroup), "--ignore-sigterm")
     # A process outside the tenant's cgroup that NVML reports on the instance.
-    outsider = _hold(agent, partition)
+    outsider = hold(agent, partition)
     members = (cgroup / "cgroup.procs").read_text().split()
     assert str(polite.pid) in members and str(stubborn.pid) in members
     assert str(outsider.pid) not in members
@@ -71,3 +49,33 @@ def test_release_evicts_holders_then_scrubs(
         if e["event"] == "partition_scrubbed" and e["lease"] == grant["lease"]["id"]
     )  # fmt: skip
     assert scrubbed["coverage"] == 1.0
+
+
+def test_release_spares_the_processes_of_the_cgroups_other_lease(
+    lease_agent: RunningAgent, cgroup_parents: dict[str, Path]
+) -> None:
+    agent = lease_agent
+    agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=2")
+    wait_all_clean(agent)
+    cgroup = any_tenant_cgroup(cgroup_parents, "tenant-two")
+    first, second = (
+        agent.cli_json(
+            "lease", "grant", "--tenant", "tess", "--profile", "1g.10gb", "--cgroup", str(cgroup)
+        )
+        for _ in range(2)
+    )
+    on_first = hold(agent, first["partition"]["uuid"], "--cgroup", str(cgroup))
+    on_second = hold(agent, second["partition"]["uuid"], "--cgroup", str(cgroup))
+    dev = Path(agent.config.devices.dev_root)
+    # A process of the job on the second lease that, like every CUDA process, holds the nodes
+    # both leases share: releasing the first lease is no reason to kill it.
+    with holding([dev / "nvidiactl", dev / "nvidia-uvm", dev / "nvidia0"], cgroup) as sharer:
+        released = agent.cli_json("lease", "release", first["lease"]["id"])
+        assert released["state"] == "free" and released["clean"] is True, released
+        assert reap(on_first) == -15
+        assert on_second.poll() is None and sharer.poll() is None
+        # The cgroup's last lease: now every process of it holding any NVIDIA node goes.
+        released = agent.cli_json("lease", "release", second["lease"]["id"])
+        assert released["state"] == "free" and released["clean"] is True, released
+        assert reap(on_second) == -15
+        assert sharer.wait(timeout=30) == -15
