@@ -167,7 +167,7 @@ class EnrollResult:
 
 
 def _scrub_key_pem(config: Config) -> str:
-    from agent.scrub.certificate import NODE_KEY_FILE, NodeKey  # noqa: PLC0415
+    from agent.identity.node_key import NODE_KEY_FILE, NodeKey  # noqa: PLC0415
 
     path = config.node.state_dir / NODE_KEY_FILE
     if not path.exists():

@@ -1,0 +1,69 @@
+"""``accelguard ctl``'s side of the controller's admin socket: a thin synchronous client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from agent.errors import (
+    AccelguardError,
+    DaemonUnavailableError,
+    LinkError,
+    NotFoundError,
+    ValidationError,
+)
+from agent.proto.accelguard.v1 import controller_pb2 as pb
+from agent.proto.accelguard.v1 import controller_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+_ERROR_FOR: dict[grpc.StatusCode, type[AccelguardError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+}
+
+
+class ControllerClient:
+    def __init__(self, socket: Path, timeout_s: float = 30.0) -> None:
+        self._socket = socket
+        self._timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(f"unix:{socket}")
+        self._stub = pb_grpc.ControllerAdminStub(self._channel)
+
+    def __enter__(self) -> ControllerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, response: type[T]) -> T:
+        try:
+            result = method(request, timeout=self._timeout_s)
+        except grpc.RpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.UNAVAILABLE and not self._socket.exists():
+                raise DaemonUnavailableError(
+                    f"cannot reach the controller at {self._socket}: is "
+                    "`accelguard controller serve` running?"
+                ) from None
+            raise _ERROR_FOR.get(code, LinkError)(error.details() or code.name) from None
+        if not isinstance(result, response):
+            raise LinkError(f"the controller answered {type(result).__name__}")
+        return result
+
+    def create_token(self, node_id: str, ttl_s: float) -> pb.CreateTokenResponse:
+        request = pb.CreateTokenRequest(node_id=node_id, ttl_s=ttl_s)
+        return self._call(self._stub.CreateToken, request, pb.CreateTokenResponse)
+
+    def nodes(self) -> pb.ListNodesResponse:
+        return self._call(self._stub.ListNodes, pb.ListNodesRequest(), pb.ListNodesResponse)
+
+    def node(self, node_id: str) -> pb.NodeDetail:
+        return self._call(self._stub.GetNode, pb.GetNodeRequest(node_id=node_id), pb.NodeDetail)
+
+    def certificates(self, node_id: str) -> pb.ListNodeCertificatesResponse:
+        request = pb.ListNodeCertificatesRequest(node_id=node_id)
+        return self._call(self._stub.ListNodeCertificates, request, pb.ListNodeCertificatesResponse)

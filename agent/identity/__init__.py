@@ -1,0 +1,1 @@
+"""The node's link identity: its TLS key and certificate, the pinned controller CA, enrollment."""
