@@ -8,6 +8,7 @@ management fails loudly at ``accelguard config check`` instead of silently meani
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import tomllib
 import types
@@ -16,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+
+import tomli_w
 
 from agent.errors import ConfigError
 
@@ -26,12 +29,18 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
-def _octal_mode(value: Any) -> str | None:
-    try:
-        mode = int(value, 8)
-    except ValueError:
+def _socket_mode(value: Any) -> str | None:
+    # Octal digits only: int(value, 8) alone would also take "0o666", " 666" and "6_66".
+    if not isinstance(value, str) or re.fullmatch(r"[0-7]{3,4}", value) is None:
         return "must be an octal file mode such as '0660'"
-    return None if 0 <= mode <= 0o777 else "must be between 0000 and 0777"
+    mode = int(value, 8)
+    # Whoever may connect may move tenants' GPUs and end their leases: never "other", and no
+    # setuid/setgid/sticky bits, which mean nothing on a socket.
+    if mode & 0o007:
+        return "must grant nothing to others (use '0660' with admin.group, or '0600')"
+    if mode & ~0o770:
+        return "must be at most '0770' (owner and group bits only)"
+    return None
 
 
 def _absolute(value: Any) -> str | None:
@@ -61,7 +70,7 @@ class NodeConfig:
 class AdminConfig:
     socket: Path = _check(_absolute, Path("/run/accelguard/admin.sock"))
     # 0660 to an admin group: the admin API can move tenants' GPUs, so it is not world-writable.
-    socket_mode: str = _check(_octal_mode, "0660")
+    socket_mode: str = _check(_socket_mode, "0660")
     group: str = ""
 
 
@@ -154,6 +163,60 @@ class AttestConfig:
     pcrs: str = "sha256:0,1,2,3,4,5,6,7,8,9,10,14"
 
 
+def _host_port(value: Any) -> str | None:
+    # Empty: no controller link. Otherwise HOST:PORT (IPv6 as [addr]:port), as gRPC dials it.
+    if value == "":
+        return None
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})", str(value))
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        return "must be HOST:PORT, e.g. 'controller.example:7444', or empty for no link"
+    return None
+
+
+def _optional_absolute(value: Any) -> str | None:
+    return None if value == "" or Path(value).is_absolute() else "must be empty or absolute"
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """The controller link (docs/link.md); empty ``controller`` means this node has none."""
+
+    # The controller's link port (mutual TLS), HOST:PORT.
+    controller: str = _check(_host_port, "")
+    # The node's TLS key, certificate and the pinned controller CA, written by `accelguard enroll`.
+    cert_dir: Path = _check(_absolute, Path("/var/lib/accelguard/link"))
+    # The controller CA to trust; empty: the one `enroll` pinned (<cert_dir>/ca.pem).
+    ca_file: str = _check(_optional_absolute, "")
+    # A health sample (the heartbeat) every this many seconds, and inventory change detection.
+    heartbeat_s: float = _check(_positive, 10.0)
+    # Reconnect delays: full-jitter exponential backoff from backoff_base_s up to backoff_cap_s.
+    backoff_base_s: float = _check(_positive, 0.5)
+    backoff_cap_s: float = _check(_positive, 30.0)
+    # HTTP/2 pings: sent after keepalive_time_s without traffic, the peer is dead when one is not
+    # answered within keepalive_timeout_s (together well under 30 s, and under NAT idle timeouts).
+    keepalive_time_s: float = _check(_positive, 10.0)
+    keepalive_timeout_s: float = _check(_positive, 10.0)
+    # Outbox bounds: rows and payload bytes, acked rows of never-dropped kinds included.
+    outbox_max_reports: int = _check(_positive, 100_000)
+    outbox_max_bytes: int = _check(_positive, 256 << 20)
+    # Room kept for the events of leases already granted: a new grant is refused once less
+    # than this many reports' room is left.
+    outbox_grant_reserve: int = _check(_positive, 1_000)
+    # Acked lease events, scrub certificates, attestation and command results stay this long,
+    # so that a controller restored from an older backup is refilled.
+    retention_s: float = _check(_positive, 7 * 24 * 3600.0)
+
+    def __post_init__(self) -> None:
+        if self.outbox_grant_reserve >= self.outbox_max_reports:
+            raise ConfigError(
+                "link.outbox_grant_reserve: must be below link.outbox_max_reports "
+                f"({self.outbox_grant_reserve} >= {self.outbox_max_reports}): no grant could "
+                "ever be admitted"
+            )
+        if self.backoff_base_s > self.backoff_cap_s:
+            raise ConfigError("link.backoff_base_s: must not exceed link.backoff_cap_s")
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -173,6 +236,7 @@ class Config:
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     leases: LeasesConfig = field(default_factory=LeasesConfig)
     attest: AttestConfig = field(default_factory=AttestConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -283,21 +347,21 @@ def config_as_dict(config: Config) -> dict[str, Any]:
 
 
 def to_toml(config: Config) -> str:
+    """The effective config as TOML that load_config reads back to the same Config.
+
+    tomli_w quotes and escapes every value (a newline, quotes, backslashes, control characters);
+    the layout is ours: one key a line, and an array (a short list of scalars here) on one line,
+    as operators write them, where tomli_w would give each item a line of its own."""
     lines: list[str] = []
     for section, values in config_as_dict(config).items():
         lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    # tomli_w writes documents, not single values: write the value as a document's only key.
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")

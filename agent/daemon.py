@@ -13,29 +13,48 @@ from typing import Any
 
 import structlog
 
-from agent.admin import AdminHandlers, AdminServer
+from agent.admin.handlers import AdminHandlers
+from agent.admin.server import AdminServer
 from agent.config import Config
 from agent.errors import AccelguardError
-from agent.evict import Evictor
-from agent.executor import BlockingExecutor
 from agent.hw.devnodes import DeviceNodeMap
 from agent.hw.nvml import NvmlBackend
-from agent.inventory import InventoryService
-from agent.layout import GpuLayoutResult, LayoutEngine, LayoutTarget
-from agent.leases import LeaseManager
-from agent.scrub.certificate import NodeKey
+from agent.identity.node_key import NODE_KEY_FILE, NodeKey
+from agent.isolation.evict import Evictor
+from agent.link.events import LinkEvents
+from agent.link.service import LinkService
+from agent.partitions.inventory import InventoryService
+from agent.partitions.layout import LayoutEngine, LayoutService
+from agent.partitions.leases import LeaseManager
+from agent.runtime.executor import BlockingExecutor
+from agent.runtime.statedir import StateDirLock
+from agent.runtime.systemd import SystemdNotifier
 from agent.scrub.runner import ScrubRunner
 from agent.store import Store
-from agent.systemd import SystemdNotifier
 
-log = structlog.get_logger("accelguard.daemon")
+log = structlog.get_logger(__name__)
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        # First, before anything is opened or created: one agent per state directory.
+        self.state_lock = StateDirLock(config.node.state_dir)
+        self.state_lock.acquire()
+        try:
+            self._build(config)
+        except BaseException:
+            self.state_lock.release()
+            raise
+
+    def _build(self, config: Config) -> None:
         self.executor = BlockingExecutor()
+        key_path = config.node.state_dir / NODE_KEY_FILE
+        # The node key is made on the first start together with the journal: a journal created
+        # when the key already exists was lost (deleted, emptied) and must not mean "all clean".
+        node_existed = key_path.exists()
         self.store = Store(config.node.store_path)
+        journal_lost = node_existed and self.store.created
         self.backend = NvmlBackend(library=config.nvml.library, sim_dir=config.nvml.sim_dir)
         self.device_nodes = DeviceNodeMap(config.devices.dev_root, config.devices.proc_root)
         self.inventory = InventoryService(
@@ -47,7 +66,12 @@ class Daemon:
         )
         self.layout = LayoutEngine(self.backend, self.store)
         # The node's Ed25519 key signs scrub certificates; created 0600 on first start.
-        self.node_key = NodeKey.load_or_create(config.node.state_dir / "node-key.pem")
+        self.node_key = NodeKey.load_or_create(key_path)
+        # The controller link, only where [link] controller is set; lease and partition
+        # transitions go to its outbox.
+        self.link: LinkService | None = None
+        if config.link.controller:
+            self.link = LinkService(config, self.store, self.executor, self.inventory)
         self.leases = LeaseManager(
             config,
             self.store,
@@ -59,46 +83,24 @@ class Daemon:
                 config.scrub.deadline_s,
                 config.scrub.min_coverage,
                 config.scrub.shared_memory,
+                options={"memory_dir": config.sim.memory_dir, "slice_bytes": config.sim.slice_bytes}
+                if config.scrub.backend == "simmem"
+                else None,
             ),
             Evictor(config.leases.evict_grace_s),
             self.node_key,
+            events=LinkEvents(self.link) if self.link is not None else None,
         )
+        self.leases.journal_lost = journal_lost
+        self.inventory.on_sync.append(self.leases.on_inventory_sync)
         self.notifier = SystemdNotifier()
-        # Layout applies are serialised: two concurrent applies would plan against stale state.
-        self._layout_lock = asyncio.Lock()
+        self.layouts = LayoutService(self.layout, self.leases, self.inventory, self.executor)
         self.admin = AdminServer(
             config,
             AdminHandlers(
-                config, self.inventory, self.leases, self._run_layout, self.node_key.public_pem()
+                config, self.inventory, self.leases, self.layouts.run, self.node_key.public_pem()
             ),
         )
-
-    async def _run_layout(self, targets: list[LayoutTarget], apply: bool) -> list[GpuLayoutResult]:
-        async with self._layout_lock:
-            if not apply:
-                pinned = await self.leases.pinned(dirty_too=False)
-                return await self.executor.call(
-                    lambda: self.layout.run(targets, apply=False, pinned=pinned)
-                )
-            # Invariant 5: a MIG instance is scrubbed before it is destroyed. Plan with only what
-            # cannot be waited out pinned (leased, releasing, quarantined), scrub the dirty
-            # instances the plan would destroy (waiting for scrubs already running), then apply
-            # with everything that is not clean pinned.
-            pinned = await self.leases.pinned(dirty_too=False, scrubbing_too=False)
-            plan = await self.executor.call(
-                lambda: self.layout.run(targets, apply=False, pinned=pinned)
-            )
-            doomed = {(r.gpu_uuid, i.gpu_instance_id) for r in plan for i in r.destroyed}
-            for record in await self.leases.partitions():
-                if (record.gpu_uuid, record.gi_id) in doomed and not record.clean:
-                    await self.leases.sanitize(record.uuid)
-            pinned = await self.leases.pinned(dirty_too=True)
-            results = await self.executor.call(
-                lambda: self.layout.run(targets, apply=True, pinned=pinned)
-            )
-            await self.inventory.refresh()
-            self.leases.wake()
-            return results
 
     def _hotplug(self) -> Coroutine[Any, Any, None] | None:
         if not self.config.hotplug.enabled:
@@ -129,7 +131,9 @@ class Daemon:
             raise RuntimeError("Daemon.run must run inside a task")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, main.cancel)
-        log.info("agent_starting", node=self.config.node.id, store=str(self.store.path))
+        # Every line the agent logs from here on names its node.
+        structlog.contextvars.bind_contextvars(node=self.config.node.id)
+        log.info("agent_starting", store=str(self.store.path))
         try:
             await self.executor.call(self.backend.open)
             await self.executor.call(self.layout.recover)
@@ -140,6 +144,8 @@ class Daemon:
                 group.create_task(
                     self.notifier.run(self.inventory.ready, self.inventory), name="systemd"
                 )
+                if self.link is not None:
+                    group.create_task(self.link.run(), name="link")
                 hotplug = self._hotplug()
                 if hotplug is not None:
                     group.create_task(hotplug, name="hotplug")
@@ -156,6 +162,7 @@ class Daemon:
             await self.executor.call(self.store.close)
             self.executor.shutdown()
             log.info("agent_stopped")
+            self.state_lock.release()
 
 
 def run_daemon(config: Config) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.client import AdminClient
+from agent.admin.client import AdminClient
 from agent.config import Config, load_config
 from agent.errors import AccelguardError
 from agent.sim.node import SimNode

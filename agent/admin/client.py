@@ -1,4 +1,8 @@
-"""The CLI's side of the admin socket: a thin synchronous gRPC client."""
+"""The CLI's side of the admin socket: a thin synchronous gRPC client.
+
+A refused call raises the error class agent/admin/status.py maps its status code to, with the
+daemon's message; an unreachable daemon raises DaemonUnavailableError.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +12,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from agent.errors import (
-    AccelguardError,
-    DaemonUnavailableError,
-    HardwareError,
-    LinkError,
-    NotFoundError,
-    RetryLaterError,
-    ValidationError,
-)
+from agent.admin.status import error_class_for
+from agent.errors import AdminApiError, DaemonUnavailableError
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.proto.accelguard.v1 import admin_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
-_ERROR_FOR: dict[grpc.StatusCode, type[AccelguardError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.ABORTED: RetryLaterError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: HardwareError,
-    grpc.StatusCode.FAILED_PRECONDITION: HardwareError,
-}
-
 
 class AdminClient:
+    """One channel to the daemon's admin socket; a context manager that closes it."""
+
     def __init__(self, socket: Path, timeout_s: float = 120.0) -> None:
         self._socket = socket
         self._timeout_s = timeout_s
@@ -57,9 +48,9 @@ class AdminClient:
                 raise DaemonUnavailableError(
                     f"cannot reach the agent at {self._socket}: is `accelguard agent` running?"
                 ) from None
-            raise _ERROR_FOR.get(code, LinkError)(details) from None
+            raise error_class_for(code)(details) from None
         if not isinstance(result, response):
-            raise LinkError(
+            raise AdminApiError(
                 f"the agent answered with {type(result).__name__}, not {response.__name__}"
             )
         return result

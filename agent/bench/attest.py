@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import statistics
 import struct
-import time
-from collections.abc import Callable
 from typing import Any, Final
 
 from cryptography.hazmat.primitives import hashes
@@ -36,32 +33,12 @@ from agent.attest.tpm.algorithms import (
 )
 from agent.attest.tpm.checks import AK_ATTRIBUTES, verify_quote
 from agent.attest.tpm.wire import TPM_GENERATED_VALUE, TPM_ST_ATTEST_QUOTE, compute_name
+from agent.bench.common import interleaved_medians, median_seconds
 
 _MIB: Final = 1024 * 1024
 _EV_NO_ACTION: Final = 0x00000003
 _EV_EFI_BOOT_SERVICES_APPLICATION: Final = 0x80000003
 _QUOTED_PCRS: Final = list(range(24))
-
-
-def _median_seconds(rounds: int, body: Callable[[], object]) -> float:
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        body()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def _interleaved(
-    rounds: int, measured: Callable[[], object], baseline: Callable[[], object]
-) -> tuple[float, float]:
-    """Median seconds of each, alternating so drift on a shared machine hits both alike."""
-    ours: list[float] = []
-    base: list[float] = []
-    for _ in range(rounds):
-        ours.append(_median_seconds(1, measured))
-        base.append(_median_seconds(1, baseline))
-    return statistics.median(ours), statistics.median(base)
 
 
 # --- synthetic inputs ---------------------------------------------------------------------------
@@ -166,7 +143,7 @@ def _bench_event_log(rounds: int, size: int) -> dict[str, Any]:
     data = synthetic_event_log(size)
     events = len(parse_event_log(data).events)
     megabytes = len(data) / _MIB
-    ours, base = _interleaved(
+    ours, base = interleaved_medians(
         rounds, lambda: parse_event_log(data).replay(), lambda: hashlib.sha256(data).digest()
     )
     return {
@@ -192,7 +169,9 @@ def _bench_ima(rounds: int, entries: int) -> dict[str, Any]:
         parsed.replay("sha1")
         parsed.replay("sha256")
 
-    ours, base = _interleaved(rounds, parse_and_replay, lambda: hashlib.sha256(data).digest())
+    ours, base = interleaved_medians(
+        rounds, parse_and_replay, lambda: hashlib.sha256(data).digest()
+    )
     return {
         "what": "parse_ima_binary (template hashes checked) + replay PCR 10 in sha1 and sha256",
         "entries": entries,
@@ -229,8 +208,8 @@ def _bench_quote(rounds: int, count: int) -> dict[str, Any]:
         for _ in range(count):
             public_key.verify(der, attest, ec.ECDSA(hashes.SHA256()))
 
-    ours, base = _interleaved(rounds, verify_many, hash_many)
-    ecdsa = _median_seconds(rounds, ecdsa_many)
+    ours, base = interleaved_medians(rounds, verify_many, hash_many)
+    ecdsa = median_seconds(rounds, ecdsa_many)
     return {
         "what": "verify_quote of an ECDSA P-256 quote over sha256:0-23 (software-signed)",
         "quotes_per_round": count,

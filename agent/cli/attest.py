@@ -1,9 +1,7 @@
-"""``accelguard attest ...`` and ``accelguard bench attest``: argument parsing and output.
+"""``accelguard attest quote|verify|eventlog|make-policy``: argument parsing and output.
 
-agent/cli.py adds these with :func:`add_attest_parser` / :func:`add_bench_attest` and runs them
-with :func:`run_attest` / :func:`run_bench_attest`. Errors are raised as AccelguardErrors (the
-CLI prints one line); a verification that fails is not an error: ``verify`` prints every
-failed check and returns 1.
+Errors are raised as AccelguardErrors (the CLI prints one line); a verification that fails is
+not an error: ``verify`` prints every failed check and returns 1.
 
 The attest modules (cryptography, the parsers, tpm2-pytss for ``quote``) are imported when a
 verb runs, not when the CLI builds its parser: every other command would pay for them.
@@ -18,18 +16,20 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from agent.cli.output import print_json
+from agent.config import Config, load_config
 from agent.errors import AttestationError, QuoteError, ValidationError
-from agent.inputs import JsonLimits, read_json_file
+from agent.runtime.inputs import JsonLimits, read_json_file
 
 if TYPE_CHECKING:
     from agent.attest.verify.report import VerificationReport
-    from agent.config import Config
 
 _SELECTION_SYNTAX: Final = "BANK:I,J,K-L[+BANK:...], e.g. sha256:0-7,14+sha1:0-7"
 _SELECTION_PART: Final = re.compile(r"([a-z0-9_]+):([0-9,\-]+)")
-# Shape limits of the JSON files `verify` reads (agent/inputs.py; the byte caps are the formats'
-# own). Evidence needs 3 levels and about 210 items (10 fields, 8 banks of 24 PCRs); a policy 5
-# levels and MAX_REFERENCE_DIGESTS (100,000) digests plus a few thousand objects around them.
+# Shape limits of the JSON files `verify` reads (agent/runtime/inputs.py; the byte caps are the
+# formats' own). Evidence needs 3 levels and about 210 items (10 fields, 8 banks of 24 PCRs); a
+# policy 5 levels and MAX_REFERENCE_DIGESTS (100,000) digests plus a few thousand objects around
+# them.
 # The slack leaves small malformed documents to the format checks, which name the field.
 _EVIDENCE_MAX_DEPTH: Final = 8
 _EVIDENCE_MAX_ITEMS: Final = 1024
@@ -37,7 +37,7 @@ _POLICY_MAX_DEPTH: Final = 8
 _POLICY_MAX_ITEMS: Final = 200_000
 
 
-def add_attest_parser(commands: argparse._SubParsersAction[Any]) -> None:
+def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     """Add ``attest`` and its verbs to the CLI's command subparsers."""
     attest = commands.add_parser("attest", help="measured-boot attestation: quotes, logs, policy")
     verbs = attest.add_subparsers(dest="verb", required=True)
@@ -93,7 +93,9 @@ def add_attest_parser(commands: argparse._SubParsersAction[Any]) -> None:
     policy.add_argument("-o", "--output", type=Path, help="write the policy here, not stdout")
 
 
-def run_attest(args: argparse.Namespace, config: Config) -> int:
+def run(args: argparse.Namespace, config: Config | None = None) -> int:
+    if config is None:
+        config = load_config(args.config)
     if args.verb == "quote":
         return _quote(args, config)
     if args.verb == "verify":
@@ -103,36 +105,6 @@ def run_attest(args: argparse.Namespace, config: Config) -> int:
     if args.verb == "make-policy":
         return _make_policy(args)
     raise AssertionError(f"unhandled attest verb {args.verb}")  # pragma: no cover
-
-
-def add_bench_attest(bench_verbs: argparse._SubParsersAction[Any]) -> None:
-    bench = bench_verbs.add_parser(
-        "attest", help="event-log, IMA and quote verification throughput against hashlib"
-    )
-    bench.add_argument("--rounds", type=int, default=5, help="repetitions; the median is kept")
-    bench.add_argument(
-        "--ima-entries", type=int, default=100_000, help="synthetic IMA list size (default 100k)"
-    )
-    bench.add_argument(
-        "--event-log-kib", type=int, default=1024, help="synthetic event log size (default 1 MiB)"
-    )
-    bench.add_argument(
-        "--quotes", type=int, default=200, help="quote verifications per round (default 200)"
-    )
-
-
-def run_bench_attest(args: argparse.Namespace) -> dict[str, Any]:
-    from agent.attest.bench import bench_attest  # noqa: PLC0415 - only the bench needs it
-
-    for name in ("rounds", "ima_entries", "event_log_kib", "quotes"):
-        if getattr(args, name) < 1:
-            raise ValidationError(f"--{name.replace('_', '-')} must be at least 1")
-    return bench_attest(
-        rounds=args.rounds,
-        ima_entries=args.ima_entries,
-        event_log_bytes=args.event_log_kib * 1024,
-        quotes=args.quotes,
-    )
 
 
 # --- argument parsing ---------------------------------------------------------------------------
@@ -189,11 +161,9 @@ def _parse_hex(text: str, what: str, limit: int) -> bytes:
 
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    try:
-        with path.open("rb") as stream:
-            data = stream.read(limit + 1)
-    except OSError as error:
-        raise AttestationError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    from agent.attest.reader import read_bounded  # noqa: PLC0415
+
+    data = read_bounded(path, limit, what, AttestationError)
     if len(data) > limit:
         raise AttestationError(f"{what} {path} is over the {limit}-byte limit")
     return data
@@ -312,8 +282,7 @@ def _verify(args: argparse.Namespace) -> int:
             )
             state.record(report)
     if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        print_json(report.to_dict())
     else:
         _print_report(report)
     return 0 if report.ok else 1

@@ -123,7 +123,7 @@ def _controller(args: argparse.Namespace) -> int:
         print(controller_config.controller_config_toml(config), end="")
         return 0
     from agent.controller.server import serve  # noqa: PLC0415
-    from agent.logs import configure_logging  # noqa: PLC0415
+    from agent.runtime.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(config.logging)
     return serve(config)

@@ -32,7 +32,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
     if args.command == "enroll":
         from agent.config import load_config  # noqa: PLC0415
-        from agent.identity.enrollment import enroll  # noqa: PLC0415
+        from agent.link.enrollment import enroll  # noqa: PLC0415
 
         config = config or load_config(args.config)
         result = enroll(

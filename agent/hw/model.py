@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.hw.migplan import GpuGeometry, Instance, Placement
+from agent.hw.mig.geometry import GpuGeometry, Instance, Placement
 
 
 @dataclass(frozen=True)

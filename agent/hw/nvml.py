@@ -19,17 +19,16 @@ from typing import Any
 
 import pynvml
 
-from agent import failpoints
 from agent.errors import HardwareError, InsufficientResourcesError, InUseError, NotFoundError
-from agent.hw.migplan import GiProfile, GpuGeometry, Instance, Placement
+from agent.hw.mig.geometry import GiProfile, GpuGeometry, Instance, Placement
 from agent.hw.model import GpuInfo, MigInstanceInfo
+from agent.runtime import failpoints
+from agent.runtime.failpoints import CrashPoint
 
 # nvml.h: NVML_VALUE_NOT_AVAILABLE (0xFFFFFFFF) in gpuInstanceId/computeInstanceId of a process
 # that does not run in a MIG instance.
 _NOT_AVAILABLE = 0xFFFFFFFF
 _MAX_INSTANCES = 32
-
-FP_BETWEEN_GI_AND_CI = failpoints.register("layout.between_gi_and_ci")
 
 
 @contextmanager
@@ -44,8 +43,10 @@ def nvml_errors(what: str) -> Iterator[None]:
             raise InsufficientResourcesError(message) from error
         if code == pynvml.NVML_ERROR_IN_USE:
             raise InUseError(message) from error
-        if code == pynvml.NVML_ERROR_NOT_FOUND:
-            raise NotFoundError(message) from error
+        # NVML_ERROR_NOT_FOUND stays a HardwareError: what the agent asks NVML for is what it
+        # found or made itself (a handle, a GPU instance it created), so its absence is a device
+        # fault, not rejected input. Names an operator gives (a GPU index, a profile) are checked
+        # before NVML is called, and only those are NotFoundError (exit 4).
         if code in (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED):
             raise HardwareError(
                 f"{message}: is the NVIDIA driver loaded (or nvml.library set for a simulated "
@@ -361,7 +362,7 @@ class NvmlBackend:
                 handle, placement.profile_id, ctypes.byref(nvml_placement)
             )
             gi = pynvml.nvmlGpuInstanceGetInfo(gi_handle)
-        failpoints.hit(FP_BETWEEN_GI_AND_CI)
+        failpoints.hit(CrashPoint.LAYOUT_BETWEEN_GI_AND_CI)
         return self.add_compute_instance(gpu_index, int(gi.id))
 
     def add_compute_instance(self, gpu_index: int, gpu_instance_id: int) -> MigInstanceInfo:

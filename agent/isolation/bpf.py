@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from agent.errors import IsolationError
+from agent.errors import BpfSyscallError, IsolationError
 
 # --- constants from include/uapi/linux/bpf.h -------------------------------------------------
 
@@ -221,16 +221,6 @@ class ProgInfo(ctypes.Structure):
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-
-class BpfSyscallError(IsolationError):
-    """bpf(2) failed; ``errno`` and ``command`` say which call and why."""
-
-    def __init__(self, command: str, error_number: int, message: str) -> None:
-        super().__init__(message)
-        self.command = command
-        self.errno = error_number
-
 
 _COMMAND_NAMES = {
     BPF_PROG_LOAD: "BPF_PROG_LOAD",

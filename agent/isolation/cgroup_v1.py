@@ -29,7 +29,7 @@ from cgroupspy.controllers import DevicesController
 from cgroupspy.nodes import Node
 
 from agent.errors import IsolationError, ValidationError
-from agent.isolation.fence import FenceState, Mechanism, fenced_rules
+from agent.isolation.protocol import FenceState, Mechanism, fenced_rules
 from agent.isolation.rules import (
     FULL_ACCESS,
     DeviceRule,

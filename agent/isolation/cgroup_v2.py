@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import IsolationError, ValidationError
+from agent.errors import BpfSyscallError, IsolationError, ValidationError
 from agent.isolation import bpf
-from agent.isolation.fence import FenceState, Mechanism, fenced_rules
+from agent.isolation.protocol import FenceState, Mechanism, fenced_rules
 from agent.isolation.rules import FULL_ACCESS, DeviceKind, DeviceRule, normalise
 
 PROGRAM_NAME = "accelguard_dev"
@@ -272,7 +272,7 @@ def _our_programs(
     for program_id in program_ids:
         try:
             fd = bpf.program_fd_by_id(program_id)
-        except bpf.BpfSyscallError as error:
+        except BpfSyscallError as error:
             if error.errno == errno.ENOENT:
                 continue  # detached and freed since the query: not there to manage
             raise
@@ -292,6 +292,6 @@ def _our_programs(
 def _detach_ignoring_gone(cgroup_fd: int, program: _OurProgram) -> None:
     try:
         bpf.detach_program(cgroup_fd, program.fd, bpf.BPF_CGROUP_DEVICE)
-    except bpf.BpfSyscallError as error:
+    except BpfSyscallError as error:
         if error.errno != errno.ENOENT:
             raise

@@ -107,20 +107,33 @@ def parse_mountinfo(text: str) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
+_parsed: dict[Path, tuple[str, tuple[Mount, ...]]] = {}
+
+
 def read_mounts(mountinfo: Path = MOUNTINFO) -> tuple[Mount, ...]:
+    """The current mounts. Read every time (mounts change under us); parsed again only when the
+    text changed, since a grant looks them up several times."""
     try:
         # surrogateescape keeps non-UTF-8 mount points byte-exact, as os.fsdecode does.
         text = mountinfo.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as error:
         raise IsolationError(f"cannot read {mountinfo}: {error.strerror}") from error
-    return parse_mountinfo(text)
+    cached = _parsed.get(mountinfo)
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    mounts = parse_mountinfo(text)
+    _parsed[mountinfo] = (text, mounts)
+    return mounts
 
 
 def mount_containing(path: Path, mounts: Sequence[Mount]) -> Mount | None:
     """The mount ``path`` (absolute, symlink-free) lives on: the deepest, the latest of equals."""
     best: Mount | None = None
+    # String prefixes on whole components: Path.parents comparisons cost a grant milliseconds.
+    text = str(path)
     for mount in mounts:
-        contains = path == mount.mount_point or mount.mount_point in path.parents
+        point = str(mount.mount_point)
+        contains = text == point or text.startswith(point if point == "/" else point + "/")
         # mountinfo lists mounts in the order they were made; a later mount on the same point
         # hides the earlier one, so >= keeps the last.
         if contains and (

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from agent.errors import IsolationError, ValidationError
-from agent.isolation.cgroups import cgroup_hierarchy
+from agent.errors import ValidationError
 from agent.isolation.rules import DeviceRule, baseline_rules, normalise
 
 Mechanism = Literal["cgroup-v1-devices", "cgroup-v2-bpf"]
@@ -44,6 +43,8 @@ class FenceState:
 
 class DeviceFence(Protocol):
     """A device-access fence on one kind of cgroup hierarchy."""
+
+    mechanism: Mechanism
 
     def apply(self, cgroup: Path, rules: Sequence[DeviceRule]) -> None:
         """Let ``cgroup`` open exactly the baseline plus ``rules``.
@@ -91,20 +92,3 @@ def fenced_rules(rules: Sequence[DeviceRule]) -> tuple[DeviceRule, ...]:
                 "device (c or b, numeric major:minor)"
             )
     return normalise([*baseline_rules(), *rules])
-
-
-def fence_for(cgroup: Path) -> DeviceFence:
-    """The fence for the hierarchy ``cgroup`` lives on, detected from /proc/self/mountinfo."""
-    # Imported here, not at the top: both backends import FenceState from this module.
-    from agent.isolation.cgroup_v1 import CgroupV1Fence  # noqa: PLC0415 - import cycle
-    from agent.isolation.cgroup_v2 import CgroupV2Fence  # noqa: PLC0415 - import cycle
-
-    hierarchy = cgroup_hierarchy(Path(cgroup))
-    if hierarchy == "v2":
-        return CgroupV2Fence()
-    if hierarchy == "v1-devices":
-        return CgroupV1Fence()
-    raise IsolationError(
-        f"{cgroup} is on neither a cgroup v2 mount nor a cgroup v1 devices mount: "
-        "it cannot be fenced (validate it with resolve_tenant_cgroup first)"
-    )

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import structlog
 
 from agent.errors import AccelguardError, HardwareError
-from agent.executor import BlockingExecutor
 from agent.hw.devnodes import DeviceNode, DeviceNodeMap
 from agent.hw.model import AcceleratorBackend, GpuInfo
+from agent.runtime.executor import BlockingExecutor
 from agent.store import PartitionRecord, Store, SyncResult
 
-log = structlog.get_logger("accelguard.inventory")
+log = structlog.get_logger(__name__)
 
 NEW_PARTITION_REASON = "new partition: memory not yet scrubbed"
 

@@ -9,24 +9,24 @@ interrupted apply converges on the next one with nothing leaked or duplicated.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import structlog
 
-from agent import failpoints
 from agent.errors import HardwareError, LayoutError, NotFoundError
-from agent.hw.migplan import GpuGeometry, Instance, LayoutPlan, Placement, plan_layout
+from agent.hw.mig.geometry import GpuGeometry, Instance, Placement
+from agent.hw.mig.planner import LayoutPlan, plan_layout
 from agent.hw.model import AcceleratorBackend, GpuInfo, MigInstanceInfo
+from agent.partitions.inventory import InventoryService
+from agent.partitions.leases import LeaseManager
+from agent.runtime import failpoints
+from agent.runtime.executor import BlockingExecutor
+from agent.runtime.failpoints import CrashPoint
 from agent.store import Store
 
-log = structlog.get_logger("accelguard.layout")
-
-FP_BEFORE_DESTROY = failpoints.register("layout.before_destroy")
-FP_AFTER_DESTROY = failpoints.register("layout.after_destroy")
-FP_BEFORE_CREATE = failpoints.register("layout.before_create")
-FP_AFTER_CREATE = failpoints.register("layout.after_create")
-FP_BEFORE_COMPLETE = failpoints.register("layout.before_complete_orphan")
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -213,26 +213,26 @@ class LayoutEngine:
         )
         try:
             for instance in plan.destroy:
-                failpoints.hit(FP_BEFORE_DESTROY)
+                failpoints.hit(CrashPoint.LAYOUT_BEFORE_DESTROY)
                 self._backend.destroy_instance(gpu.index, instance.gi_id)
                 log.info("mig_instance_destroyed", gpu=gpu.index, gi=instance.gi_id)
-                failpoints.hit(FP_AFTER_DESTROY)
+                failpoints.hit(CrashPoint.LAYOUT_AFTER_DESTROY)
             orphans = {i.gpu_instance_id for i in gpu.instances if i.compute_instance_id is None}
             for instance in plan.keep:
                 if instance.gi_id in orphans:
-                    failpoints.hit(FP_BEFORE_COMPLETE)
+                    failpoints.hit(CrashPoint.LAYOUT_BEFORE_COMPLETE_ORPHAN)
                     self._backend.add_compute_instance(gpu.index, instance.gi_id)
                     log.info("mig_instance_completed", gpu=gpu.index, gi=instance.gi_id)
             created = []
             for placement in plan.create:
-                failpoints.hit(FP_BEFORE_CREATE)
+                failpoints.hit(CrashPoint.LAYOUT_BEFORE_CREATE)
                 info = self._backend.create_instance(gpu.index, placement)
                 created.append(info)
                 log.info(
                     "mig_instance_created", gpu=gpu.index, gi=info.gpu_instance_id,
                     profile=info.profile, start=info.placement_start, partition=info.uuid,
                 )  # fmt: skip
-                failpoints.hit(FP_AFTER_CREATE)
+                failpoints.hit(CrashPoint.LAYOUT_AFTER_CREATE)
             result.created = created
             if gpu.mig_pending != target.mig_enabled:
                 self._backend.set_mig_mode(gpu.index, target.mig_enabled)
@@ -240,3 +240,73 @@ class LayoutEngine:
             self._store.finish_layout(journal, "failed", str(error))
             raise
         self._store.finish_layout(journal, "done")
+
+
+class LayoutService:
+    """Layouts as the admin API asks for them, with the lease rules around the engine: no MIG
+    mode change under a GPU leased whole, and a MIG instance is scrubbed before it is destroyed
+    (invariant 5: the driver does not promise to wipe a destroyed instance's memory)."""
+
+    def __init__(
+        self,
+        engine: LayoutEngine,
+        leases: LeaseManager,
+        inventory: InventoryService,
+        executor: BlockingExecutor,
+    ) -> None:
+        self._engine = engine
+        self._leases = leases
+        self._inventory = inventory
+        self._executor = executor
+        # Applies are serialised: two concurrent applies would plan against stale state.
+        self._lock = asyncio.Lock()
+
+    async def run(self, targets: list[LayoutTarget], apply: bool) -> list[GpuLayoutResult]:
+        async with self._lock:
+            if not apply:
+                pinned = await self._leases.pinned(dirty_too=False)
+                return await self._executor.call(
+                    lambda: self._engine.run(targets, apply=False, pinned=pinned)
+                )
+            await self._refuse_mode_change_under_lease(targets)
+            # Invariant 5: a MIG instance is scrubbed before it is destroyed. Plan with only what
+            # cannot be waited out pinned (leased, releasing, quarantined), scrub the dirty
+            # instances the plan would destroy (waiting for scrubs already running), then apply
+            # with everything that is not clean pinned.
+            pinned = await self._leases.pinned(dirty_too=False, scrubbing_too=False)
+            plan = await self._executor.call(
+                lambda: self._engine.run(targets, apply=False, pinned=pinned)
+            )
+            doomed = {(r.gpu_uuid, i.gpu_instance_id) for r in plan for i in r.destroyed}
+            for record in await self._leases.partitions():
+                if (record.gpu_uuid, record.gi_id) in doomed and not record.clean:
+                    await self._leases.sanitize(record.uuid)
+            pinned = await self._leases.pinned(dirty_too=True)
+            results = await self._executor.call(
+                lambda: self._engine.run(targets, apply=True, pinned=pinned)
+            )
+            await self._inventory.refresh()
+            self._leases.wake()
+            return results
+
+    async def _refuse_mode_change_under_lease(self, targets: list[LayoutTarget]) -> None:
+        """A MIG mode change takes a GPU leased whole away from its tenant at the next reset:
+        refuse it while the whole-GPU partition is not free."""
+        gpus = (await self._inventory.refresh()).gpus
+        by_index = {gpu.index: gpu for gpu in gpus}
+        busy = {
+            record.gpu_uuid: record
+            for record in await self._leases.partitions()
+            if record.kind == "gpu" and record.present and record.state != "free"
+        }
+        for index, target in resolve_targets(gpus, targets).items():
+            gpu = by_index[index]
+            record = busy.get(gpu.uuid)
+            if gpu.mig_current is None or record is None or target.mig_enabled == gpu.mig_pending:
+                continue
+            holder = f"lease {record.lease_id}" if record.lease_id else record.state
+            raise LayoutError(
+                f"GPU {index} is {record.state} as a whole GPU ({holder}): turning MIG "
+                f"{'on' if target.mig_enabled else 'off'} would take it from under that; "
+                "release it first"
+            )

@@ -8,6 +8,7 @@ lives exactly as long as the daemon's task group.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,12 @@ class BlockingExecutor:
 
     async def call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(function, *args, **kwargs))
+        # The caller's context (structlog's bound node, lease, tenant) follows the call into the
+        # thread, so what a blocking step logs says whose work it was.
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(
+            self._pool, functools.partial(context.run, function, *args, **kwargs)
+        )
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -59,38 +59,46 @@ class JsonLimits:
     max_items: int
 
 
-def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
-    """The contents of ``path``; refused, unread, if fstat says it is over ``max_bytes``."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise ValidationError(f"{what} {path}: cannot open: {error.strerror}") from error
+def read_prefix(path: str | Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``path``, whatever the file claims (sysfs files report size
+    0, ``/dev/zero`` never ends): one byte more than the limit tells the caller the file is too
+    long. The one bounded file reader; raises OSError. A regular file is read in one call (one
+    bytes object, no copy when joined)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     chunks: list[bytes] = []
     total = 0
     try:
         status = os.fstat(descriptor)
-        regular = stat.S_ISREG(status.st_mode)
-        if regular and status.st_size > max_bytes:
-            raise ValidationError(
-                f"{what} {path}: {status.st_size} bytes, over the {max_bytes}-byte limit"
-            )
-        # A regular file is read in one call (and one bytes object, no copy when joined); the
-        # +1 is what tells a file that grew since fstat from one that ends at the limit.
-        size = status.st_size + 1 if regular else _CHUNK_BYTES
-        while total <= max_bytes:
-            chunk = os.read(descriptor, min(size, max_bytes + 1 - total))
+        size = status.st_size + 1 if stat.S_ISREG(status.st_mode) else _CHUNK_BYTES
+        while total <= limit:
+            chunk = os.read(descriptor, min(max(size, 1), limit + 1 - total))
             if not chunk:
                 break
             chunks.append(chunk)
             total += len(chunk)
             size = _CHUNK_BYTES
-    except OSError as error:
-        raise ValidationError(f"{what} {path}: cannot read: {error.strerror}") from error
     finally:
         os.close(descriptor)
-    if total > max_bytes:
-        raise ValidationError(f"{what} {path}: more than the {max_bytes}-byte limit")
     return b"".join(chunks)
+
+
+def read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
+    """The contents of ``path``; refused, unread, if fstat says it is over ``max_bytes``."""
+    try:
+        status = Path(path).stat()
+    except OSError as error:
+        raise ValidationError(f"{what} {path}: cannot open: {error.strerror}") from error
+    if stat.S_ISREG(status.st_mode) and status.st_size > max_bytes:
+        raise ValidationError(
+            f"{what} {path}: {status.st_size} bytes, over the {max_bytes}-byte limit"
+        )
+    try:
+        data = read_prefix(path, max_bytes)
+    except OSError as error:
+        raise ValidationError(f"{what} {path}: cannot read: {error.strerror}") from error
+    if len(data) > max_bytes:
+        raise ValidationError(f"{what} {path}: more than the {max_bytes}-byte limit")
+    return data
 
 
 def read_json_file(path: Path, limits: JsonLimits, what: str) -> object:

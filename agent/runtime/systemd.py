@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-log = structlog.get_logger("accelguard.systemd")
+log = structlog.get_logger(__name__)
 
 
 class StatusSource(Protocol):

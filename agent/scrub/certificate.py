@@ -26,6 +26,12 @@ both exactly as this module writes them (so no byte of a certificate can change 
 certificate file re-serialised with other whitespace, key order or string escapes still verifies;
 a changed value, or a value outside the canonical value space (a float, ``1.0`` for ``1``, a
 timestamp with ``+00:00``, ``"0.5"`` for ``"0.500000"``, an unknown or missing field) is refused.
+
+**Verification needs a trusted key**: the node key the verifier already knows (pinned at
+enrollment, or this node's own). The embedded ``public_key`` must be that key; on its own it only
+shows that *someone* signed. A certificate file is read as I-JSON within
+:data:`CERTIFICATE_JSON_LIMITS` (:mod:`agent.runtime.inputs`): a duplicated member, which two JSON
+parsers could resolve differently, is refused before anything is checked.
 """
 
 from __future__ import annotations
@@ -34,23 +40,22 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import agent
-from agent.errors import ConfigError, ScrubError
-from agent.scrub.base import POLICY_PATTERNS, ScrubResult, ScrubTarget
+from agent.errors import ScrubError
+from agent.identity.node_key import NodeKey, public_pem_of
+from agent.runtime.inputs import JsonLimits
+from agent.scrub.model import POLICY_PATTERNS, ScrubResult, ScrubTarget
 
 CERTIFICATE_FORMAT: Final = "accelguard-scrub-certificate/1"
 ALGORITHM: Final = "Ed25519"
@@ -62,125 +67,20 @@ _MAX_TEXT: Final = 4096
 _MAX_PASSES: Final = 16
 _MAX_PEM: Final = 1024
 _MAX_DECIMAL: Final = 32
-_MAX_KEY_FILE: Final = 4096
 _FIXED_DECIMAL = re.compile(r"^(?:0|[1-9][0-9]*)\.[0-9]{6}\Z")
 _TIMESTAMP = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z\Z")
 _TIMESTAMP_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%fZ"
 _DOCUMENT_FIELDS: Final = frozenset({"payload", "signature", "public_key", "algorithm"})
 
-
-# ---------------------------------------------------------------------------------------------
-# The node key.
-
-
-class NodeKey:
-    """The node's Ed25519 signing key (a PKCS#8 PEM file, mode 0600, owned by the agent's user)."""
-
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        self._private_key = private_key
-
-    @classmethod
-    def generate(cls) -> NodeKey:
-        return cls(Ed25519PrivateKey.generate())
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> NodeKey:
-        """Load the key at ``path``, or create it (0600, never replacing a file that appeared
-        meanwhile). Refuses a file that group or others may access, or that another user owns:
-        whoever can read it can sign certificates as this node."""
-        try:
-            return cls._load(path)
-        except FileNotFoundError:
-            pass
-        key = cls.generate()
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            key._write_new(path)
-        except FileExistsError:
-            return cls._load(path)  # another process created it first: use theirs
-        except OSError as error:
-            raise ConfigError(f"cannot create the node key {path}: {error.strerror}") from error
-        return key
-
-    @classmethod
-    def _load(cls, path: Path) -> NodeKey:
-        try:
-            # O_NONBLOCK: a FIFO planted at the path must not hang the agent (it is then refused
-            # as not a regular file); it changes nothing for a regular file.
-            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise
-        except OSError as error:
-            raise ConfigError(f"cannot open the node key {path}: {error.strerror}") from error
-        try:
-            status = os.fstat(descriptor)
-            if not stat.S_ISREG(status.st_mode):
-                raise ConfigError(f"node key {path} is not a regular file")
-            if status.st_mode & 0o077:
-                raise ConfigError(
-                    f"node key {path} has mode {stat.S_IMODE(status.st_mode):04o}: group or others "
-                    f"may access it; run `chmod 600 {path}` if it was never exposed, otherwise "
-                    "remove it and re-enroll the node"
-                )
-            if status.st_uid != os.geteuid():
-                raise ConfigError(
-                    f"node key {path} is owned by uid {status.st_uid}, not {os.geteuid()} (the "
-                    "agent's user): another user could replace it"
-                )
-            if status.st_size > _MAX_KEY_FILE:
-                raise ConfigError(f"node key {path} is {status.st_size} bytes: not a key file")
-            data = os.read(descriptor, _MAX_KEY_FILE + 1)
-        except OSError as error:
-            raise ConfigError(f"cannot read the node key {path}: {error.strerror}") from error
-        finally:
-            os.close(descriptor)
-        try:
-            private_key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as error:
-            raise ConfigError(
-                f"node key {path} is not an unencrypted PEM private key: {error}"
-            ) from error
-        if not isinstance(private_key, Ed25519PrivateKey):
-            raise ConfigError(f"node key {path} is not an Ed25519 key")
-        return cls(private_key)
-
-    def _write_new(self, path: Path) -> None:
-        pem = self._private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        # Written in full under a temporary name, then linked into place: a crash never leaves a
-        # truncated key, and link(2) fails instead of replacing a key created meanwhile.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        descriptor = os.open(
-            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            os.fchmod(descriptor, 0o600)  # whatever the umask
-            os.write(descriptor, pem)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        try:
-            os.link(temporary, path)
-        finally:
-            temporary.unlink()
-
-    def public_key(self) -> Ed25519PublicKey:
-        return self._private_key.public_key()
-
-    def public_pem(self) -> str:
-        return _public_pem(self.public_key())
-
-    def sign(self, message: bytes) -> bytes:
-        return self._private_key.sign(message)
-
-
-def _public_pem(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
+# A certificate file as `scrub certs --json` writes one is about 2 KB. The cap is the most a
+# certificate this module accepts can take: nine text fields of _MAX_TEXT characters, each at
+# worst 12 bytes (a non-BMP character as two \uXXXX escapes), is 442,368 bytes, plus 16 passes
+# and indentation. Nothing the node could sign is refused; a 5 GB file is, before it is read.
+# Depth and items: the format needs 4 levels and 136 items; the slack leaves small malformed
+# documents to the checks below, which name the field that is wrong.
+CERTIFICATE_JSON_LIMITS: Final = JsonLimits(max_bytes=512 * 1024, max_depth=8, max_items=1024)
+# A public key PEM is 113 bytes; room for a comment line or CRLFs (parsing bounds it to _MAX_PEM).
+MAX_PUBLIC_KEY_FILE_BYTES: Final = 4096
 
 
 def key_fingerprint(public_pem: str) -> str:
@@ -326,12 +226,13 @@ class VerifiedCertificate:
         return Decimal(self.payload["coverage"])
 
 
-def verify_certificate(document: object, public_key_pem: str | None = None) -> VerifiedCertificate:
-    """Check a parsed certificate; raise ScrubError saying why it is refused.
+def verify_certificate(document: object, public_key_pem: str) -> VerifiedCertificate:
+    """Check a parsed certificate against the trusted node key ``public_key_pem``; raise
+    ScrubError saying why it is refused.
 
-    Without ``public_key_pem`` the embedded key is only checked to have made the signature: pin the
-    node's enrolled key to know *which* node signed. Any JSON value may be passed in; nothing but
-    ScrubError is raised.
+    The key is required: the certificate's embedded key proves nothing by itself (anyone can
+    re-sign an edited payload with a key of their own and embed that), so it must equal the key
+    the caller already trusts. Any JSON value may be passed in; nothing but ScrubError is raised.
     """
     if not isinstance(document, dict):
         raise ScrubError(f"certificate must be a JSON object, not {_json_type(document)}")
@@ -346,16 +247,15 @@ def verify_certificate(document: object, public_key_pem: str | None = None) -> V
     if not isinstance(embedded_pem, str):
         raise ScrubError(f"public_key must be a PEM string, not {_json_type(embedded_pem)}")
     embedded = _load_public_key(embedded_pem, "certificate public_key")
-    if _public_pem(embedded) != embedded_pem:
+    if public_pem_of(embedded) != embedded_pem:
         raise ScrubError("certificate public_key is not in canonical PEM form")
-    if public_key_pem is not None:
-        pinned = _load_public_key(public_key_pem, "pinned public key")
-        if _raw(pinned) != _raw(embedded):
-            raise ScrubError(
-                "certificate was signed by key "
-                f"{hashlib.sha256(_raw(embedded)).hexdigest()[:16]}, not the pinned node key "
-                f"{hashlib.sha256(_raw(pinned)).hexdigest()[:16]}"
-            )
+    trusted = _load_public_key(public_key_pem, "trusted public key")
+    if _raw(trusted) != _raw(embedded):
+        raise ScrubError(
+            "certificate was signed by key "
+            f"{hashlib.sha256(_raw(embedded)).hexdigest()[:16]}, not the trusted node key "
+            f"{hashlib.sha256(_raw(trusted)).hexdigest()[:16]}"
+        )
     signature = _decode_signature(document["signature"])
     payload = document["payload"]
     _check_payload(payload)

@@ -33,7 +33,12 @@ class ScrubTarget:
     visible_device: str
     # Bytes of device memory the partition owns (the coverage denominator).
     total_bytes: int
-    # Simulated node only: the GPU's memory file and the partition's byte range in it.
+    # A MIG instance's memory slices (placement start and size); None for a whole GPU. The
+    # simulated memory backend maps them to a byte range of its memory file.
+    placement_start: int | None = None
+    placement_size: int | None = None
+    # Filled in by a backend's ``resolve`` inside the worker (simulated node: the GPU's memory
+    # file and the partition's byte range in it).
     memory_file: str = ""
     offset: int = 0
 
@@ -114,5 +119,9 @@ class ScrubBackend(Protocol):
     """Overwrite and verify a partition's memory. Runs inside the worker process."""
 
     name: str
+
+    def resolve(self, target: ScrubTarget) -> ScrubTarget:
+        """The target as this backend reaches it (byte ranges, sizes); the result covers it."""
+        ...
 
     def scrub(self, target: ScrubTarget, patterns: tuple[int, ...]) -> tuple[PassResult, ...]: ...

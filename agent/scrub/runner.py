@@ -12,14 +12,15 @@ import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from agent.errors import ScrubError
-from agent.scrub.base import POLICY_PATTERNS, ScrubResult, ScrubTarget
+from agent.scrub.model import POLICY_PATTERNS, ScrubResult, ScrubTarget
 
-log = structlog.get_logger("accelguard.scrub")
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,16 @@ class ScrubOutcome:
 
 class ScrubRunner:
     def __init__(
-        self, backend: str, deadline_s: float, min_coverage: float, shared_memory: bool = False
+        self,
+        backend: str,
+        deadline_s: float,
+        min_coverage: float,
+        shared_memory: bool = False,
+        options: Mapping[str, object] | None = None,
     ) -> None:
         self._backend = backend
+        # Backend settings the worker needs (the simulated memory's directory and slice size).
+        self._options = dict(options or {})
         self._shared_memory = shared_memory
         self._deadline_s = deadline_s
         self._min_coverage = min_coverage
@@ -74,6 +82,7 @@ class ScrubRunner:
                 "policy": policy,
                 "patterns": list(POLICY_PATTERNS[policy]),
                 "shared_memory": self._shared_memory,
+                "options": self._options,
                 "target": target.to_dict(),
             }
         ).encode()

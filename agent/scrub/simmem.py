@@ -11,20 +11,19 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent import failpoints
 from agent.errors import ScrubError, ValidationError
-from agent.scrub.base import PassResult, ScrubTarget
+from agent.runtime import failpoints
+from agent.runtime.failpoints import Fault
+from agent.scrub.model import PassResult, ScrubTarget
 
 # nvml-sim GPUs have 8 memory slices (NVIDIA MIG user guide: A100/H100 memory slices).
 MEMORY_SLICES = 8
 _CHUNK = 4 << 20
 
-FP_CORRUPT_AFTER_WRITE = failpoints.register("scrub.corrupt_after_write")
 # Test hook: reach only half of the range, as a scrubber that could not allocate everything would.
-FP_SHORT_COVERAGE = failpoints.register("scrub.short_coverage")
 
 
 @dataclass(frozen=True)
@@ -100,6 +99,24 @@ class SimMemoryScrubBackend:
 
     name = "simmem"
 
+    def __init__(self, memory_dir: str = "", slice_bytes: int = 0) -> None:
+        self._memory_dir = memory_dir
+        self._slice_bytes = slice_bytes
+
+    def resolve(self, target: ScrubTarget) -> ScrubTarget:
+        """The partition's byte range of its GPU's memory file (its MIG placement's slices)."""
+        if target.memory_file or not self._memory_dir or self._slice_bytes <= 0:
+            return target
+        placement = None
+        if target.placement_start is not None and target.placement_size:
+            placement = (target.placement_start, target.placement_size)
+        region = partition_range(
+            Path(self._memory_dir), target.gpu_uuid, self._slice_bytes, placement
+        )
+        return replace(
+            target, total_bytes=region.length, memory_file=str(region.path), offset=region.offset
+        )
+
     def scrub(self, target: ScrubTarget, patterns: tuple[int, ...]) -> tuple[PassResult, ...]:
         if not target.memory_file:
             raise ScrubError(f"partition {target.partition_uuid}: no simulated memory file")
@@ -118,7 +135,7 @@ class SimMemoryScrubBackend:
                     f"partition {target.partition_uuid}: memory file is shorter than its range"
                 )
             reach = target.total_bytes
-            if failpoints.active(FP_SHORT_COVERAGE):
+            if failpoints.active(Fault.SCRUB_SHORT_COVERAGE):
                 reach //= 2
             started = time.perf_counter()
             written = 0
@@ -127,7 +144,7 @@ class SimMemoryScrubBackend:
             # No fsync: the page cache is what every other process reads, and a killed worker
             # does not lose it; power loss is outside what the simulation models.
             wrote = time.perf_counter()
-            if failpoints.active(FP_CORRUPT_AFTER_WRITE):
+            if failpoints.active(Fault.SCRUB_CORRUPT_AFTER_WRITE):
                 # Test hook: a fault between write and verify, which the verify must catch.
                 os.pwrite(fd, b"\x01", target.offset + reach // 2)
             verified = mismatched = 0

@@ -2,8 +2,9 @@
 
 WAL mode with ``synchronous=FULL``: a transition is on disk before the agent acts on it, so after
 a power cut or SIGKILL the journal tells the truth about what was intended (DESIGN.md, lease
-invariant 4). All SQL lives in this module; schema changes are numbered migrations applied in
-order and recorded in ``PRAGMA user_version``.
+invariant 4). All SQL lives in this package: the journal here, its numbered migrations in
+``migrations.py`` (applied in order and recorded in ``PRAGMA user_version``), the controller
+link's outbox in ``outbox.py`` (same file, same discipline).
 """
 
 from __future__ import annotations
@@ -11,130 +12,39 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StoreError
-
-# Each entry moves the schema from version i to i+1. Never edit a released migration: append one.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE partitions (
-        uuid TEXT PRIMARY KEY,
-        kind TEXT NOT NULL CHECK (kind IN ('gpu', 'mig')),
-        gpu_uuid TEXT NOT NULL,
-        gpu_index INTEGER NOT NULL,
-        gi_id INTEGER,
-        ci_id INTEGER,
-        profile TEXT NOT NULL DEFAULT '',
-        placement_start INTEGER,
-        placement_size INTEGER,
-        state TEXT NOT NULL
-            CHECK (state IN ('free', 'leased', 'releasing', 'scrubbing', 'quarantined')),
-        clean INTEGER NOT NULL CHECK (clean IN (0, 1)),
-        reason TEXT NOT NULL DEFAULT '',
-        present INTEGER NOT NULL DEFAULT 1,
-        updated_at REAL NOT NULL
-    );
-    CREATE TABLE layout_journal (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        gpu_uuid TEXT NOT NULL,
-        plan TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
-        detail TEXT NOT NULL DEFAULT '',
-        started_at REAL NOT NULL,
-        finished_at REAL
-    );
-    """,
-    """
-    ALTER TABLE partitions ADD COLUMN lease_id TEXT;
-    ALTER TABLE partitions ADD COLUMN last_lease_id TEXT;
-    CREATE TABLE leases (
-        id TEXT PRIMARY KEY,
-        partition_uuid TEXT NOT NULL,
-        tenant TEXT NOT NULL,
-        cgroup TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('granting', 'active', 'releasing', 'released')),
-        created_at REAL NOT NULL,
-        expires_at REAL,
-        released_at REAL,
-        release_reason TEXT NOT NULL DEFAULT ''
-    );
-    -- Invariant: a partition has at most one live lease.
-    CREATE UNIQUE INDEX leases_one_live_per_partition
-        ON leases (partition_uuid) WHERE state != 'released';
-    CREATE TABLE scrubs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        partition_uuid TEXT NOT NULL,
-        lease_id TEXT,
-        started_at REAL NOT NULL,
-        finished_at REAL,
-        verified INTEGER NOT NULL DEFAULT 0,
-        result TEXT NOT NULL DEFAULT '{}',
-        error TEXT NOT NULL DEFAULT ''
-    );
-    """,
-    """
-    ALTER TABLE leases ADD COLUMN scrub_policy TEXT NOT NULL DEFAULT '';
-    CREATE TABLE certificates (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        partition_uuid TEXT NOT NULL,
-        lease_id TEXT,
-        verified INTEGER NOT NULL,
-        issued_at REAL NOT NULL,
-        document TEXT NOT NULL
-    );
-    """,
+from agent.errors import JournalCorruptError, StoreError
+from agent.store.migrations import MIGRATIONS
+from agent.store.records import (
+    LIVE_LEASE_STATES,
+    LayoutJournalEntry,
+    LeaseRecord,
+    LeaseState,
+    PartitionRecord,
+    PartitionState,
+    SyncResult,
 )
 
+_LIVE_SQL = "(" + ", ".join(f"'{state}'" for state in LIVE_LEASE_STATES) + ")"
 
-@dataclass(frozen=True)
-class PartitionRecord:
-    uuid: str
-    kind: str
-    gpu_uuid: str
-    gpu_index: int
-    gi_id: int | None
-    ci_id: int | None
-    profile: str
-    placement_start: int | None
-    placement_size: int | None
-    state: str
-    clean: bool
-    reason: str
-    present: bool
-    updated_at: float
-    lease_id: str | None = None
-    last_lease_id: str | None = None
+__all__ = [
+    "LIVE_LEASE_STATES",
+    "MIGRATIONS",
+    "LayoutJournalEntry",
+    "LeaseRecord",
+    "LeaseState",
+    "PartitionRecord",
+    "PartitionState",
+    "Store",
+    "SyncResult",
+]
 
 
-@dataclass(frozen=True)
-class LeaseRecord:
-    id: str
-    partition_uuid: str
-    tenant: str
-    cgroup: str
-    state: str
-    created_at: float
-    expires_at: float | None
-    released_at: float | None
-    release_reason: str
-    scrub_policy: str = ""
-
-
-@dataclass(frozen=True)
-class LayoutJournalEntry:
-    id: int
-    gpu_uuid: str
-    plan: dict[str, Any]
-    status: str
-    detail: str
-    started_at: float
-    finished_at: float | None
+QUICK_CHECK_ROWS = 20
 
 
 class Store:
@@ -142,18 +52,53 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Whether this open created the journal (no file, an empty file, or no schema yet): the
+        # daemon compares that with the node's identity to tell a first start from a lost journal.
+        self.created = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.created = not path.exists() or path.stat().st_size == 0
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (sqlite3.Error, OSError) as error:
+            raise StoreError(f"cannot open the journal at {path}: {error}") from error
+        try:
             self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._check_integrity()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=5000")
             path.chmod(0o600)
+            self.created = self.created or self.schema_version == 0
             self._migrate()
-        except (sqlite3.Error, OSError) as error:
+            if self.get_meta("journal_created_at") is None:
+                self.set_meta("journal_created_at", repr(time.time()))
+        except sqlite3.OperationalError as error:
+            # Locked, read-only, out of space: the journal may be fine; say what happened.
+            self._db.close()
             raise StoreError(f"cannot open the journal at {path}: {error}") from error
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            detail = " ".join(str(error).split())  # quick_check reports span lines
+            raise JournalCorruptError(
+                f"the journal {path} is corrupt ({detail}): the agent will not start on it; "
+                "run `accelguard state recover` (it keeps the damaged file aside and starts "
+                "with every partition quarantined), see docs/operations.md"
+            ) from error
+        except OSError as error:
+            self._db.close()
+            raise StoreError(f"cannot open the journal at {path}: {error}") from error
+
+    def _check_integrity(self) -> None:
+        """Refuse a damaged journal instead of acting on what it half says.
+
+        ``quick_check`` reads every page (O(size), milliseconds for an agent's journal) and
+        catches torn or overwritten pages that a plain query may not touch.
+        """
+        rows = self._db.execute(f"PRAGMA quick_check({QUICK_CHECK_ROWS})").fetchall()
+        problems = [str(row[0]) for row in rows]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
 
     def close(self) -> None:
         self._db.close()
@@ -216,42 +161,108 @@ class Store:
         row = self._db.execute("SELECT * FROM partitions WHERE uuid = ?", (uuid,)).fetchone()
         return None if row is None else _partition(row)
 
-    def sync_partitions(self, seen: Sequence[PartitionRecord]) -> list[str]:
-        """Record what the hardware shows now. Returns the UUIDs that were new to the journal.
+    def sync_partitions(self, seen: Sequence[PartitionRecord]) -> SyncResult:
+        """Record what the hardware shows now, and what changed since the last look.
 
-        A partition the journal has never seen starts dirty (DESIGN.md invariant 4: unknown means
-        unsafe); one that disappeared is kept as ``present = 0`` so its history is not lost.
+        A partition the journal has never seen starts dirty (invariant 4: unknown means unsafe).
+        A clean flag belongs to one partition identity (GPU UUID, mode, GI/CI ids, placement;
+        invariant 6): a partition that vanished, or came back, or shows another identity under
+        the same UUID, is dirty from now on. Vanished rows are kept (``present = 0``) so their
+        history and their quarantine survive. Rows of journals older than identities (empty)
+        take the identity they are seen with.
         """
-        new: list[str] = []
+        result = SyncResult()
         now = time.time()
         with self.transaction() as db:
-            known = {row["uuid"] for row in db.execute("SELECT uuid FROM partitions")}
+            known = {
+                row["uuid"]: row
+                for row in db.execute(
+                    "SELECT uuid, present, identity, state, gpu_index FROM partitions"
+                )
+            }
             seen_ids = {p.uuid for p in seen}
             for part in seen:
-                if part.uuid not in known:
-                    new.append(part.uuid)
+                row = known.get(part.uuid)
+                if row is None:
+                    result.new.append(part.uuid)
                     db.execute(
                         "INSERT INTO partitions (uuid, kind, gpu_uuid, gpu_index, gi_id, ci_id, "
                         "profile, placement_start, placement_size, state, clean, reason, present, "
-                        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                        "updated_at, identity) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
                         (
                             part.uuid, part.kind, part.gpu_uuid, part.gpu_index, part.gi_id,
                             part.ci_id, part.profile, part.placement_start, part.placement_size,
-                            part.state, int(part.clean), part.reason, now,
+                            part.state, int(part.clean), part.reason, now, part.identity,
                         ),
                     )  # fmt: skip
-                else:
+                    continue
+                returned = not row["present"]
+                changed = bool(row["identity"]) and row["identity"] != part.identity
+                if returned or changed:
+                    result.changed.append(part.uuid)
+                    why = "came back" if returned else "changed identity"
                     db.execute(
-                        "UPDATE partitions SET gpu_index = ?, present = 1 WHERE uuid = ?",
-                        (part.gpu_index, part.uuid),
+                        "UPDATE partitions SET kind = ?, gpu_uuid = ?, gpu_index = ?, gi_id = ?, "
+                        "ci_id = ?, profile = ?, placement_start = ?, placement_size = ?, "
+                        "present = 1, identity = ?, clean = 0, updated_at = ?, "
+                        "reason = CASE WHEN state = 'quarantined' THEN reason ELSE ? END "
+                        "WHERE uuid = ?",
+                        (
+                            part.kind, part.gpu_uuid, part.gpu_index, part.gi_id, part.ci_id,
+                            part.profile, part.placement_start, part.placement_size,
+                            part.identity, now,
+                            f"partition {why} ({part.identity}): memory state unknown",
+                            part.uuid,
+                        ),
+                    )  # fmt: skip
+                elif row["gpu_index"] != part.gpu_index or row["identity"] != part.identity:
+                    # Only what changed is written: a refresh of unchanged hardware is read-only.
+                    db.execute(
+                        "UPDATE partitions SET gpu_index = ?, identity = ? WHERE uuid = ?",
+                        (part.gpu_index, part.identity, part.uuid),
                     )
-            for uuid in known - seen_ids:
+            for uuid, row in known.items():
+                if uuid in seen_ids or not row["present"]:
+                    continue
+                result.vanished.append(uuid)
                 db.execute(
-                    "UPDATE partitions SET present = 0, updated_at = ? "
-                    "WHERE uuid = ? AND present = 1",
+                    "UPDATE partitions SET present = 0, clean = 0, updated_at = ?, "
+                    "reason = CASE WHEN state = 'quarantined' THEN reason "
+                    "ELSE 'partition vanished from the hardware' END WHERE uuid = ?",
                     (now, uuid),
                 )
-        return new
+        return result
+
+    def transition(
+        self,
+        uuid: str,
+        expected: Collection[str],
+        new: str,
+        *,
+        clean: bool | None = None,
+        reason: str | None = None,
+        identity: str | None = None,
+    ) -> bool:
+        """Compare-and-set a partition's state: False (nothing written) unless it is in one of
+        the ``expected`` states (and, when ``identity`` is given, still present with that
+        identity). Every state change of a partition goes through here or through the lease
+        transitions below, which check their own preconditions in SQL."""
+        PartitionState(new)  # raises ValueError on a state the machine does not have
+        placeholders = ", ".join("?" for _ in expected)
+        query = (
+            "UPDATE partitions SET state = ?, clean = COALESCE(?, clean), "  # noqa: S608 - ? marks
+            "reason = COALESCE(?, reason), updated_at = ? "
+            f"WHERE uuid = ? AND state IN ({placeholders})"
+        )
+        arguments: list[object] = [
+            new, None if clean is None else int(clean), reason, time.time(), uuid, *expected,
+        ]  # fmt: skip
+        if identity is not None:
+            query += " AND present = 1 AND identity = ?"
+            arguments.append(identity)
+        with self.transaction() as db:
+            return db.execute(query, arguments).rowcount == 1
 
     def set_partition_state(
         self, uuid: str, state: str, *, clean: bool | None = None, reason: str | None = None
@@ -274,7 +285,7 @@ class Store:
     def leases(self, *, live_only: bool = False) -> list[LeaseRecord]:
         query = "SELECT * FROM leases"
         if live_only:
-            query += " WHERE state != 'released'"
+            query += f" WHERE state IN {_LIVE_SQL}"
         return [_lease(r) for r in self._db.execute(query + " ORDER BY created_at, id")]
 
     def begin_grant(
@@ -285,6 +296,7 @@ class Store:
         cgroup: str,
         expires_at: float | None,
         scrub_policy: str = "",
+        nodes: Sequence[tuple[str, int, int, str]] = (),
     ) -> bool:
         """Atomically take a free, clean partition for a new lease. False if it is not (any more).
 
@@ -301,41 +313,71 @@ class Store:
                 return False
             db.execute(
                 "INSERT INTO leases (id, partition_uuid, tenant, cgroup, state, created_at, "
-                "expires_at, scrub_policy) VALUES (?, ?, ?, ?, 'granting', ?, ?, ?)",
-                (lease_id, partition_uuid, tenant, cgroup, now, expires_at, scrub_policy),
-            )
+                "expires_at, scrub_policy, nodes) VALUES (?, ?, ?, ?, 'granting', ?, ?, ?, ?)",
+                (lease_id, partition_uuid, tenant, cgroup, now, expires_at, scrub_policy,
+                 json.dumps([list(node) for node in nodes])),
+            )  # fmt: skip
         return True
 
-    def set_lease_state(self, lease_id: str, state: str) -> None:
+    def activate_lease(self, lease_id: str) -> bool:
         with self.transaction() as db:
-            db.execute("UPDATE leases SET state = ? WHERE id = ?", (state, lease_id))
+            cursor = db.execute(
+                "UPDATE leases SET state = 'active' WHERE id = ? AND state = 'granting'",
+                (lease_id,),
+            )
+            return cursor.rowcount == 1
+
+    def undo_grant(self, lease_id: str, reason: str) -> None:
+        """A grant that failed before the tenant could reach the partition: the lease ends and
+        the partition goes back to free and clean, untouched."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT partition_uuid FROM leases WHERE id = ? AND state = 'granting'",
+                (lease_id,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"lease {lease_id} is not being granted")
+            db.execute(
+                "UPDATE leases SET state = 'released', released_at = ?, release_reason = ?, "
+                "outcome = 'not granted' WHERE id = ?",
+                (time.time(), reason, lease_id),
+            )
+            db.execute(
+                "UPDATE partitions SET state = 'free', clean = 1, lease_id = NULL, reason = '', "
+                "updated_at = ? WHERE uuid = ? AND lease_id = ?",
+                (time.time(), row["partition_uuid"], lease_id),
+            )
 
     def begin_release(self, lease_id: str, reason: str) -> None:
         with self.transaction() as db:
             row = db.execute(
-                "SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)
+                "SELECT partition_uuid, state FROM leases WHERE id = ?", (lease_id,)
             ).fetchone()
             if row is None:
                 raise StoreError(f"lease {lease_id} is not in the journal")
-            db.execute(
-                "UPDATE leases SET state = 'releasing', release_reason = ? WHERE id = ?",
-                (reason, lease_id),
-            )
+            if row["state"] not in LIVE_LEASE_STATES:
+                raise StoreError(f"lease {lease_id} is {row['state']}, not live")
+            if row["state"] != LeaseState.RELEASING:
+                db.execute(
+                    "UPDATE leases SET state = 'releasing', release_reason = ? WHERE id = ?",
+                    (reason, lease_id),
+                )
             db.execute(
                 "UPDATE partitions SET state = 'releasing', clean = 0, updated_at = ? "
                 "WHERE uuid = ? AND lease_id = ?",
                 (time.time(), row["partition_uuid"], lease_id),
             )
 
-    def finish_release(self, lease_id: str) -> None:
-        """The lease is over: the partition no longer names it as holder."""
+    def finish_release(self, lease_id: str, *, state: str = LeaseState.RELEASED) -> None:
+        """The lease is over (released, or lost): the partition no longer names it as holder."""
         with self.transaction() as db:
             row = db.execute(
                 "SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)
             ).fetchone()
             db.execute(
-                "UPDATE leases SET state = 'released', released_at = ? WHERE id = ?",
-                (time.time(), lease_id),
+                f"UPDATE leases SET state = ?, released_at = ? WHERE id = ? "  # noqa: S608 - constant
+                f"AND state IN {_LIVE_SQL}",
+                (LeaseState(state).value, time.time(), lease_id),
             )
             if row is not None:
                 db.execute(
@@ -343,6 +385,34 @@ class Store:
                     "WHERE uuid = ? AND lease_id = ?",
                     (lease_id, row["partition_uuid"], lease_id),
                 )
+
+    def lose_lease(self, lease_id: str, reason: str) -> bool:
+        """The partition under a live lease vanished or changed: the lease ends ``lost`` and the
+        partition is quarantined, in one transaction. False if the lease was not live."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute(
+                f"SELECT partition_uuid FROM leases WHERE id = ? AND state IN {_LIVE_SQL}",  # noqa: S608
+                (lease_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE leases SET state = 'lost', released_at = ?, release_reason = ?, "
+                "outcome = ? WHERE id = ?",
+                (now, reason, f"lost: {reason}", lease_id),
+            )
+            db.execute(
+                "UPDATE partitions SET state = 'quarantined', clean = 0, reason = ?, "
+                "lease_id = NULL, last_lease_id = ?, updated_at = ? WHERE uuid = ?",
+                (reason, lease_id, now, row["partition_uuid"]),
+            )
+        return True
+
+    def set_lease_outcome(self, lease_id: str, outcome: str) -> None:
+        """How the lease ended for its partition, answered again to a repeated release."""
+        with self.transaction() as db:
+            db.execute("UPDATE leases SET outcome = ? WHERE id = ?", (outcome, lease_id))
 
     # -- scrubs -----------------------------------------------------------------------------------
 
@@ -441,6 +511,7 @@ def _partition(row: sqlite3.Row) -> PartitionRecord:
         updated_at=row["updated_at"],
         lease_id=row["lease_id"],
         last_lease_id=row["last_lease_id"],
+        identity=row["identity"],
     )
 
 
@@ -456,4 +527,9 @@ def _lease(row: sqlite3.Row) -> LeaseRecord:
         released_at=row["released_at"],
         release_reason=row["release_reason"],
         scrub_policy=row["scrub_policy"],
+        nodes=tuple(
+            (str(kind), int(major), int(minor), str(path))
+            for kind, major, minor, path in json.loads(row["nodes"])
+        ),
+        outcome=row["outcome"],
     )

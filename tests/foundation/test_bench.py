@@ -30,3 +30,17 @@ def test_bench_rejects_zero_rounds() -> None:
     result = run_cli("bench", "layout", "--rounds", "0")
     assert result.returncode == 2
     assert "--rounds" in result.stderr
+
+
+def test_bench_lease_reports_the_busy_node_beside_the_quiet_one() -> None:
+    result = run_cli("bench", "lease", "--rounds", "1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["busy_node_descriptors"] >= 200_000
+    assert document["busy_node_holder_processes"] >= 1
+    for summary in ("release_to_clean", "release_to_clean_busy_node", "ping_during_busy_release"):
+        for key in ("p50_ms", "p99_ms"):
+            assert isinstance(document[summary][key], float) and document[summary][key] > 0
+    for key in ("scan_overhead_p50_ms", "ratio_release_busy_p50", "ratio_ping_busy_p99"):
+        # The overhead is a difference of two noisy medians: a number, of either sign.
+        assert isinstance(document[key], float)

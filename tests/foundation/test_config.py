@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,28 @@ def test_config_check_prints_effective_config(tmp_path: Path) -> None:
     assert 'socket_mode = "0660"' in result.stdout  # defaults are shown too
 
 
+def test_config_check_output_reads_back_with_hostile_strings(tmp_path: Path) -> None:
+    """`config check > agent.toml` must give back the same config whatever its strings hold: a
+    newline, both quote characters, backslashes (a Windows-style path), a tab, non-ASCII."""
+    hostile = 'line one\nline "two" \'three\' C:\\dir\\ \t\u00e9 \\"'
+    trailing_backslash = hostile + "\\"
+    cgroup = "/sys/fs/cgroup/a\nb"
+    # json.dumps writes the TOML basic-string escapes (\n \t \" \\ \uXXXX): an encoder that
+    # owes nothing to the writer under test.
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"[node]\nid = {json.dumps(hostile)}\n"
+        f"[attest]\ntcti = {json.dumps(trailing_backslash)}\n"
+        f"[tenants]\ncgroup_parents = [{json.dumps(cgroup)}]\n"
+    )
+    expected = load_config(path)
+    assert (expected.node.id, expected.attest.tcti) == (hostile, trailing_backslash)
+    assert expected.tenants.cgroup_parents == [Path(cgroup)]
+    result = run_cli("config", "check", config=path)
+    assert result.returncode == 0, result.stderr
+    assert parse_config(tomllib.loads(result.stdout)) == expected
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
@@ -73,6 +97,50 @@ def test_config_check_rejects_bad_file_in_one_line(
     assert len(lines) == 1, result.stderr
     assert fragment in lines[0]
     assert str(path) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("0666", "must grant nothing to others"),
+        ("0777", "must grant nothing to others"),
+        ("0662", "must grant nothing to others"),
+        ("0604", "must grant nothing to others"),
+        ("0001", "must grant nothing to others"),
+        ("1660", "must be at most '0770'"),
+        ("4770", "must be at most '0770'"),
+        ("2660", "must be at most '0770'"),
+        ("0o660", "must be an octal file mode"),
+        (" 660", "must be an octal file mode"),
+        ("6_60", "must be an octal file mode"),
+        ("660 ", "must be an octal file mode"),
+        ("", "must be an octal file mode"),
+        ("07777", "must be an octal file mode"),
+    ],
+)
+def test_admin_socket_mode_never_opens_the_socket_to_others(mode: str, reason: str) -> None:
+    """Whoever can connect can move tenants' GPUs: "other" gets nothing, ever."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"admin": {"socket_mode": mode}})
+    assert str(raised.value).startswith(f"admin.socket_mode: {reason}")
+    assert str(raised.value).endswith(f"(got {mode!r})")
+
+
+@pytest.mark.parametrize("mode", ["0660", "0600", "0770", "0640", "0700", "0000", "660", "0750"])
+def test_admin_socket_modes_for_owner_and_group_are_accepted(mode: str) -> None:
+    assert parse_config({"admin": {"socket_mode": mode}}).admin.socket_mode == mode
+
+
+def test_world_writable_socket_config_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[admin]\nsocket_mode = "0666"\n')
+    for command in (["config", "check"], ["agent"]):
+        result = run_cli(*command, config=path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            f"accelguard: error: {path}: admin.socket_mode: must grant nothing to others (use "
+            "'0660' with admin.group, or '0600') (got '0666')"
+        )
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:

@@ -8,15 +8,13 @@ from typing import Any
 
 import pytest
 
-import agent.hw.nvml
-import agent.layout
-from agent.failpoints import ENVIRONMENT_VARIABLE, KNOWN
+from agent.runtime.failpoints import ENVIRONMENT_VARIABLE, CrashPoint
 from agent.store import Store
 from tests.support import RunningAgent
 
-assert agent.layout and agent.hw.nvml  # imported for their failpoint registrations
-
-LAYOUT_POINTS = sorted(name for name in KNOWN if name.startswith("layout."))
+LAYOUT_POINTS = sorted(point for point in CrashPoint if point.startswith("layout."))
+# tests/foundation/test_failpoints.py checks that the crash tests together cover every point.
+COVERED = frozenset(LAYOUT_POINTS)
 START = ["3g.40gb=2"]
 TARGET = ["3g.40gb=1", "1g.10gb=3"]
 

@@ -19,8 +19,9 @@ import pytest
 
 from agent.config import load_config
 from agent.errors import LayoutError
-from agent.hw.migplan import GiProfile, GpuGeometry, plan_layout
-from agent.hw.migprofiles import REFERENCE_GEOMETRIES
+from agent.hw.mig.geometry import GiProfile, GpuGeometry
+from agent.hw.mig.planner import plan_layout
+from agent.hw.mig.profiles import REFERENCE_GEOMETRIES
 from agent.hw.nvml import NvmlBackend
 from agent.sim.node import init_sim_node
 

@@ -25,7 +25,7 @@ from agent.isolation.cgroup_v1 import (
     read_devices_state,
     verify_devices_list,
 )
-from agent.isolation.fence import fenced_rules
+from agent.isolation.protocol import fenced_rules
 from agent.isolation.rules import (
     DeviceRule,
     baseline_rules,

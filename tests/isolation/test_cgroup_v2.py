@@ -18,7 +18,7 @@ from agent.isolation.cgroup_v2 import (
     CgroupV2Fence,
     device_program,
 )
-from agent.isolation.fence import fenced_rules
+from agent.isolation.protocol import fenced_rules
 from agent.isolation.rules import rules_for_nodes
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from agent.errors import IsolationError, ValidationError
+from agent.isolation import fence_for
 from agent.isolation.cgroup_v1 import CgroupV1Fence
 from agent.isolation.cgroup_v2 import CgroupV2Fence
-from agent.isolation.fence import fence_for
 from agent.isolation.rules import DeviceRule, parse_rule, rules_for_nodes
 
 BASELINE_NODES = {

@@ -70,14 +70,3 @@ def lease_agent(tmp_path: Path, cgroup_parents: dict[str, Path]) -> Iterator[Run
     )
     with running_agent(node) as running:
         yield running
-
-
-def tenant_cgroup(parents: dict[str, Path], hierarchy: str, name: str) -> Path:
-    path = parents[hierarchy] / name
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def any_tenant_cgroup(parents: dict[str, Path], name: str) -> Path:
-    """A tenant cgroup on whichever device hierarchy the machine has (v2 preferred)."""
-    return tenant_cgroup(parents, "v2" if "v2" in parents else "v1", name)

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.failpoints import ENVIRONMENT_VARIABLE
-from tests.leases.conftest import any_tenant_cgroup
+from agent.runtime.failpoints import ENVIRONMENT_VARIABLE, Fault
+from tests.leases.helpers import any_tenant_cgroup
 from tests.support import RunningAgent, run_cli, wait_all_clean, wait_settled
+
+# tests/foundation/test_failpoints.py checks that every failpoint has a test.
+COVERED = frozenset([Fault.SCRUB_SHORT_COVERAGE])
 
 
 def _release_one(agent: RunningAgent, cgroup: Path, policy: str = "") -> dict[str, Any]:
@@ -85,7 +88,7 @@ def test_release_certificate_verifies_and_tampering_is_refused(
 
 def test_coverage_below_minimum_quarantines(agent: RunningAgent) -> None:
     agent.stop()
-    agent.start(env={ENVIRONMENT_VARIABLE: "scrub.short_coverage"})
+    agent.start(env={ENVIRONMENT_VARIABLE: Fault.SCRUB_SHORT_COVERAGE})
     agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
     [partition] = wait_settled(agent)
     assert partition["state"] == "quarantined"

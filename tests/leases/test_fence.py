@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.isolation.cdi import spec_path
-from tests.leases.conftest import tenant_cgroup
+from tests.leases.helpers import tenant_cgroup
 from tests.support import RunningAgent, all_gpu_nodes, probe, wait_all_clean
 
 

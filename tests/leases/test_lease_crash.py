@@ -11,23 +11,15 @@ from pathlib import Path
 
 import pytest
 
-import agent.leases
-import agent.scrub.simmem
-from agent.failpoints import ENVIRONMENT_VARIABLE, KNOWN
-from tests.leases.conftest import any_tenant_cgroup
-from tests.leases.test_eviction import _hold, reap
+from agent.runtime.failpoints import ENVIRONMENT_VARIABLE, CrashPoint
+from tests.leases.helpers import any_tenant_cgroup, hold, reap
 from tests.support import RunningAgent, all_gpu_nodes, probe, wait_all_clean, wait_settled
 
-assert agent.leases and agent.scrub.simmem  # imported for their failpoint registrations
-
-GRANT_POINTS = sorted(n for n in KNOWN if n.startswith("lease.grant."))
-RELEASE_POINTS = sorted(n for n in KNOWN if n.startswith("lease.release."))
-SCRUB_POINTS = ["scrub.after_journal", "scrub.after_scrub"]
-
-
-def test_the_crash_points_cover_every_step() -> None:
-    assert len(GRANT_POINTS) >= 3 and len(RELEASE_POINTS) >= 3
-    assert set(SCRUB_POINTS) <= KNOWN
+GRANT_POINTS = sorted(p for p in CrashPoint if p.startswith("lease.grant."))
+RELEASE_POINTS = sorted(p for p in CrashPoint if p.startswith("lease.release."))
+SCRUB_POINTS = [CrashPoint.SCRUB_AFTER_JOURNAL, CrashPoint.SCRUB_AFTER_SCRUB]
+# tests/foundation/test_failpoints.py checks that the crash tests together cover every point.
+COVERED = frozenset([*GRANT_POINTS, *RELEASE_POINTS, *SCRUB_POINTS])
 
 
 def _restart_with(agent: RunningAgent, point: str) -> None:
@@ -87,7 +79,7 @@ def test_crash_during_release(
     grant = agent.cli_json(
         "lease", "grant", "--tenant", "t", "--profile", "1g.10gb", "--cgroup", str(cgroup)
     )
-    holder = _hold(agent, grant["partition"]["uuid"], "--cgroup", str(cgroup))
+    holder = hold(agent, grant["partition"]["uuid"], "--cgroup", str(cgroup))
     _restart_with(agent, point)
     result = agent.cli("lease", "release", grant["lease"]["id"])
     assert result.returncode != 0

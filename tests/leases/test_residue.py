@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.config import load_config
-from agent.hw.migplan import Placement
+from agent.hw.mig.geometry import Placement
 from agent.hw.nvml import NvmlBackend
 from agent.sim import workload
 from agent.sim.node import init_sim_node
-from tests.leases.conftest import any_tenant_cgroup
+from tests.leases.helpers import any_tenant_cgroup
 from tests.support import RunningAgent, wait_all_clean
 
 SECRET = "tenant-a-model-weights-0xC0FFEE"

@@ -6,18 +6,19 @@ import re
 
 import pytest
 
-from agent.failpoints import ENVIRONMENT_VARIABLE
+from agent.runtime.failpoints import ENVIRONMENT_VARIABLE, CrashPoint, Fault
 from tests.support import RunningAgent, wait_settled
 
+FAULTS = [
+    (Fault.SCRUB_WORKER_HANG, r"hung past its 2s deadline and was killed"),
+    (CrashPoint.SCRUB_WORKER_CRASH, r"was killed by signal 9"),
+    (Fault.SCRUB_CORRUPT_AFTER_WRITE, r"did not verify: 1 bytes differ"),
+]
+# tests/foundation/test_failpoints.py checks that every failpoint has a test.
+COVERED = frozenset(fault for fault, _ in FAULTS)
 
-@pytest.mark.parametrize(
-    ("fault", "reason"),
-    [
-        ("scrub.worker_hang", r"hung past its 2s deadline and was killed"),
-        ("scrub.worker_crash", r"was killed by signal 9"),
-        ("scrub.corrupt_after_write", r"did not verify: 1 bytes differ"),
-    ],
-)
+
+@pytest.mark.parametrize(("fault", "reason"), FAULTS)
 def test_failed_scrub_quarantines_with_reason(agent: RunningAgent, fault: str, reason: str) -> None:
     agent.stop()
     toml = agent.config_path.read_text().replace("deadline_s = 60.0", "deadline_s = 2.0")

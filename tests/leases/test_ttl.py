@@ -4,7 +4,7 @@ import errno
 import time
 from pathlib import Path
 
-from tests.leases.conftest import any_tenant_cgroup
+from tests.leases.helpers import any_tenant_cgroup
 from tests.support import RunningAgent, probe, wait_all_clean
 
 

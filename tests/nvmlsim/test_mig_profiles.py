@@ -12,7 +12,7 @@ from typing import Any
 import pynvml
 import pytest
 
-from agent.hw.migprofiles import REFERENCE_GEOMETRIES
+from agent.hw.mig.profiles import REFERENCE_GEOMETRIES
 from tests.nvmlsim.simdir import SimDir
 
 ALL_MIG = "gpu 0 H100-80GB mig=1\ngpu 1 A100-40GB mig=1\ngpu 2 A100-80GB mig=1\n"

@@ -1,6 +1,6 @@
 """An independent brute-force reference for the MIG planner tests.
 
-Written to be obviously right rather than fast, and sharing no code with agent.hw.migplan: it
+Written to be obviously right rather than fast, and sharing no code with agent.hw.mig.planner: it
 enumerates every assignment of placement starts and checks each with the plain definition of a
 valid layout.
 """
@@ -16,15 +16,9 @@ from dataclasses import dataclass
 import pytest
 
 from agent.errors import LayoutError
-from agent.hw.migplan import (
-    GiProfile,
-    GpuGeometry,
-    Instance,
-    LayoutPlan,
-    Placement,
-    plan_layout,
-)
-from agent.hw.migprofiles import REFERENCE_GEOMETRIES
+from agent.hw.mig.geometry import GiProfile, GpuGeometry, Instance, Placement
+from agent.hw.mig.planner import LayoutPlan, plan_layout
+from agent.hw.mig.profiles import REFERENCE_GEOMETRIES
 
 # A placement as the reference sees it: (profile id, start, size).
 Slot = tuple[int, int, int]

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from agent.errors import LayoutError
-from agent.hw.migplan import GpuGeometry, Instance, plan_layout
-from agent.hw.migprofiles import REFERENCE_GEOMETRIES
+from agent.hw.mig.geometry import GpuGeometry, Instance
+from agent.hw.mig.planner import plan_layout
+from agent.hw.mig.profiles import REFERENCE_GEOMETRIES
 
 MODELS = [*sorted(REFERENCE_GEOMETRIES), "Awkward-GPU"]
 

@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import LayoutError
-from agent.hw.migplan import GpuGeometry, Instance, LayoutPlan, plan_layout
-from agent.hw.migprofiles import A100_40GB, H100_80GB, REFERENCE_GEOMETRIES
+from agent.hw.mig.geometry import GpuGeometry, Instance
+from agent.hw.mig.planner import LayoutPlan, plan_layout
+from agent.hw.mig.profiles import A100_40GB, H100_80GB, REFERENCE_GEOMETRIES
 
 Slot = tuple[int, int, int]
 

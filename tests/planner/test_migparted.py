@@ -14,15 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import LayoutError
-from agent.hw import migparted
-from agent.hw.migparted import (
+from agent.hw.mig import parted as migparted
+from agent.hw.mig.parted import (
     MAX_FILE_BYTES,
     MigPartedEntry,
     load_mig_parted,
     load_mig_parted_file,
 )
-from agent.hw.migplan import plan_layout
-from agent.hw.migprofiles import REFERENCE_GEOMETRIES
+from agent.hw.mig.planner import plan_layout
+from agent.hw.mig.profiles import REFERENCE_GEOMETRIES
 
 EXAMPLE = Path(__file__).parent / "data" / "mig-parted-config.yaml"
 EXAMPLE_TEXT = EXAMPLE.read_text(encoding="utf-8")

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from agent.errors import LayoutError
-from agent.hw.migplan import GiProfile, GpuGeometry, Instance, LayoutPlan, Placement, plan_layout
-from agent.hw.migprofiles import A100_40GB, A100_80GB, H100_80GB, REFERENCE_GEOMETRIES
+from agent.hw.mig.geometry import GiProfile, GpuGeometry, Instance, Placement
+from agent.hw.mig.planner import LayoutPlan, plan_layout
+from agent.hw.mig.profiles import A100_40GB, A100_80GB, H100_80GB, REFERENCE_GEOMETRIES
 
 
 def test_reference_geometries_match_the_nvidia_tables() -> None:

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import LayoutError
-from agent.hw.migplan import parse_layout_spec, plan_layout
-from agent.hw.migprofiles import H100_80GB
+from agent.hw.mig.planner import parse_layout_spec, plan_layout
+from agent.hw.mig.profiles import H100_80GB
 
 
 @pytest.mark.parametrize(

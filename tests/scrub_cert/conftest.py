@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.scrub.certificate import NodeKey
+from agent.identity.node_key import NodeKey
 from tests.scrub_cert.support import certify
 
 

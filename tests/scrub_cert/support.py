@@ -6,8 +6,9 @@ import base64
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.scrub.base import POLICY_PATTERNS, PassResult, ScrubResult, ScrubTarget
-from agent.scrub.certificate import SIGNATURE_CONTEXT, NodeKey, canonical_json, issue_certificate
+from agent.identity.node_key import NodeKey
+from agent.scrub.certificate import SIGNATURE_CONTEXT, canonical_json, issue_certificate
+from agent.scrub.model import POLICY_PATTERNS, PassResult, ScrubResult, ScrubTarget
 
 STARTED = datetime(2025, 3, 14, 15, 9, 26, 535897, tzinfo=UTC)
 FINISHED = datetime(2025, 3, 14, 15, 9, 41, 123456, tzinfo=UTC)

@@ -13,17 +13,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ScrubError
-from agent.scrub.base import PassResult, ScrubResult
+from agent.identity.node_key import NodeKey
 from agent.scrub.certificate import (
     CERTIFICATE_FORMAT,
     SIGNATURE_CONTEXT,
-    NodeKey,
     canonical_json,
     coverage_text,
     issue_certificate,
     seconds_text,
     verify_certificate,
 )
+from agent.scrub.model import PassResult, ScrubResult
 from tests.scrub_cert.support import FINISHED, STARTED, TARGET, certify, resign, scrub_result
 
 
@@ -51,10 +51,6 @@ def test_round_trip_through_json(node_key: NodeKey, certificate: dict[str, Any])
     assert payload["finished_at"] == "2025-03-14T15:09:41.123456Z"
     assert payload["passes"][0]["write_seconds"] == "0.004512"
     assert payload["passes"][0]["verify_seconds"] == "0.003101"
-
-
-def test_unpinned_verification_uses_the_embedded_key(certificate: dict[str, Any]) -> None:
-    assert verify_certificate(reparsed(certificate)).scrub_verified
 
 
 def test_failed_scrub_is_a_valid_certificate_that_says_so(node_key: NodeKey) -> None:
@@ -131,8 +127,6 @@ def test_every_single_byte_change_is_refused_or_meaningless(
             continue
         with pytest.raises(ScrubError):
             verify_certificate(document, node_key.public_pem())
-        with pytest.raises(ScrubError):
-            verify_certificate(document)
         refused += 1
     assert refused > len(original)
     assert unparsable > 0
@@ -234,38 +228,51 @@ def test_inconsistent_payload_is_refused_even_when_signed(
         verify_certificate(resign(node_key, payload), node_key.public_pem())
 
 
-def test_wrong_pinned_key_is_refused(certificate: dict[str, Any]) -> None:
+def test_wrong_trusted_key_is_refused(certificate: dict[str, Any]) -> None:
     other = NodeKey.generate()
-    with pytest.raises(ScrubError, match="not the pinned node key"):
+    with pytest.raises(ScrubError, match="not the trusted node key"):
         verify_certificate(certificate, other.public_pem())
 
 
-def test_certificate_resigned_by_another_key_is_refused_by_the_pin(
+def test_certificate_resigned_by_another_key_is_refused(
     node_key: NodeKey, certificate: dict[str, Any]
 ) -> None:
-    forger = NodeKey.generate()
-    forged = resign(forger, copy.deepcopy(certificate["payload"]))
-    assert verify_certificate(forged).scrub_verified  # self-consistent ...
-    with pytest.raises(ScrubError, match="pinned"):
-        verify_certificate(forged, node_key.public_pem())  # ... but not from this node
+    """The forgery of issue 8: a failed scrub's payload flipped to verified and re-signed with the
+    forger's key, which it embeds. Internally consistent, so only the trusted key catches it."""
+    failed = certify(node_key, scrub_result(mismatched_bytes=8))
+    payload = copy.deepcopy(failed["payload"])
+    payload["passes"][2]["mismatched_bytes"] = 0
+    payload["verified"] = True
+    forged = resign(NodeKey.generate(), payload)
+    assert forged["public_key"] != node_key.public_pem()
+    with pytest.raises(ScrubError, match="not the trusted node key"):
+        verify_certificate(reparsed(forged), node_key.public_pem())
+    # Trusting the embedded key is the only way it passes -- what verification no longer offers.
+    assert verify_certificate(reparsed(forged), forged["public_key"]).scrub_verified
+
+
+def test_a_trusted_key_is_required(certificate: dict[str, Any]) -> None:
+    with pytest.raises(TypeError):
+        verify_certificate(certificate)  # type: ignore[call-arg]
 
 
 def test_embedded_key_swapped_without_resigning_is_refused(certificate: dict[str, Any]) -> None:
-    document = dict(certificate, public_key=NodeKey.generate().public_pem())
+    swapped = NodeKey.generate().public_pem()
+    document = dict(certificate, public_key=swapped)
     with pytest.raises(ScrubError, match="bad signature"):
-        verify_certificate(document)
+        verify_certificate(document, swapped)
 
 
 @pytest.mark.parametrize(
     "pem",
     ["", "not a key", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "é" * 10],
 )
-def test_malformed_pinned_key_is_refused(certificate: dict[str, Any], pem: str) -> None:
-    with pytest.raises(ScrubError, match="pinned public key"):
+def test_malformed_trusted_key_is_refused(certificate: dict[str, Any], pem: str) -> None:
+    with pytest.raises(ScrubError, match="trusted public key"):
         verify_certificate(certificate, pem)
 
 
-def test_non_ed25519_key_is_refused(certificate: dict[str, Any]) -> None:
+def test_non_ed25519_key_is_refused(node_key: NodeKey, certificate: dict[str, Any]) -> None:
     pem = (
         ec.generate_private_key(ec.SECP256R1())
         .public_key()
@@ -273,12 +280,14 @@ def test_non_ed25519_key_is_refused(certificate: dict[str, Any]) -> None:
         .decode()
     )
     with pytest.raises(ScrubError, match="not an Ed25519 key"):
-        verify_certificate(dict(certificate, public_key=pem))
+        verify_certificate(dict(certificate, public_key=pem), node_key.public_pem())
     with pytest.raises(ScrubError, match="not an Ed25519 key"):
         verify_certificate(certificate, pem)
 
 
-def test_non_canonical_base64_signature_is_refused(certificate: dict[str, Any]) -> None:
+def test_non_canonical_base64_signature_is_refused(
+    node_key: NodeKey, certificate: dict[str, Any]
+) -> None:
     """64 bytes in base64 end with a digit whose low 4 bits are padding: flipping them decodes
     to the same, valid signature, and must still be refused."""
     signature = certificate["signature"]
@@ -287,19 +296,21 @@ def test_non_canonical_base64_signature_is_refused(certificate: dict[str, Any]) 
     twin = signature[:-3] + alphabet[last ^ 0x01] + "=="
     assert base64.b64decode(twin) == base64.b64decode(signature)
     with pytest.raises(ScrubError, match="canonical base64"):
-        verify_certificate(dict(certificate, signature=twin))
+        verify_certificate(dict(certificate, signature=twin), node_key.public_pem())
 
 
 @pytest.mark.parametrize("signature", ["", "A" * 88, "!" * 86 + "==", "QQ==", 12, None], ids=repr)
-def test_malformed_signature_is_refused(certificate: dict[str, Any], signature: Any) -> None:
+def test_malformed_signature_is_refused(
+    node_key: NodeKey, certificate: dict[str, Any], signature: Any
+) -> None:
     with pytest.raises(ScrubError, match="signature"):
-        verify_certificate(dict(certificate, signature=signature))
+        verify_certificate(dict(certificate, signature=signature), node_key.public_pem())
 
 
-def test_non_canonical_pem_is_refused(certificate: dict[str, Any]) -> None:
+def test_non_canonical_pem_is_refused(node_key: NodeKey, certificate: dict[str, Any]) -> None:
     crlf = certificate["public_key"].replace("\n", "\r\n")
     with pytest.raises(ScrubError, match="canonical PEM"):
-        verify_certificate(dict(certificate, public_key=crlf))
+        verify_certificate(dict(certificate, public_key=crlf), node_key.public_pem())
 
 
 @pytest.mark.parametrize(
@@ -312,14 +323,14 @@ def test_non_canonical_pem_is_refused(certificate: dict[str, Any]) -> None:
     ],
     ids=repr,
 )
-def test_wrong_document_shape_is_refused(document: Any) -> None:
+def test_wrong_document_shape_is_refused(node_key: NodeKey, document: Any) -> None:
     with pytest.raises(ScrubError, match="certificate"):
-        verify_certificate(document)
+        verify_certificate(document, node_key.public_pem())
 
 
-def test_other_algorithm_is_refused(certificate: dict[str, Any]) -> None:
+def test_other_algorithm_is_refused(node_key: NodeKey, certificate: dict[str, Any]) -> None:
     with pytest.raises(ScrubError, match="unsupported signature algorithm"):
-        verify_certificate(dict(certificate, algorithm="RS256"))
+        verify_certificate(dict(certificate, algorithm="RS256"), node_key.public_pem())
 
 
 def test_issue_refuses_naive_times(node_key: NodeKey) -> None:

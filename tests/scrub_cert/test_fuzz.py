@@ -1,4 +1,5 @@
-"""verify_certificate on hostile input: whatever JSON arrives, the only exception is ScrubError.
+"""verify_certificate on hostile input: whatever JSON arrives, the only exception is ScrubError;
+whatever bytes a certificate file holds, the reader adds only ValidationError.
 
 Certificates come from nodes and sit in files and queues the controller reads; a verifier that
 crashes with a TypeError on a malformed one is a verifier that can be knocked over.
@@ -15,13 +16,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ScrubError
-from agent.scrub.certificate import NodeKey, verify_certificate
+from agent.errors import ScrubError, ValidationError
+from agent.identity.node_key import NodeKey
+from agent.runtime.inputs import parse_json
+from agent.scrub.certificate import CERTIFICATE_JSON_LIMITS, verify_certificate
+from tests.fuzzing import MUTATIONS, fuzz, mutate
 from tests.scrub_cert.support import certify, resign
 
 pytestmark = pytest.mark.slow  # about 10,000 hypothesis examples in all
 
 KEY = NodeKey.generate()
+TRUSTED = KEY.public_pem()
 VALID = json.loads(json.dumps(certify(KEY)))
 
 json_scalars = (
@@ -43,9 +48,9 @@ json_values = st.recursive(
 )
 
 
-def _verify_refuses_or_accepts(document: Any, pinned: str | None = None) -> None:
+def _verify_refuses_or_accepts(document: Any, trusted: str = TRUSTED) -> None:
     with contextlib.suppress(ScrubError):
-        verify_certificate(document, pinned)
+        verify_certificate(document, trusted)
 
 
 @settings(max_examples=3000, deadline=None)
@@ -64,10 +69,10 @@ def test_any_json_value(document: Any) -> None:
             "algorithm": json_values | st.just("Ed25519"),
         }
     ),
-    st.none() | st.just(KEY.public_pem()) | st.text(max_size=200),
+    st.just(KEY.public_pem()) | st.text(max_size=200),
 )
-def test_any_document_shape(document: dict[str, Any], pinned: str | None) -> None:
-    _verify_refuses_or_accepts(document, pinned)
+def test_any_document_shape(document: dict[str, Any], trusted: str) -> None:
+    _verify_refuses_or_accepts(document, trusted)
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -120,3 +125,18 @@ def test_resigned_field_replaced_by_anything(path: tuple[Any, ...], value: Any) 
     except ScrubError:
         return
     assert isinstance(checked.scrub_verified, bool)
+
+
+FILE = json.dumps(certify(KEY), indent=2, ensure_ascii=False).encode()
+
+
+@fuzz(3000)
+@given(MUTATIONS)
+def test_mutated_file_is_refused_or_means_the_same(mutations: Any) -> None:
+    """Bytes of a certificate file flipped, cut, inserted: read as verify-cert reads it."""
+    try:
+        document = parse_json(mutate(FILE, mutations), CERTIFICATE_JSON_LIMITS, "certificate c")
+        verify_certificate(document, TRUSTED)
+    except (ValidationError, ScrubError):
+        return
+    assert document == VALID

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.errors import ConfigError
-from agent.scrub.certificate import NodeKey, key_fingerprint
+from agent.identity.node_key import NodeKey
+from agent.scrub.certificate import key_fingerprint
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ differ, and the A100-80GB uses the H100-80GB names.
 
 from __future__ import annotations
 
-from agent.hw.migplan import GiProfile, GpuGeometry
+from agent.hw.mig.geometry import GiProfile, GpuGeometry
 
 MEMORY_SLICES = 8
 COMPUTE_SLICES = 7

@@ -1,0 +1,92 @@
+"""Conversions between the admin API's protobuf messages and the agent's own types.
+
+Pure functions: no service is called here. A request's shape is checked on the way in
+(:func:`layout_targets` raises ValidationError); what comes out is built field by field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from agent.errors import ValidationError
+from agent.hw.model import GpuInfo, MigInstanceInfo
+from agent.partitions.layout import GpuLayoutResult, LayoutTarget
+from agent.proto.accelguard.v1 import admin_pb2 as pb
+from agent.store import LeaseRecord, PartitionRecord
+
+
+def instance_message(instance: MigInstanceInfo) -> pb.MigInstance:
+    return pb.MigInstance(
+        uuid=instance.uuid,
+        gpu_instance_id=instance.gpu_instance_id,
+        compute_instance_id=instance.compute_instance_id or 0,
+        profile_id=instance.profile_id,
+        profile=instance.profile,
+        placement_start=instance.placement_start,
+        placement_size=instance.placement_size,
+        memory_bytes=instance.memory_bytes,
+    )
+
+
+def gpu_message(gpu: GpuInfo) -> pb.Gpu:
+    return pb.Gpu(
+        index=gpu.index,
+        uuid=gpu.uuid,
+        name=gpu.name,
+        serial=gpu.serial,
+        pci_bus_id=gpu.pci_bus_id,
+        mig_mode=pb.MigMode(current=bool(gpu.mig_current), pending=bool(gpu.mig_pending)),
+        memory_total_bytes=gpu.memory_total_bytes,
+        instances=[instance_message(i) for i in gpu.instances],
+        reset_required=gpu.reset_required,
+    )
+
+
+def layout_result_message(result: GpuLayoutResult) -> pb.GpuLayoutResult:
+    return pb.GpuLayoutResult(
+        gpu_index=result.gpu_index,
+        gpu_uuid=result.gpu_uuid,
+        kept=[instance_message(i) for i in result.kept],
+        created=[instance_message(i) for i in result.created],
+        destroyed=[instance_message(i) for i in result.destroyed],
+        noop=result.noop,
+        note=result.note,
+    )
+
+
+def lease_message(lease: LeaseRecord) -> pb.Lease:
+    return pb.Lease(
+        id=lease.id, tenant=lease.tenant, partition_uuid=lease.partition_uuid,
+        cgroup=lease.cgroup, state=lease.state, created_at=lease.created_at,
+        expires_at=lease.expires_at or 0.0, released_at=lease.released_at or 0.0,
+        release_reason=lease.release_reason,
+    )  # fmt: skip
+
+
+def partition_message(record: PartitionRecord, device_nodes: Iterable[str]) -> pb.Partition:
+    return pb.Partition(
+        uuid=record.uuid, kind=record.kind, gpu_index=record.gpu_index,
+        profile=record.profile, state=record.state, clean=record.clean,
+        reason=record.reason, holder=record.lease_id or "", device_nodes=list(device_nodes),
+    )  # fmt: skip
+
+
+def layout_targets(request: pb.LayoutRequest) -> list[LayoutTarget]:
+    if not request.targets:
+        raise ValidationError("layout request has no targets")
+    targets = []
+    for target in request.targets:
+        if target.all_gpus == bool(target.gpu_indices):
+            raise ValidationError("a layout target names either all GPUs or a list of indices")
+        for name, count in target.counts.items():
+            if not name:
+                raise ValidationError(f"layout target has an empty profile name (count {count})")
+        targets.append(
+            LayoutTarget(
+                gpu_indices=None if target.all_gpus else tuple(target.gpu_indices),
+                mig_enabled=target.mig_enabled,
+                counts=dict(target.counts),
+                device_filter=tuple(target.device_filter),
+            )
+        )
+    return targets

@@ -1,0 +1,171 @@
+"""What the admin API does, one method per call, in the agent's own types.
+
+The handlers see the services through the small interfaces declared here, only the methods they
+call; the daemon hands in the real ones (``LeaseManager``, ``InventoryService``, its serialised
+layout run, its ``Config``). Errors are accelguard's own and leave unchanged: the server turns
+them into status codes (agent/admin/status.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import structlog
+
+from agent import __version__
+from agent.admin.convert import (
+    gpu_message,
+    layout_result_message,
+    layout_targets,
+    lease_message,
+    partition_message,
+)
+from agent.config import NodeConfig
+from agent.errors import AccelguardError
+from agent.hw.devnodes import DeviceNode
+from agent.partitions.inventory import Snapshot
+from agent.partitions.layout import GpuLayoutResult, LayoutTarget
+from agent.proto.accelguard.v1 import admin_pb2 as pb
+from agent.store import LeaseRecord, PartitionRecord
+
+log = structlog.get_logger(__name__)
+
+
+class NodeSettings(Protocol):
+    """The configuration the handlers read: which node this is."""
+
+    @property
+    def node(self) -> NodeConfig: ...
+
+
+class Inventory(Protocol):
+    """The hardware as the inventory service last read it."""
+
+    async def refresh(self) -> Snapshot: ...
+
+    def nodes_for(self, partition: PartitionRecord) -> list[DeviceNode]: ...
+
+
+class LeaseGrant(Protocol):
+    @property
+    def lease(self) -> LeaseRecord: ...
+
+    @property
+    def partition(self) -> PartitionRecord: ...
+
+    @property
+    def device_nodes(self) -> Sequence[DeviceNode]: ...
+
+
+class LeaseService(Protocol):
+    """Leases and partitions: what the lease manager offers the admin API."""
+
+    async def partitions(self) -> list[PartitionRecord]: ...
+
+    async def leases(self, live_only: bool = False) -> list[LeaseRecord]: ...
+
+    async def grant(
+        self,
+        tenant: str,
+        cgroup: str,
+        partition_uuid: str = "",
+        profile: str = "",
+        ttl_s: float = 0.0,
+        scrub_policy: str = "",
+    ) -> LeaseGrant: ...
+
+    async def release(self, lease_id: str) -> PartitionRecord: ...
+
+    async def quarantine(self, partition_uuid: str, reason: str) -> PartitionRecord: ...
+
+    async def clear(self, partition_uuid: str, reason: str) -> PartitionRecord: ...
+
+    async def certificates(self, partition_uuid: str = "") -> list[dict[str, object]]: ...
+
+
+# Plan (False) or apply (True) layout targets; the daemon serialises the runs.
+LayoutRunner = Callable[[list[LayoutTarget], bool], Awaitable[list[GpuLayoutResult]]]
+
+
+class AdminHandlers:
+    """What the admin API can do; the daemon supplies the services."""
+
+    def __init__(
+        self,
+        config: NodeSettings,
+        inventory: Inventory,
+        leases: LeaseService,
+        layout: LayoutRunner,
+        node_public_key: str,
+    ) -> None:
+        self._node_id = config.node.id
+        self._inventory = inventory
+        self._leases = leases
+        self._layout = layout
+        self._node_public_key = node_public_key
+
+    def partition_message(self, record: PartitionRecord) -> pb.Partition:
+        try:
+            nodes = [str(n.path) for n in self._inventory.nodes_for(record)]
+        except AccelguardError as error:
+            log.warning("device_nodes_unavailable", partition=record.uuid, error=str(error))
+            nodes = []
+        return partition_message(record, nodes)
+
+    async def status(self) -> pb.StatusResponse:
+        snapshot = await self._inventory.refresh()
+        return pb.StatusResponse(
+            node_id=self._node_id,
+            agent_version=__version__,
+            driver_version=snapshot.driver_version,
+            gpus=[gpu_message(g) for g in snapshot.gpus],
+            partitions=[self.partition_message(p) for p in await self._leases.partitions()],
+            node_public_key=self._node_public_key,
+        )
+
+    async def layout(self, request: pb.LayoutRequest, apply: bool) -> pb.LayoutResponse:
+        results = await self._layout(layout_targets(request), apply)
+        return pb.LayoutResponse(gpus=[layout_result_message(r) for r in results])
+
+    async def grant(self, request: pb.GrantLeaseRequest) -> pb.GrantLeaseResponse:
+        grant = await self._leases.grant(
+            tenant=request.tenant,
+            cgroup=request.cgroup,
+            partition_uuid=request.partition_uuid,
+            profile=request.profile,
+            ttl_s=request.ttl_s,
+            scrub_policy=request.scrub_policy,
+        )
+        partition = partition_message(grant.partition, (str(n.path) for n in grant.device_nodes))
+        return pb.GrantLeaseResponse(lease=lease_message(grant.lease), partition=partition)
+
+    async def release(self, request: pb.ReleaseLeaseRequest) -> pb.Partition:
+        return self.partition_message(await self._leases.release(request.lease_id))
+
+    async def list_leases(self, request: pb.ListLeasesRequest) -> pb.ListLeasesResponse:
+        leases = await self._leases.leases(live_only=not request.include_released)
+        return pb.ListLeasesResponse(leases=[lease_message(lease) for lease in leases])
+
+    async def list_partitions(self) -> pb.ListPartitionsResponse:
+        await self._inventory.refresh()
+        partitions = await self._leases.partitions()
+        return pb.ListPartitionsResponse(partitions=[self.partition_message(p) for p in partitions])
+
+    async def quarantine(self, request: pb.PartitionActionRequest) -> pb.Partition:
+        record = await self._leases.quarantine(request.partition_uuid, request.reason)
+        return self.partition_message(record)
+
+    async def certificates(
+        self, request: pb.ListCertificatesRequest
+    ) -> pb.ListCertificatesResponse:
+        documents = await self._leases.certificates(request.partition_uuid)
+        return pb.ListCertificatesResponse(
+            certificates=[json.dumps(d, sort_keys=True) for d in documents]
+        )
+
+    async def clear(self, request: pb.PartitionActionRequest) -> pb.Partition:
+        return self.partition_message(
+            await self._leases.clear(request.partition_uuid, request.reason)
+        )

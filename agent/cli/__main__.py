@@ -1,0 +1,7 @@
+"""``python -m agent.cli``: the same entry point as the ``accelguard`` console script."""
+
+import sys
+
+from agent.cli import main
+
+sys.exit(main())

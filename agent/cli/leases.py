@@ -1,0 +1,136 @@
+"""``accelguard lease grant|release|list`` and ``partition list|quarantine|clear``.
+
+Exit codes are the scripting contract (agent.errors.ExitCode): a release or a clear exits 0 only
+when the partition ended free and clean, 3 when it ended quarantined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from agent.cli.output import emit, partition_line, progress
+from agent.config import Config, load_config
+from agent.errors import ExitCode, RetryLaterError
+from agent.runtime.inputs import seconds
+
+
+def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
+    lease = commands.add_parser("lease", help="tenant leases of partitions")
+    lease_verbs = lease.add_subparsers(dest="verb", required=True)
+    grant = lease_verbs.add_parser("grant", help="give a tenant a clean partition")
+    grant.add_argument("--tenant", required=True)
+    selector = grant.add_mutually_exclusive_group(required=True)
+    selector.add_argument("--partition", help="partition UUID (GPU-... or MIG-...)")
+    selector.add_argument(
+        "--profile", help="a MIG profile such as 1g.10gb, or 'gpu' for a whole GPU"
+    )
+    grant.add_argument("--cgroup", required=True, help="the tenant's cgroup directory (absolute)")
+    grant.add_argument("--ttl", type=float, default=0.0, help="seconds until the agent releases it")
+    grant.add_argument("--scrub-policy", choices=["zero", "multi-pass"], default="",
+                       help="how to scrub after this lease (default: the node's)")  # fmt: skip
+    grant.add_argument("--json", action="store_true")
+    grant.add_argument(
+        "--wait", type=seconds, default=0.0, metavar="S",
+        help="if no clean partition is free yet, keep asking for up to S seconds",
+    )  # fmt: skip
+    release = lease_verbs.add_parser("release", help="revoke, evict, scrub; waits until clean")
+    release.add_argument("lease_id")
+    release.add_argument("--json", action="store_true")
+    lease_list = lease_verbs.add_parser("list", help="live leases")
+    lease_list.add_argument("--all", action="store_true", help="include released leases")
+    lease_list.add_argument("--json", action="store_true")
+
+    partition = commands.add_parser("partition", help="partitions and quarantine")
+    partition_verbs = partition.add_subparsers(dest="verb", required=True)
+    partition_list = partition_verbs.add_parser("list", help="state, clean flag, holder")
+    partition_list.add_argument("--json", action="store_true")
+    for verb, text in (("quarantine", "take out of service"), ("clear", "end a quarantine")):
+        action = partition_verbs.add_parser(verb, help=text)
+        action.add_argument("uuid")
+        action.add_argument("--reason", required=True)
+        action.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace, config: Config | None = None) -> int:
+    if config is None:
+        config = load_config(args.config)
+    from agent.admin.client import AdminClient  # noqa: PLC0415
+
+    with AdminClient(config.admin.socket) as client:
+        if args.command == "lease":
+            return _lease(client, args)
+        return _partition(client, args)
+
+
+def _lease(client: Any, args: argparse.Namespace) -> int:
+    from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
+
+    if args.verb == "grant":
+        request = pb.GrantLeaseRequest(
+            tenant=args.tenant,
+            cgroup=args.cgroup,
+            ttl_s=args.ttl,
+            scrub_policy=args.scrub_policy,
+        )
+        if args.partition:
+            request.partition_uuid = args.partition
+        else:
+            request.profile = args.profile
+        response = _grant_waiting(client, request, args.wait)
+        nodes = "\n".join(f"  {n}" for n in response.partition.device_nodes)
+        emit(args, response, f"{response.lease.id}  {response.partition.uuid}\n{nodes}")
+    elif args.verb == "release":
+        partition = client.release_lease(args.lease_id)
+        emit(args, partition, partition_line(partition))
+        return _release_exit(partition)
+    else:
+        leases = client.list_leases(include_released=args.all)
+        emit(args, leases, "\n".join(_lease_line(lease) for lease in leases.leases))
+    return 0
+
+
+def _partition(client: Any, args: argparse.Namespace) -> int:
+    if args.verb == "list":
+        partitions = client.list_partitions()
+        emit(args, partitions, "\n".join(partition_line(p) for p in partitions.partitions))
+        return 0
+    if args.verb == "quarantine":
+        partition = client.quarantine(args.uuid, args.reason)
+        emit(args, partition, partition_line(partition))
+        return int(ExitCode.OK)
+    partition = client.clear(args.uuid, args.reason)
+    emit(args, partition, partition_line(partition))
+    return _release_exit(partition)
+
+
+def _lease_line(lease: Any) -> str:
+    expiry = f"  expires {lease.expires_at:.0f}" if lease.expires_at else ""
+    return (
+        f"{lease.id}  {lease.tenant}  {lease.partition_uuid}  {lease.state}  {lease.cgroup}{expiry}"
+    )
+
+
+def _grant_waiting(client: Any, request: Any, wait_s: float) -> Any:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            response = client.grant_lease(request)
+        except RetryLaterError as error:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                progress("")
+                raise
+            progress(f"waiting for a clean partition ({left:.0f}s left): {error}")
+            time.sleep(min(0.5, left))
+            continue
+        progress("")
+        return response
+
+
+def _release_exit(partition: Any) -> int:
+    """0 only for the safe outcome asked for: released and clean."""
+    if partition.state == "free" and partition.clean:
+        return int(ExitCode.OK)
+    return int(ExitCode.QUARANTINED)

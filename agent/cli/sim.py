@@ -1,0 +1,77 @@
+"""``accelguard sim ...``: the simulated node (no GPU needed) and its tenants' workloads.
+
+``sim init`` writes a node and its config, so it needs none; the other verbs act on the node a
+config names.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from agent.cli.output import print_json
+from agent.config import Config, load_config
+from agent.errors import ValidationError
+
+
+def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
+    sim = commands.add_parser("sim", help="the simulated node (no GPU needed)")
+    sim_verbs = sim.add_subparsers(dest="verb", required=True)
+    init = sim_verbs.add_parser("init", help="build a simulated node under a directory")
+    init.add_argument("--dir", type=Path, required=True)
+    init.add_argument("--topology", default="h100x2", help="e.g. h100x2, a100x2, h100x1,a100-80x1")
+    init.add_argument("--cgroup-parent", type=Path, action="append", default=[],
+                      help="cgroup under which tenant cgroups must live (repeatable)")  # fmt: skip
+    init.add_argument("--mig-off", action="store_true", help="start with MIG mode disabled")
+    init.add_argument("--slice-mib", type=int, default=16, help="simulated bytes per memory slice")
+    write = sim_verbs.add_parser("write", help="a tenant fills its partition with a pattern")
+    write.add_argument("--partition", required=True)
+    write.add_argument("--pattern", required=True)
+    read = sim_verbs.add_parser("read", help="a tenant searches every byte it can reach")
+    read.add_argument("--partition", required=True)
+    read.add_argument("--find", required=True)
+    read.add_argument("--json", action="store_true")
+    reset = sim_verbs.add_parser("reset-gpu", help="simulate the operator's GPU reset")
+    reset.add_argument("--gpu", type=int, required=True)
+    hold = sim_verbs.add_parser("hold", help="a tenant process using the partition until killed")
+    hold.add_argument("--partition", required=True)
+    hold.add_argument("--cgroup", type=Path, help="join this cgroup first")
+    hold.add_argument("--ignore-sigterm", action="store_true")
+
+
+def run(args: argparse.Namespace, config: Config | None = None) -> int:
+    if args.verb == "init":
+        return _init(args)
+    if config is None:
+        config = load_config(args.config)
+    from agent.sim import workload  # noqa: PLC0415
+
+    if args.verb == "write":
+        region = workload.write_pattern(config, args.partition, args.pattern)
+        print(f"wrote {region.length} bytes to {args.partition}")
+    elif args.verb == "read":
+        region, count = workload.find_pattern(config, args.partition, args.find)
+        if args.json:
+            print_json({"partition": args.partition, "bytes_read": region.length, "count": count})
+        else:
+            print(f"{count} occurrences in {region.length} bytes")
+    elif args.verb == "reset-gpu":
+        workload.reset_gpu(config, args.gpu)
+        print(f"GPU {args.gpu} reset (simulated)")
+    else:
+        workload.hold(config, args.partition, args.cgroup, args.ignore_sigterm)
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from agent.sim.node import init_sim_node  # noqa: PLC0415
+
+    if not 1 <= args.slice_mib <= 1024:
+        raise ValidationError("--slice-mib must be between 1 and 1024")
+    node = init_sim_node(
+        args.dir, args.topology, args.cgroup_parent, not args.mig_off, args.slice_mib << 20
+    )
+    print(f"simulated node with {len(node.gpus)} GPUs ({', '.join(node.gpus)}) in {node.root}")
+    print(f"config: {node.config_path}")
+    return 0

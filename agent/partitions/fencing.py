@@ -1,0 +1,178 @@
+"""Tenant fences as the lease state machine needs them: one fence per tenant cgroup, allowing
+exactly the nodes of that cgroup's live leases, and the checks a grant must pass first.
+
+Invariant 7 lives here: no node a partition owns is allowed in two tenants' fences, and tenant
+cgroups never nest. ``fences`` is the agent's view of every fence on the node: the last kernel
+survey (``reconcile``) plus every fence applied since, so a grant is checked without walking the
+cgroup tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+
+import structlog
+
+from agent.errors import AccelguardError, IsolationError, ValidationError
+from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode, own_nodes
+from agent.isolation import fence_for
+from agent.isolation.cgroups import cgroup_hierarchy
+from agent.isolation.protocol import FenceState, fenced_rules
+from agent.isolation.rules import DeviceRule
+from agent.isolation.survey import SurveyedFence, related
+from agent.partitions.context import PartitionContext
+from agent.store import LeaseRecord, LeaseState, PartitionRecord
+
+log = structlog.get_logger(__name__)
+
+# The lease states whose nodes a fence allows; a releasing lease's fence is already revoked.
+FENCED = (LeaseState.GRANTING, LeaseState.ACTIVE)
+
+
+class TenantFences:
+    def __init__(self, context: PartitionContext) -> None:
+        self._ctx = context
+        # One fence computation at a time per cgroup: two leases of one cgroup granted at once
+        # must not leave the fence of whichever computed first.
+        self._cgroup_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.fences: dict[str, SurveyedFence] = {}
+
+    async def fence_cgroup(self, cgroup: str) -> None:
+        """Make the cgroup's fence allow exactly the nodes of its live leases (baseline aside)."""
+        async with self._cgroup_locks[cgroup]:
+            await self._apply_fence(cgroup)
+
+    async def _apply_fence(self, cgroup: str) -> None:
+        path = Path(cgroup)
+        if not path.is_dir():
+            log.info("fence_cgroup_gone", cgroup=cgroup)
+            return
+        rules: set[DeviceRule] = set()
+        for lease in await self._ctx.leases(live_only=True):
+            if lease.cgroup != cgroup or lease.state not in FENCED:
+                continue
+            for kind, major, minor, _path in await self.lease_nodes(lease):
+                rules.add(DeviceRule(kind, major, minor, frozenset("rw")))  # type: ignore[arg-type]
+        fence = fence_for(path)
+        ordered = sorted(rules, key=lambda r: (r.kind, r.major or 0, r.minor or 0))
+
+        def apply_and_read_back() -> None:
+            try:
+                if ordered:
+                    fence.apply(path, ordered)
+                else:
+                    fence.revoke(path)
+            except AccelguardError:
+                # Whatever the kernel now holds is what the next grant is checked against.
+                try:
+                    state = fence.current(path)
+                except AccelguardError:
+                    state = FenceState(fence.mechanism, None)  # unknown: counts as allowing all
+                if state is None:
+                    self.fences.pop(cgroup, None)
+                else:
+                    self.fences[cgroup] = SurveyedFence(cgroup, state)
+                raise
+            # apply/revoke read the kernel back and raise unless it holds exactly this.
+            self.fences[cgroup] = SurveyedFence(
+                cgroup, FenceState(fence.mechanism, fenced_rules(ordered))
+            )
+
+        await self._ctx.executor.call(apply_and_read_back)
+
+    async def lease_nodes(self, lease: LeaseRecord) -> list[tuple[str, int, int, str]]:
+        """The nodes a lease is fenced to: fixed at grant; older journals ask the inventory."""
+        if lease.nodes:
+            return list(lease.nodes)
+        record = await self._ctx.executor.call(self._ctx.store.partition, lease.partition_uuid)
+        if record is None or not record.present:
+            return []
+        return [(n.kind, n.major, n.minor, str(n.path)) for n in self._ctx.nodes(record)]
+
+    async def check_fenceable(self, path: Path) -> None:
+        """Refuse, before anything is journaled, a cgroup the fence could not take."""
+        if cgroup_hierarchy(path) != "v1-devices":
+            return
+        # The v1 devices controller refuses to widen a cgroup that has children
+        # (security/device_cgroup.c: has_children); fence the leaf, or the parent before it
+        # gets children.
+        children = await self._ctx.executor.call(
+            lambda: [p.name for p in path.iterdir() if p.is_dir()]
+        )
+        if children:
+            raise ValidationError(
+                f"tenant cgroup {path} has child cgroups ({', '.join(sorted(children)[:3])}): "
+                "cgroup v1 cannot grant devices to a cgroup with children; fence it before "
+                "creating them"
+            )
+
+    @staticmethod
+    def check_not_nested(cgroup: str, live: list[LeaseRecord]) -> None:
+        """Tenant cgroups never nest (invariant 7): an ancestor's fence would intersect the
+        descendant's, and revoking the ancestor would kill the descendant's processes."""
+        for lease in live:
+            if lease.cgroup != cgroup and related(lease.cgroup, cgroup):
+                where = "inside" if Path(lease.cgroup) in Path(cgroup).parents else "around"
+                raise ValidationError(
+                    f"tenant cgroup {cgroup} is nested {where} {lease.cgroup}, which holds "
+                    f"lease {lease.id} ({lease.tenant}): tenant cgroups must not nest"
+                )
+
+    @staticmethod
+    def mig_cgroups(
+        live: list[LeaseRecord], partitions: list[PartitionRecord]
+    ) -> set[tuple[str, str]]:
+        """(cgroup, GPU UUID) of every live MIG lease."""
+        kinds = {p.uuid: p for p in partitions}
+        return {
+            (lease.cgroup, kinds[lease.partition_uuid].gpu_uuid)
+            for lease in live
+            if lease.partition_uuid in kinds and kinds[lease.partition_uuid].kind == "mig"
+        }
+
+    def check_exclusive(
+        self,
+        record: PartitionRecord,
+        nodes: list[DeviceNode],
+        cgroup: str,
+        mig_cgroups: set[tuple[str, str]],
+    ) -> None:
+        """No node a partition owns may be allowed in two tenants' fences (invariant 7)."""
+        own = own_nodes(nodes)
+        gpu = self._ctx.gpu(record)
+        for other, fence in self.fences.items():
+            if related(other, cgroup):
+                continue
+            holding = [n for n in own if fence.allows(n.kind, n.major, n.minor)]
+            if holding:
+                raise IsolationError(
+                    f"partition {record.uuid} is not granted: the fence on {other} still "
+                    f"allows its node {holding[0].path}; that cgroup must be released, "
+                    "revoked or removed first"
+                )
+            # Another fence that opens the parent GPU is fine only for another MIG tenant of the
+            # same GPU; a whole-GPU fence left over from before a mode change is not.
+            if (
+                record.kind == "mig"
+                and fence.allows("c", NVIDIA_MAJOR, gpu.minor)
+                and (other, record.gpu_uuid) not in mig_cgroups
+            ):
+                raise IsolationError(
+                    f"partition {record.uuid} is not granted: the fence on {other} allows "
+                    f"/dev/nvidia{gpu.minor} without a MIG lease on that GPU"
+                )
+
+    def partitions_allowed(
+        self, fence: SurveyedFence, partitions: list[PartitionRecord]
+    ) -> list[PartitionRecord]:
+        allowed = []
+        for record in partitions:
+            try:
+                own = own_nodes(self._ctx.nodes(record))
+            except AccelguardError:
+                continue
+            if any(fence.allows(n.kind, n.major, n.minor) for n in own):
+                allowed.append(record)
+        return allowed

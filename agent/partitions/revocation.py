@@ -1,0 +1,67 @@
+"""Revocation's second half: after the fence is off, no process may still hold the partition
+(invariant 3: an open descriptor survives a fence change). The rules of who is killed and who is
+only logged live in ``agent.isolation.evict``; this module asks it about one lease's partition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+
+from agent.hw.devnodes import own_nodes
+from agent.isolation.evict import Evictor
+from agent.partitions.context import PartitionContext
+from agent.store import LeaseRecord, PartitionRecord
+
+log = structlog.get_logger(__name__)
+
+
+class Revoker:
+    def __init__(self, context: PartitionContext, evictor: Evictor) -> None:
+        self._ctx = context
+        self._evictor = evictor
+
+    async def evict(self, record: PartitionRecord, lease: LeaseRecord) -> None:
+        nodes = self._ctx.nodes(record)
+        others = [
+            other
+            for other in await self._ctx.leases(live_only=True)
+            if other.cgroup == lease.cgroup and other.id != lease.id
+        ]
+        cgroup = Path(lease.cgroup)
+        report = await self._evictor.evict(
+            own_nodes(nodes),
+            nodes,
+            cgroup if cgroup.is_dir() else None,
+            kill_whole_cgroup=not others,
+            nvml_holders=lambda: self.nvml_holders(record),
+        )
+        if report.terminated or report.killed:
+            log.info(
+                "lease_evicted", lease=lease.id, partition=record.uuid,
+                terminated=report.terminated, killed=report.killed, outsiders=report.outsiders,
+            )  # fmt: skip
+
+    async def evict_strays(self, record: PartitionRecord) -> None:
+        """Before a quarantined partition is scrubbed again: no process may hold it. There is no
+        tenant cgroup any more; NVML-listed holders are killed, anyone else holding its own
+        nodes fails the clear (EvictionError), like a release."""
+        nodes = self._ctx.nodes(record)
+        report = await self._evictor.evict(
+            own_nodes(nodes), nodes, None, kill_whole_cgroup=False,
+            nvml_holders=lambda: self.nvml_holders(record),
+        )  # fmt: skip
+        if report.terminated or report.killed:
+            log.info(
+                "strays_evicted", partition=record.uuid, terminated=report.terminated,
+                killed=report.killed,
+            )  # fmt: skip
+
+    async def nvml_holders(self, record: PartitionRecord) -> set[int]:
+        processes = await self._ctx.executor.call(
+            self._ctx.backend.running_processes, record.gpu_index
+        )
+        if record.kind == "gpu":
+            return {pid for pid, _, _ in processes}
+        return {pid for pid, gi, ci in processes if gi == record.gi_id and ci == record.ci_id}

@@ -1,0 +1,1 @@
+"""Process-level plumbing shared by the daemon and the CLI: the state-directory lock."""

@@ -1,0 +1,126 @@
+"""The journal's schema, one migration per version: each entry moves the schema from version i to
+i+1. Never edit a released migration: append one (tests/foundation/test_store.py migrates from
+every version with rows in it)."""
+
+from __future__ import annotations
+
+# Each entry moves the schema from version i to i+1. Never edit a released migration: append one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE partitions (
+        uuid TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('gpu', 'mig')),
+        gpu_uuid TEXT NOT NULL,
+        gpu_index INTEGER NOT NULL,
+        gi_id INTEGER,
+        ci_id INTEGER,
+        profile TEXT NOT NULL DEFAULT '',
+        placement_start INTEGER,
+        placement_size INTEGER,
+        state TEXT NOT NULL
+            CHECK (state IN ('free', 'leased', 'releasing', 'scrubbing', 'quarantined')),
+        clean INTEGER NOT NULL CHECK (clean IN (0, 1)),
+        reason TEXT NOT NULL DEFAULT '',
+        present INTEGER NOT NULL DEFAULT 1,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE layout_journal (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        gpu_uuid TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        detail TEXT NOT NULL DEFAULT '',
+        started_at REAL NOT NULL,
+        finished_at REAL
+    );
+    """,
+    """
+    ALTER TABLE partitions ADD COLUMN lease_id TEXT;
+    ALTER TABLE partitions ADD COLUMN last_lease_id TEXT;
+    CREATE TABLE leases (
+        id TEXT PRIMARY KEY,
+        partition_uuid TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        cgroup TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('granting', 'active', 'releasing', 'released')),
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        released_at REAL,
+        release_reason TEXT NOT NULL DEFAULT ''
+    );
+    -- Invariant: a partition has at most one live lease.
+    CREATE UNIQUE INDEX leases_one_live_per_partition
+        ON leases (partition_uuid) WHERE state != 'released';
+    CREATE TABLE scrubs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        partition_uuid TEXT NOT NULL,
+        lease_id TEXT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        verified INTEGER NOT NULL DEFAULT 0,
+        result TEXT NOT NULL DEFAULT '{}',
+        error TEXT NOT NULL DEFAULT ''
+    );
+    """,
+    """
+    ALTER TABLE leases ADD COLUMN scrub_policy TEXT NOT NULL DEFAULT '';
+    CREATE TABLE certificates (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        partition_uuid TEXT NOT NULL,
+        lease_id TEXT,
+        verified INTEGER NOT NULL,
+        issued_at REAL NOT NULL,
+        document TEXT NOT NULL
+    );
+    """,
+    # 4: fail closed on hardware changed behind our back. A partition remembers the identity its
+    # clean flag belongs to; a lease remembers the device nodes it was fenced to (the inventory
+    # no longer knows them once the partition is gone) and how it ended; 'lost' is a new
+    # terminal lease state. SQLite cannot alter a CHECK constraint: the leases table is rebuilt.
+    """
+    ALTER TABLE partitions ADD COLUMN identity TEXT NOT NULL DEFAULT '';
+    CREATE TABLE leases_v4 (
+        id TEXT PRIMARY KEY,
+        partition_uuid TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        cgroup TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('granting', 'active', 'releasing', 'released', 'lost')),
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        released_at REAL,
+        release_reason TEXT NOT NULL DEFAULT '',
+        scrub_policy TEXT NOT NULL DEFAULT '',
+        nodes TEXT NOT NULL DEFAULT '[]',
+        outcome TEXT NOT NULL DEFAULT ''
+    );
+    INSERT INTO leases_v4 (id, partition_uuid, tenant, cgroup, state, created_at, expires_at,
+        released_at, release_reason, scrub_policy)
+        SELECT id, partition_uuid, tenant, cgroup, state, created_at, expires_at, released_at,
+            release_reason, scrub_policy FROM leases;
+    DROP TABLE leases;
+    ALTER TABLE leases_v4 RENAME TO leases;
+    CREATE UNIQUE INDEX leases_one_live_per_partition
+        ON leases (partition_uuid) WHERE state IN ('granting', 'active', 'releasing');
+    """,
+    # 5: the controller link's outbox (agent/link). Every report is written here before it is
+    # sent; seq is its number in the node's sequence space (AUTOINCREMENT: never reused, even
+    # after rows are deleted), acked_at marks a never-dropped report kept for the retention
+    # window after the controller committed it.
+    """
+    CREATE TABLE link_outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        droppable INTEGER NOT NULL CHECK (droppable IN (0, 1)),
+        body BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        acked_at REAL
+    );
+    CREATE INDEX link_outbox_unacked_droppable ON link_outbox (droppable, seq)
+        WHERE acked_at IS NULL;
+    CREATE INDEX link_outbox_acked ON link_outbox (acked_at, seq) WHERE acked_at IS NOT NULL;
+    """,
+)
+
+# Bounds a journal check must stay within at start-up (a few thousand rows on a real node).
