@@ -4,21 +4,19 @@ same conventions as the agent's admin socket. ``accelguard ctl`` is its only cli
 from __future__ import annotations
 
 import asyncio
-import grp
 import hashlib
-import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import grpc
 import structlog
 
+from agent.admin.unix_socket import serve_on_unix_socket
 from agent.controller.config import ControllerSection
 from agent.controller.link import NodeLinkHandler
 from agent.controller.store import ControllerStore, NodeRecord
 from agent.controller.tokens import create_token
-from agent.errors import AccelguardError, LinkError, NotFoundError, ValidationError
+from agent.errors import AccelguardError, NotFoundError, ValidationError
 from agent.proto.accelguard.v1 import controller_pb2 as pb
 from agent.proto.accelguard.v1 import controller_pb2_grpc as pb_grpc
 from agent.proto.accelguard.v1 import link_pb2
@@ -187,33 +185,10 @@ class ControllerAdminServer:
         self._handlers = handlers
 
     async def run(self) -> None:
-        path = self._settings.admin_socket
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_socket():
-                path.unlink()
-        except OSError as error:
-            raise LinkError(f"cannot prepare controller admin socket {path}: {error}") from error
         server = grpc.aio.server()
         pb_grpc.add_ControllerAdminServicer_to_server(_Servicer(self._handlers), server)
-        old_umask = os.umask(0o177)  # never briefly world-writable
-        try:
-            server.add_insecure_port(f"unix:{path}")
-            await server.start()
-        finally:
-            os.umask(old_umask)
-        try:
-            self._secure(path)
-            log.info("controller_admin_listening", socket=str(path))
-            await server.wait_for_termination()
-        finally:
-            await asyncio.shield(server.stop(grace=1.0))
-            path.unlink(missing_ok=True)
-
-    def _secure(self, path: Path) -> None:
-        try:
-            if self._settings.admin_group:
-                os.chown(path, -1, grp.getgrnam(self._settings.admin_group).gr_gid)
-            path.chmod(int(self._settings.admin_socket_mode, 8))
-        except (OSError, KeyError) as error:
-            raise LinkError(f"cannot set owner/mode of {path}: {error}") from error
+        await serve_on_unix_socket(
+            server, self._settings.admin_socket, mode=self._settings.admin_socket_mode,
+            group=self._settings.admin_group, what="controller admin socket",
+            listening_event="controller_admin_listening",
+        )  # fmt: skip
