@@ -9,6 +9,7 @@ link's outbox in ``outbox.py`` (same file, same discipline).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -41,10 +42,27 @@ __all__ = [
     "PartitionState",
     "Store",
     "SyncResult",
+    "write_transaction",
 ]
 
 
 QUICK_CHECK_ROWS = 20
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
+    """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception); SQLite's
+    errors leave as StoreError naming ``what`` ("journal", "controller database")."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    except sqlite3.Error as error:
+        raise StoreError(f"{what} write failed: {error}") from error
 
 
 class Store:
@@ -121,18 +139,8 @@ class Store:
                 f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
             )
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as error:
-            raise StoreError(f"journal write failed: {error}") from error
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._db, "journal")
 
     # -- meta -----------------------------------------------------------------------------------
 
