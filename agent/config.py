@@ -205,6 +205,10 @@ class LinkConfig:
     # Acked lease events, scrub certificates, attestation and command results stay this long,
     # so that a controller restored from an older backup is refilled.
     retention_s: float = _check(_positive, 7 * 24 * 3600.0)
+    # Remote commands: how far the controller's clock may be ahead of this node's (a command
+    # issued further in the future is refused) and behind (an expired one is accepted this
+    # much longer). Keep the node's clock in sync (NTP): commands live 10 minutes at most.
+    command_clock_skew_s: float = _check(_positive, 30.0)
 
     def __post_init__(self) -> None:
         if self.outbox_grant_reserve >= self.outbox_max_reports:

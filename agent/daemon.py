@@ -20,7 +20,10 @@ from agent.errors import AccelguardError
 from agent.hw.devnodes import DeviceNodeMap
 from agent.hw.nvml import NvmlBackend
 from agent.identity.node_key import NODE_KEY_FILE, NodeKey
+from agent.identity.tls import IdentityPaths
 from agent.isolation.evict import Evictor
+from agent.link.attestation import TpmAttester
+from agent.link.commands import CommandKeyring, CommandService
 from agent.link.events import LinkEvents
 from agent.link.service import LinkService
 from agent.partitions.inventory import InventoryService
@@ -31,6 +34,7 @@ from agent.runtime.statedir import StateDirLock
 from agent.runtime.systemd import SystemdNotifier
 from agent.scrub.runner import ScrubRunner
 from agent.store import Store
+from agent.store.commands import CommandLog
 
 log = structlog.get_logger(__name__)
 
@@ -95,12 +99,26 @@ class Daemon:
         self.inventory.on_sync.append(self.leases.on_inventory_sync)
         self.notifier = SystemdNotifier()
         self.layouts = LayoutService(self.layout, self.leases, self.inventory, self.executor)
-        self.admin = AdminServer(
-            config,
-            AdminHandlers(
-                config, self.inventory, self.leases, self.layouts.run, self.node_key.public_pem()
-            ),
+        handlers = AdminHandlers(
+            config, self.inventory, self.leases, self.layouts.run, self.node_key.public_pem()
         )
+        self.admin = AdminServer(config, handlers)
+        # Remote commands run through the same handlers as the admin socket's calls.
+        self.commands: CommandService | None = None
+        if self.link is not None:
+            link = self.link
+            self.commands = CommandService(
+                config.node.id,
+                CommandLog(self.store, link.outbox),
+                self.executor,
+                handlers,
+                CommandKeyring(IdentityPaths(config.link.cert_dir).command_key),
+                TpmAttester(config.attest, self.executor),
+                wake=link.wake,
+                renew_certificate=link.request_renewal,
+                clock_skew_s=config.link.command_clock_skew_s,
+            )
+            link.commands = self.commands
 
     def _hotplug(self) -> Coroutine[Any, Any, None] | None:
         if not self.config.hotplug.enabled:

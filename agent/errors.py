@@ -177,3 +177,14 @@ class OutboxFullError(RetryLaterError):
     """A report that must never be dropped (lease event, scrub certificate, attestation or
     command result) could not be stored in the link outbox; the node refuses new grants until
     the controller has acknowledged enough to make room."""
+
+
+class CommandRefusedError(ValidationError):
+    """A remote command was refused before anything ran (docs/commands.md): ``reason`` is the
+    code reported uplink (malformed, oversized, signature, unknown_key, wrong_node, future,
+    expired, replayed, unknown_body, cordoned)."""
+
+    def __init__(self, reason: str, message: str, command_id: bytes = b"") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.command_id = command_id

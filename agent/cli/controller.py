@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
-
+from agent.cli import remote
+from agent.cli.output import message_dict, print_json
 from agent.errors import ConfigError
 
 
@@ -56,9 +54,13 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     show = node_verbs.add_parser("show", help="a node's enrollment, link and partitions")
     show.add_argument("node_id")
     show.add_argument("--json", action="store_true")
+    set_group = node_verbs.add_parser("set-group", help="the group whose policy the node meets")
+    set_group.add_argument("node_id")
+    set_group.add_argument("group")
     certs = ctl_verbs.add_parser("certs", help="scrub certificates a node reported")
     certs.add_argument("--node", required=True)
     certs.add_argument("--json", action="store_true")
+    remote.add_parsers(ctl_verbs)
 
 
 def _duration(text: str) -> float:
@@ -70,17 +72,6 @@ def _duration(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("a duration must be positive")
     return value
-
-
-def _message_dict(message: Message) -> dict[str, Any]:
-    return MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
-def _print_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,37 +136,51 @@ def _ctl(args: argparse.Namespace) -> int:
     from agent.controller.client import ControllerClient  # noqa: PLC0415
 
     with ControllerClient(_socket(args)) as client:
+        if args.verb in remote.VERBS:
+            return remote.run(client, args)
+        if args.verb == "node" and args.node_verb == "set-group":
+            client.set_node_group(args.node_id, args.group)
+            print(f"node {args.node_id} is in group {args.group}")
+            return 0
         if args.verb == "token":
             response = client.create_token(args.node_id, args.ttl)
             if args.json:
-                _print_json(_message_dict(response))
+                print_json(message_dict(response))
             else:
                 print(response.token)
             return 0
         if args.verb == "nodes":
             nodes = client.nodes()
             if args.json:
-                _print_json(_message_dict(nodes))
+                print_json(message_dict(nodes))
                 return 0
-            print(f"{'NODE':24} {'LINK':12} {'LAST SEEN':21} {'ATTESTATION':12} PARTITIONS")
+            print(f"{'NODE':24} {'LINK':12} {'LAST SEEN':21} {'ATTESTATION':12} {'TRUST':18} "
+                  "PARTITIONS")  # fmt: skip
             for node in nodes.nodes:
                 partitions = ", ".join(f"{p.state}={p.count}" for p in node.partitions) or "-"
                 link = "connected" if node.connected else "offline"
+                trust = node.trust + (",cordoned" if node.cordoned else "")
                 print(
                     f"{node.node_id:24} {link:12} {_when(node.last_seen):21} "
-                    f"{node.attestation:12} {partitions}"
+                    f"{node.attestation:12} {trust:18} {partitions}"
                 )
             return 0
         if args.verb == "node":
             detail = client.node(args.node_id)
             if args.json:
-                _print_json(_message_dict(detail))
+                print_json(message_dict(detail))
                 return 0
             summary = detail.summary
             print(f"node: {summary.node_id} ({detail.spiffe_id})")
             print(f"link: {'connected' if summary.connected else 'offline'}, last seen "
                   f"{_when(summary.last_seen)}, agent {summary.agent_version or '-'}")  # fmt: skip
             print(f"attestation: {summary.attestation}, AK name {detail.ak_name_hex or '-'}")
+            print(f"trust: {summary.trust}{', CORDONED' if summary.cordoned else ''}, group "
+                  f"{summary.group}, last quote {_when(detail.last_attested_at)}")  # fmt: skip
+            for reason in detail.trust_reasons:
+                print(f"  untrusted: {reason}")
+            for refusal in detail.refusals:
+                print(f"  refused {_when(refusal.at)} {refusal.reason}: {refusal.detail}")
             print(f"certificate: serial {detail.certificate_serial}, "
                   f"expires {_when(detail.certificate_not_after)}")  # fmt: skip
             print(f"reports: {summary.reports} " + json.dumps(dict(detail.reports_by_kind)))
@@ -187,7 +192,7 @@ def _ctl(args: argparse.Namespace) -> int:
         if args.verb == "certs":
             certs = client.certificates(args.node)
             if args.json:
-                _print_json(_message_dict(certs))
+                print_json(message_dict(certs))
                 return 0
             for c in certs.certificates:
                 checked = "signature ok" if c.signature_checked else "signature NOT checked"

@@ -23,14 +23,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     layout_verbs = layout.add_subparsers(dest="verb", required=True)
     for verb in ("plan", "apply"):
         sub = layout_verbs.add_parser(verb, help=f"{verb} a layout")
-        sub.add_argument("--gpu", help="GPU index, comma-separated indices, or 'all'")
-        sub.add_argument("--mig", choices=["on", "off"], default="on", help="MIG mode (default on)")
-        sub.add_argument(
-            "-f", "--file", type=Path, help="mig-parted config file (mig-configs YAML)"
-        )
-        sub.add_argument("-c", "--config-name", help="which mig-config of --file")
-        sub.add_argument("profiles", nargs="*", help="PROFILE=COUNT, e.g. 3g.40gb=2")
-        sub.add_argument("--json", action="store_true")
+        add_layout_arguments(sub)
         if verb == "apply":
             sub.add_argument(
                 "--wait", type=seconds, default=0.0, metavar="S",
@@ -38,10 +31,20 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
             )  # fmt: skip
 
 
+def add_layout_arguments(sub: argparse.ArgumentParser) -> None:
+    """The arguments of a layout (local `layout plan|apply` and `ctl layout apply`)."""
+    sub.add_argument("--gpu", help="GPU index, comma-separated indices, or 'all'")
+    sub.add_argument("--mig", choices=["on", "off"], default="on", help="MIG mode (default on)")
+    sub.add_argument("-f", "--file", type=Path, help="mig-parted config file (mig-configs YAML)")
+    sub.add_argument("-c", "--config-name", help="which mig-config of --file")
+    sub.add_argument("profiles", nargs="*", help="PROFILE=COUNT, e.g. 3g.40gb=2")
+    sub.add_argument("--json", action="store_true")
+
+
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
     if config is None:
         config = load_config(args.config)
-    request = _layout_request(args)
+    request = layout_request(args)
     from agent.admin.client import AdminClient  # noqa: PLC0415
 
     with AdminClient(config.admin.socket) as client:
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
     return 0
 
 
-def _layout_request(args: argparse.Namespace) -> Any:
+def layout_request(args: argparse.Namespace) -> Any:
     from agent.hw.mig.parted import load_mig_parted_file  # noqa: PLC0415
     from agent.hw.mig.planner import parse_layout_spec  # noqa: PLC0415
     from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -12,11 +14,16 @@ import grpc
 import structlog
 
 from agent.admin.unix_socket import serve_on_unix_socket
+from agent.attest.policy import Policy
+from agent.controller.attestation import AttestationLoop
+from agent.controller.command_store import CommandRow, CommandState, TrustRecord
+from agent.controller.commands import CommandDispatcher
 from agent.controller.config import ControllerSection
 from agent.controller.link import NodeLinkHandler
 from agent.controller.store import ControllerStore, NodeRecord
 from agent.controller.tokens import create_token
 from agent.errors import AccelguardError, NotFoundError, ValidationError
+from agent.link.envelope import MAX_TTL_S
 from agent.proto.accelguard.v1 import controller_pb2 as pb
 from agent.proto.accelguard.v1 import controller_pb2_grpc as pb_grpc
 from agent.proto.accelguard.v1 import link_pb2
@@ -41,15 +48,23 @@ class ControllerAdminHandlers:
         store: ControllerStore,
         executor: BlockingExecutor,
         link: NodeLinkHandler,
+        dispatcher: CommandDispatcher,
+        attestation: AttestationLoop,
     ) -> None:
         self._settings = settings
         self._store = store
         self._executor = executor
         self._link = link
+        self._dispatcher = dispatcher
+        self._attestation = attestation
+        dispatcher.result_hooks.append(self._cordon_result)
 
-    def _summary(self, node: NodeRecord, reports: int) -> pb.NodeSummary:
+    def _summary(self, node: NodeRecord, reports: int, trust: TrustRecord) -> pb.NodeSummary:
         states = Counter(p.state for p in _partitions(node))
         return pb.NodeSummary(
+            trust="unattested" if node.attestation != "attested" else trust.trust,
+            cordoned=trust.cordoned,
+            group=trust.group,
             node_id=node.node_id,
             connected=node.node_id in self._link.sessions,
             last_seen=node.last_seen,
@@ -68,23 +83,38 @@ class ControllerAdminHandlers:
         return pb.CreateTokenResponse(token=token, node_id=request.node_id, expires_at=expires_at)
 
     async def list_nodes(self) -> pb.ListNodesResponse:
-        def collect() -> list[tuple[NodeRecord, int]]:
+        def collect() -> list[tuple[NodeRecord, int, TrustRecord]]:
             return [
-                (n, sum(self._store.report_counts(n.node_id).values())) for n in self._store.nodes()
+                (
+                    n,
+                    sum(self._store.report_counts(n.node_id).values()),
+                    self._store.commands.trust(n.node_id),
+                )
+                for n in self._store.nodes()
             ]
 
         rows = await self._executor.call(collect)
-        return pb.ListNodesResponse(nodes=[self._summary(n, count) for n, count in rows])
+        return pb.ListNodesResponse(
+            nodes=[self._summary(n, count, trust) for n, count, trust in rows]
+        )
 
     async def get_node(self, request: pb.GetNodeRequest) -> pb.NodeDetail:
         node = await self._executor.call(self._store.node, request.node_id)
         if node is None:
             raise NotFoundError(f"node {request.node_id!r} is not enrolled")
         counts = await self._executor.call(self._store.report_counts, node.node_id)
-        session = self._link.sessions.get(node.node_id)
-        del session
+        trust = await self._executor.call(self._store.commands.trust, node.node_id)
+        refusals = await self._executor.call(self._store.commands.refusals, node.node_id)
         return pb.NodeDetail(
-            summary=self._summary(node, sum(counts.values())),
+            summary=self._summary(node, sum(counts.values()), trust),
+            trust_reasons=list(trust.reasons),
+            last_attested_at=trust.last_attested_at,
+            refusals=[
+                pb.CommandRefusal(
+                    command_id=r.command_id.hex(), reason=r.reason, detail=r.detail, at=r.at
+                )
+                for r in refusals
+            ],
             spiffe_id=node.spiffe_id,
             enrolled_at=node.enrolled_at,
             ak_name_hex=node.ak_name.hex(),
@@ -144,6 +174,108 @@ class ControllerAdminHandlers:
             ]
         )
 
+    # -- remote commands -------------------------------------------------------------------------
+
+    async def run_command(self, request: pb.RunCommandRequest) -> pb.CommandStatus:
+        kind = request.WhichOneof("body")
+        if kind is None:
+            raise ValidationError("a command needs a body (grant_lease, release_lease, ...)")
+        node_id = request.node_id
+        node = await self._executor.call(self._store.node, node_id)
+        if node is None:
+            raise NotFoundError(f"node {node_id!r} is not enrolled")
+        ttl = request.ttl_s or self._settings.command_ttl_s
+        if not 0 < ttl <= MAX_TTL_S:
+            raise ValidationError(f"ttl must be more than 0 and at most {MAX_TTL_S:.0f} s")
+        timeout = request.timeout_s or self._settings.command_timeout_s
+        if not 0 < timeout <= 3600:
+            raise ValidationError("timeout must be more than 0 and at most 3600 s")
+        trust = await self._executor.call(self._store.commands.trust, node_id)
+        if kind == "grant_lease" and trust.cordoned:
+            raise ValidationError(
+                f"node {node_id} is cordoned ({trust.trust}"
+                + (": " + "; ".join(trust.reasons) if trust.reasons else "")
+                + "): it gets no grants until `ctl uncordon`"
+            )
+        if kind == "uncordon" and node.attestation == "attested" and trust.trust != "trusted":
+            raise ValidationError(
+                f"node {node_id} is {trust.trust}: it needs a passing quote (`ctl attest --node "
+                f"{node_id}`) before it can be uncordoned"
+            )
+        if kind == "attest":
+            row = await self._attestation.request(node_id)
+            if row is None:
+                raise ValidationError(f"node {node_id} enrolled without a TPM: nothing to attest")
+        else:
+            if kind == "cordon":
+                # Fail closed: no grant goes out from now on, whatever the node answers.
+                await self._executor.call(self._store.commands.set_cordoned, node_id, True)
+            row = await self._dispatcher.issue(node_id, kind, getattr(request, kind), ttl)
+        final = await self._dispatcher.wait(row.command_id, timeout)
+        return command_status(final or row)
+
+    async def _cordon_result(self, row: CommandRow) -> None:
+        """The node confirmed an uncordon: only then does the controller send it grants again."""
+        if row.kind == "uncordon" and row.state == CommandState.DONE:
+            await self._executor.call(self._store.commands.set_cordoned, row.node_id, False)
+
+    async def list_commands(self, request: pb.ListCommandsRequest) -> pb.ListCommandsResponse:
+        rows = await self._executor.call(
+            self._store.commands.recent, request.node_id, request.limit or 100
+        )
+        return pb.ListCommandsResponse(commands=[command_status(r) for r in rows])
+
+    async def set_policy(self, request: pb.SetPolicyRequest) -> pb.SetPolicyResponse:
+        _check_group(request.group)
+        try:
+            Policy.from_json(request.policy_json)
+        except AccelguardError as error:
+            raise ValidationError(f"policy for group {request.group!r} refused: {error}") from None
+        nodes = await self._executor.call(
+            self._store.commands.set_policy, request.group, request.policy_json
+        )
+        log.info("policy_set", group=request.group, nodes=nodes)
+        return pb.SetPolicyResponse(group=request.group, nodes=nodes)
+
+    async def set_node_group(self, request: pb.SetNodeGroupRequest) -> pb.SetNodeGroupResponse:
+        _check_group(request.group)
+        await self._executor.call(self._store.commands.require_node, request.node_id)
+        await self._executor.call(self._store.commands.set_group, request.node_id, request.group)
+        log.info("node_group_set", node=request.node_id, group=request.group)
+        return pb.SetNodeGroupResponse()
+
+
+def _check_group(group: str) -> None:
+    if not _GROUP.fullmatch(group):
+        raise ValidationError(f"group {group[:80]!r}: 1-64 of A-Z a-z 0-9 . _ -")
+
+
+_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def command_status(row: CommandRow) -> pb.CommandStatus:
+    status = pb.CommandStatus(
+        command_id=row.command_id.hex(),
+        node_id=row.node_id,
+        kind=row.kind,
+        state=row.state,
+        issued_at=row.issued_at,
+        not_after=row.not_after,
+        delivered=row.delivered,
+    )
+    if row.result is not None:
+        status.result.ParseFromString(row.result)
+    if row.verdict:
+        verdict = json.loads(row.verdict)
+        status.verdict.CopyFrom(
+            pb.AttestationVerdict(
+                passed=bool(verdict["passed"]),
+                reasons=[str(r) for r in verdict["reasons"]],
+                verified_at=float(verdict["verified_at"]),
+            )
+        )
+    return status
+
 
 _STATUS = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -177,6 +309,18 @@ class _Servicer(pb_grpc.ControllerAdminServicer):  # type: ignore[misc]
 
     async def GetStatus(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
         return await self._guard(context, self._handlers.status())
+
+    async def RunCommand(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._guard(context, self._handlers.run_command(request))
+
+    async def ListCommands(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._guard(context, self._handlers.list_commands(request))
+
+    async def SetPolicy(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._guard(context, self._handlers.set_policy(request))
+
+    async def SetNodeGroup(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._guard(context, self._handlers.set_node_group(request))
 
 
 class ControllerAdminServer:

@@ -67,3 +67,32 @@ class ControllerClient:
     def certificates(self, node_id: str) -> pb.ListNodeCertificatesResponse:
         request = pb.ListNodeCertificatesRequest(node_id=node_id)
         return self._call(self._stub.ListNodeCertificates, request, pb.ListNodeCertificatesResponse)
+
+    def run_command(self, request: pb.RunCommandRequest) -> pb.CommandStatus:
+        # The controller waits up to the request's timeout for the node: wait a little longer.
+        wait = (request.timeout_s or 3600.0) + 30.0
+        try:
+            result = self._stub.RunCommand(request, timeout=wait)
+        except grpc.RpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.UNAVAILABLE and not self._socket.exists():
+                raise DaemonUnavailableError(
+                    f"cannot reach the controller at {self._socket}: is "
+                    "`accelguard controller serve` running?"
+                ) from None
+            raise _ERROR_FOR.get(code, LinkError)(error.details() or code.name) from None
+        if not isinstance(result, pb.CommandStatus):
+            raise LinkError(f"the controller answered {type(result).__name__}")
+        return result
+
+    def list_commands(self, node_id: str, limit: int) -> pb.ListCommandsResponse:
+        request = pb.ListCommandsRequest(node_id=node_id, limit=limit)
+        return self._call(self._stub.ListCommands, request, pb.ListCommandsResponse)
+
+    def set_policy(self, group: str, document: str) -> pb.SetPolicyResponse:
+        request = pb.SetPolicyRequest(group=group, policy_json=document)
+        return self._call(self._stub.SetPolicy, request, pb.SetPolicyResponse)
+
+    def set_node_group(self, node_id: str, group: str) -> pb.SetNodeGroupResponse:
+        request = pb.SetNodeGroupRequest(node_id=node_id, group=group)
+        return self._call(self._stub.SetNodeGroup, request, pb.SetNodeGroupResponse)

@@ -34,6 +34,10 @@ def _listen(value: Any) -> str | None:
     return None
 
 
+def _command_ttl(value: Any) -> str | None:
+    return None if 0 < value <= 600 else "must be more than 0 and at most 600 (seconds)"
+
+
 def _trust_domain(value: Any) -> str | None:
     if not isinstance(value, str) or TRUST_DOMAIN.fullmatch(value) is None:
         return "must be a lower-case DNS-like name such as 'fleet.example'"
@@ -59,6 +63,13 @@ class ControllerSection:
     keepalive_timeout_s: float = _check(_positive, 10.0)
     # Reports committed per SQLite transaction at most (group commit across nodes).
     commit_batch: int = _check(_positive, 1024)
+    # Remote commands (docs/commands.md): how long a command stays valid (at most 600 s) and
+    # how long `ctl` waits for its result by default.
+    command_ttl_s: float = _check(_command_ttl, 600.0)
+    command_timeout_s: float = _check(_positive, 60.0)
+    # Attestation in the loop: a fresh quote on each connect and this often; the PCRs asked for.
+    attest_interval_s: float = _check(_positive, 600.0)
+    attest_pcrs: str = "sha256:0,1,2,3,4,5,6,7,8,9,10,14"
 
     @property
     def pki_dir(self) -> Path:

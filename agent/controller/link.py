@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -25,6 +26,8 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.controller.command_store import CommandOutcome
+from agent.controller.commands import CommandDispatcher
 from agent.controller.committer import ReportCommitter
 from agent.controller.config import ControllerSection
 from agent.controller.enrollment import EnrollmentAuthority
@@ -71,8 +74,12 @@ class NodeLinkHandler:
         pki: ControllerPki,
         authority: EnrollmentAuthority,
         settings: ControllerSection,
+        dispatcher: CommandDispatcher | None = None,
     ) -> None:
         self._store = store
+        self._dispatcher = dispatcher
+        # Called with the node id once its stream is up (the attestation loop asks for a quote).
+        self.connect_hooks: list[Callable[[str], None]] = []
         self._executor = executor
         self._committer = committer
         self._pki = pki
@@ -82,6 +89,7 @@ class NodeLinkHandler:
         self.streams_opened = 0
         self.streams_closed = 0
         self._replaced: dict[asyncio.Task[Any], bool] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     def identity(self, context: Any) -> str:
         certificates = context.auth_context().get("x509_pem_cert") or []
@@ -156,6 +164,10 @@ class NodeLinkHandler:
             await write(
                 pb.Downlink(hello=pb.HelloReply(resume_after=resume, server_time=time.time()))
             )
+            if self._dispatcher is not None:
+                await self._dispatcher.node_connected(node_id, write)
+            for hook in self.connect_hooks:
+                hook(node_id)
             verifier = _NodeVerifier(node)
             in_flight: asyncio.Queue[tuple[int, asyncio.Future[None]]] = asyncio.Queue(
                 MAX_IN_FLIGHT
@@ -166,6 +178,8 @@ class NodeLinkHandler:
             await in_flight.put((0, _done_future()))
             await acker
         finally:
+            if self._dispatcher is not None:
+                self._dispatcher.node_disconnected(node_id, write)
             if self.sessions.get(node_id) is not None and self.sessions[node_id].task is current:
                 del self.sessions[node_id]
                 log.info("node_disconnected", node=node_id)
@@ -195,11 +209,23 @@ class NodeLinkHandler:
                     )
                 last_seq = report.seq
                 incoming = verifier.incoming(report, epoch)
-                await in_flight.put((report.seq, self._committer.submit(incoming)))
+                future = self._committer.submit(incoming)
+                if incoming.command is not None and self._dispatcher is not None:
+                    future.add_done_callback(
+                        functools.partial(self._result_committed, incoming.command.command_id)
+                    )
+                await in_flight.put((report.seq, future))
             elif which == "renew":
                 await write(pb.Downlink(certificate=await self._renew(node_id, message.renew)))
             else:
                 raise LinkProtocolError("Hello may only be sent once per stream")
+
+    def _result_committed(self, command_id: bytes, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is not None or self._dispatcher is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._dispatcher.result_stored(command_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _ack(
         self,
@@ -295,6 +321,16 @@ class _NodeVerifier:
             raise LinkProtocolError(f"report {report.seq}: no body")
         inventory = None
         certificate = None
+        command = None
+        if kind == "command_result":
+            result = report.command_result
+            command = CommandOutcome(
+                command_id=bytes(result.command_id),
+                result=result.SerializeToString(),
+                ok=result.ok,
+                refusal=result.refusal,
+                detail=result.error or result.detail,
+            )
         if kind == "inventory":
             inventory = report.inventory.SerializeToString()
         elif kind == "scrub_certificate":
@@ -308,6 +344,7 @@ class _NodeVerifier:
             body=report.SerializeToString(),
             inventory=inventory,
             certificate=certificate,
+            command=command,
         )
 
     def _certificate(self, report: pb.Report) -> StoredCertificate:

@@ -163,7 +163,9 @@ class ControllerPki:
             self.server_key_pem = read_private(directory / "server.key", "server key")
             self.server_chain_pem = read_private(directory / "server.pem", "server certificate")
             self.command_public_pem = read_private(directory / "command.pub", "command key")
-            read_private(directory / "command.key", "command key")  # present and 0600
+            command_key = serialization.load_pem_private_key(
+                read_private(directory / "command.key", "command key"), password=None
+            )
         except (IdentityError, ValueError, UnsupportedAlgorithm) as error:
             raise PkiError(
                 f"controller PKI in {directory} is unusable: {error} "
@@ -171,6 +173,10 @@ class ControllerPki:
             ) from error
         if not isinstance(self._ca_key, ec.EllipticCurvePrivateKey):
             raise PkiError(f"{directory / 'ca.key'} is not an ECDSA key")
+        if not isinstance(command_key, Ed25519PrivateKey):
+            raise PkiError(f"{directory / 'command.key'} is not an Ed25519 key")
+        # Signs remote commands (agent/link/envelope.py); never leaves this process.
+        self.command_key = command_key
         self.ca_pem = self.ca.public_bytes(serialization.Encoding.PEM)
         self.ca_der = self.ca.public_bytes(serialization.Encoding.DER)
         self.fingerprint = fingerprint(self.ca)

@@ -18,6 +18,8 @@ import grpc
 import structlog
 
 from agent.controller.admin import ControllerAdminHandlers, ControllerAdminServer
+from agent.controller.attestation import AttestationLoop
+from agent.controller.commands import CommandDispatcher
 from agent.controller.committer import ReportCommitter
 from agent.controller.config import ControllerConfig
 from agent.controller.enrollment import EnrollmentAuthority
@@ -27,6 +29,7 @@ from agent.controller.store import SqliteControllerStore
 from agent.errors import AccelguardError, EnrollmentRefusedError, LinkError, LinkProtocolError
 from agent.identity.files import write_private
 from agent.link.channel import server_options
+from agent.link.envelope import CommandKey
 from agent.link.wire import decode_enroll_request
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
@@ -43,11 +46,20 @@ class ControllerServer:
         self.executor = BlockingExecutor()
         self.committer = ReportCommitter(self.store, self.executor, settings.commit_batch)
         self.authority = EnrollmentAuthority(self.store, self.pki, settings)
-        self.link = NodeLinkHandler(
-            self.store, self.executor, self.committer, self.pki, self.authority, settings
+        self.dispatcher = CommandDispatcher(
+            self.store, self.executor, CommandKey(self.pki.command_key)
         )
+        self.attestation = AttestationLoop(self.store, self.executor, self.dispatcher, settings)
+        self.link = NodeLinkHandler(
+            self.store, self.executor, self.committer, self.pki, self.authority, settings,
+            self.dispatcher,
+        )  # fmt: skip
+        self.link.connect_hooks.append(self.attestation.node_connected)
         self.admin = ControllerAdminServer(
-            settings, ControllerAdminHandlers(settings, self.store, self.executor, self.link)
+            settings,
+            ControllerAdminHandlers(
+                settings, self.store, self.executor, self.link, self.dispatcher, self.attestation
+            ),
         )
         self.enroll_port = 0
         self.link_port = 0
@@ -138,6 +150,8 @@ class ControllerServer:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.committer.run(), name="committer")
+                group.create_task(self.dispatcher.run(), name="commands")
+                group.create_task(self.attestation.run(), name="attestation")
                 group.create_task(self.admin.run(), name="admin")
                 group.create_task(server.wait_for_termination(), name="grpc")
         except asyncio.CancelledError:

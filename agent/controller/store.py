@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agent.controller.command_store import SCHEMA as COMMAND_SCHEMA
+from agent.controller.command_store import CommandOutcome, CommandStore
 from agent.errors import EnrollmentRefusedError, StoreError
 from agent.store import write_transaction
 
@@ -90,6 +92,7 @@ class IncomingReport:
     body: bytes
     inventory: bytes | None = None
     certificate: StoredCertificate | None = None
+    command: CommandOutcome | None = None
 
 
 class ControllerStore(Protocol):
@@ -105,6 +108,8 @@ class ControllerStore(Protocol):
     def commit_reports(self, reports: Sequence[IncomingReport]) -> None: ...
     def certificates(self, node_id: str) -> list[StoredCertificate]: ...
     def report_counts(self, node_id: str) -> dict[str, int]: ...
+    @property
+    def commands(self) -> CommandStore: ...
     def close(self) -> None: ...
 
 
@@ -171,9 +176,12 @@ class SqliteControllerStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._db.executescript(COMMAND_SCHEMA)
             path.chmod(0o600)
         except (sqlite3.Error, OSError) as error:
             raise StoreError(f"cannot open the controller database {path}: {error}") from error
+
+        self.commands = CommandStore(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -303,6 +311,8 @@ class SqliteControllerStore:
                         "UPDATE nodes SET inventory = ? WHERE id = ?",
                         (report.inventory, report.node_id),
                     )
+                if report.command is not None:
+                    CommandStore.record_result(db, report.node_id, report.command)
                 cert = report.certificate
                 if cert is not None:
                     db.execute(

@@ -82,6 +82,12 @@ class SnapshotLike(Protocol):
     def gpus(self) -> Any: ...  # a sequence of GpuLike
 
 
+class CommandSink(Protocol):
+    """Where commands from the controller go (agent/link/commands.py ``CommandService``)."""
+
+    def submit(self, data: bytes) -> None: ...
+
+
 class InventoryView(Protocol):
     """What the link reads of the inventory service: its latest snapshot (no hardware call)."""
 
@@ -129,6 +135,17 @@ class LinkService:
         self.connections = 0
         self.last_error = ""
         self._renewal_sent_at = 0.0
+        # Set by the daemon once the admin handlers exist: commands from the controller.
+        self.commands: CommandSink | None = None
+        self._renewal_asked = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something new is in the outbox (written by another service): send it now."""
+        self._wake.set()
+
+    def request_renewal(self) -> None:
+        """Ask the controller for a new certificate now (the rotate-certificate command)."""
+        self._renewal_asked.set()
 
     # -- ReportSink ------------------------------------------------------------------------------
 
@@ -330,7 +347,13 @@ class LinkService:
                     acked.set()
             elif which == "certificate":
                 await self._executor.call(self._install_certificate, message.certificate)
-            # Anything else (commands, next issue) is not for this version: ignored.
+            elif which == "command":
+                if self.commands is None:
+                    log.warning("link_command_ignored", reason="this agent runs no commands")
+                else:
+                    # The exact bytes that came: the envelope inside is what was signed.
+                    self.commands.submit(message.command.SerializeToString())
+            # Anything else (a newer controller's messages) is not for this version: ignored.
 
     async def _renewal(self, call: Any) -> None:
         """Ask for a new certificate at two thirds of the current one's life, over this link
@@ -338,9 +361,11 @@ class LinkService:
         while True:
             identity = await self._executor.call(load_identity, self._paths)
             wait = identity.renew_at - time.time()
-            if wait > 0:
-                await asyncio.sleep(min(wait, 3600.0))
+            if wait > 0 and not self._renewal_asked.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._renewal_asked.wait(), min(wait, 3600.0))
                 continue
+            self._renewal_asked.clear()
             key = await self._executor.call(load_key, self._paths.key)
             csr = make_csr(key, self._config.node.id)
             log.info("link_certificate_renewal_requested")

@@ -158,24 +158,106 @@ def validate_report(report: pb.Report) -> None:
             if not math.isfinite(gpu.temperature_c) or not math.isfinite(gpu.power_w):
                 raise LinkProtocolError(f"{where}.gpus: readings must be finite")
     elif body == "attestation":
-        evidence = report.attestation
-        _bytes(evidence.ak_public, f"{where}.ak_public", MAX_TPM_PUBLIC_BYTES, required=True)
-        _bytes(evidence.quote, f"{where}.quote", MAX_TPM_PUBLIC_BYTES, required=True)
-        _bytes(evidence.signature, f"{where}.signature", MAX_TPM_PUBLIC_BYTES, required=True)
-        _bytes(evidence.nonce, f"{where}.nonce", 64)
-        for bank in evidence.pcrs:
-            _text(bank.bank, f"{where}.pcrs.bank", 16, required=True)
-            if any(index > 23 or len(v) > 64 for index, v in bank.values.items()):
-                raise LinkProtocolError(f"{where}.pcrs.{bank.bank}: PCR index or value invalid")
+        _evidence(report.attestation, f"{where}.attestation")
     elif body == "command_result":
         result = report.command_result
-        _bytes(result.command_id, f"{where}.command_id", 64, required=True)
+        # A refusal of bytes that never decoded has no command id to name.
+        _bytes(result.command_id, f"{where}.command_id", 64, required=not result.refusal)
         _text(result.error, f"{where}.error", MAX_REASON)
         _text(result.detail, f"{where}.detail", MAX_REASON)
+        _text(result.refusal, f"{where}.refusal", 32)
+        _text(result.scrub_certificate_json, f"{where}.scrub_certificate_json",
+              MAX_SCRUB_PAYLOAD_BYTES)  # fmt: skip
+        if result.WhichOneof("result") == "attestation":
+            _evidence(result.attestation, f"{where}.attestation")
     elif body == "audit_checkpoint":
         checkpoint = report.audit_checkpoint
         _bytes(checkpoint.chain_hash, f"{where}.chain_hash", 64, required=True)
         _bytes(checkpoint.signature, f"{where}.signature", 128, required=True)
+
+
+def _evidence(evidence: pb.AttestationEvidence, where: str) -> None:
+    _bytes(evidence.ak_public, f"{where}.ak_public", MAX_TPM_PUBLIC_BYTES, required=True)
+    _bytes(evidence.quote, f"{where}.quote", MAX_TPM_PUBLIC_BYTES, required=True)
+    _bytes(evidence.signature, f"{where}.signature", MAX_TPM_PUBLIC_BYTES, required=True)
+    _bytes(evidence.nonce, f"{where}.nonce", 64)
+    _text(evidence.boot_id, f"{where}.boot_id", 64)
+    for bank in evidence.pcrs:
+        _text(bank.bank, f"{where}.pcrs.bank", 16, required=True)
+        if any(index > 23 or len(v) > 64 for index, v in bank.values.items()):
+            raise LinkProtocolError(f"{where}.pcrs.{bank.bank}: PCR index or value invalid")
+
+
+# --- remote commands: the body of an authenticated envelope ---------------------------------
+
+MAX_CGROUP: Final = 4096
+MAX_LAYOUT_TARGETS: Final = 64
+MIN_NONCE_BYTES: Final = 16
+MAX_NONCE_BYTES: Final = 64
+
+
+def validate_command_body(envelope: pb.CommandEnvelope) -> str:
+    """Check the shape of an authenticated command's body; its kind (the oneof member).
+
+    Raises :class:`LinkProtocolError` naming the field; an envelope without a known body (a
+    newer controller's, or none) is refused by the caller before this runs.
+    """
+    kind = envelope.WhichOneof("body")
+    where = f"command.{kind}"
+    if kind == "grant_lease":
+        grant = envelope.grant_lease
+        _text(grant.tenant, f"{where}.tenant", required=True)
+        _text(grant.partition_uuid, f"{where}.partition_uuid")
+        _text(grant.profile, f"{where}.profile", 64)
+        if bool(grant.partition_uuid) == bool(grant.profile):
+            raise LinkProtocolError(f"{where}: give exactly one of partition_uuid and profile")
+        _text(grant.cgroup, f"{where}.cgroup", MAX_CGROUP, required=True)
+        if not _PRINTABLE.fullmatch(grant.cgroup):
+            raise LinkProtocolError(f"{where}.cgroup: must be printable ASCII")
+        _finite(grant.ttl_s, f"{where}.ttl_s")
+        _text(grant.scrub_policy, f"{where}.scrub_policy", 32)
+    elif kind == "release_lease":
+        _text(envelope.release_lease.lease_id, f"{where}.lease_id", required=True)
+    elif kind == "apply_layout":
+        targets = envelope.apply_layout.targets
+        if not targets or len(targets) > MAX_LAYOUT_TARGETS:
+            raise LinkProtocolError(f"{where}.targets: 1 to {MAX_LAYOUT_TARGETS} targets")
+        for target in targets:
+            if len(target.gpu_indices) > MAX_GPUS or len(target.device_filter) > MAX_GPUS:
+                raise LinkProtocolError(f"{where}.targets: more than {MAX_GPUS} GPUs or filters")
+            for text in target.device_filter:
+                _text(text, f"{where}.targets.device_filter", 32)
+            if len(target.counts) > 64:
+                raise LinkProtocolError(f"{where}.targets.counts: more than 64 profiles")
+            for name in target.counts:
+                _text(name, f"{where}.targets.counts", 64, required=True)
+    elif kind in ("quarantine_partition", "clear_partition"):
+        action = getattr(envelope, kind)
+        _text(action.partition_uuid, f"{where}.partition_uuid", required=True)
+        _text(action.reason, f"{where}.reason", MAX_REASON)
+    elif kind == "attest":
+        attest = envelope.attest
+        if not MIN_NONCE_BYTES <= len(attest.nonce) <= MAX_NONCE_BYTES:
+            raise LinkProtocolError(
+                f"{where}.nonce: must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes"
+            )
+        if len(attest.selection) > 8:
+            raise LinkProtocolError(f"{where}.selection: more than 8 banks")
+        for bank in attest.selection:
+            _text(bank.bank, f"{where}.selection.bank", 16, required=True)
+            if not bank.pcrs or len(bank.pcrs) > 24 or any(i > 23 for i in bank.pcrs):
+                raise LinkProtocolError(f"{where}.selection.{bank.bank}: PCRs 0..23, 1 to 24")
+        _text(attest.boot_id, f"{where}.boot_id", 64)
+    elif kind in ("cordon", "uncordon"):
+        _text(getattr(envelope, kind).reason, f"{where}.reason", MAX_REASON)
+    elif kind == "announce_command_key":
+        announcement = envelope.announce_command_key
+        if not announcement.public_key_pem or len(announcement.public_key_pem) > MAX_PEM:
+            raise LinkProtocolError(f"{where}.public_key_pem: required, at most {MAX_PEM} chars")
+        _text(announcement.key_id, f"{where}.key_id", 64, required=True)
+    elif kind != "rotate_certificate":
+        raise LinkProtocolError("command: no body, or one this node does not know")
+    return str(kind)
 
 
 def _inventory(snapshot: pb.InventorySnapshot, where: str) -> None:

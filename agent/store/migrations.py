@@ -121,6 +121,28 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE acked_at IS NULL;
     CREATE INDEX link_outbox_acked ON link_outbox (acked_at, seq) WHERE acked_at IS NOT NULL;
     """,
+    # 6: remote commands (agent/link/commands.py). The replay cache: every authenticated command
+    # id until its not_after has passed, with the result of its one run ('running' while it
+    # runs: found so after a crash, the outcome is unknown and it is never run again). Refusals
+    # are kept (bounded) for the operator and reported uplink.
+    """
+    CREATE TABLE commands (
+        id BLOB PRIMARY KEY,
+        kind TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        not_after REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'done')),
+        result BLOB
+    ) WITHOUT ROWID;
+    CREATE INDEX commands_not_after ON commands (not_after);
+    CREATE TABLE command_refusals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        command_id BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    """,
 )
 
 # Bounds a journal check must stay within at start-up (a few thousand rows on a real node).

@@ -4,11 +4,12 @@ crash."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,17 @@ class OutboxStats:
     dropped: int
     # Of those, how many had a seq (evicted unacked): the controller will never see those seqs.
     dropped_with_seq: int
+
+
+class OutboxTransaction:
+    """The connection of an open journal transaction, and the outbox to enqueue reports in it."""
+
+    def __init__(self, outbox: Outbox, db: sqlite3.Connection) -> None:
+        self._outbox = outbox
+        self.db = db
+
+    def enqueue(self, kind: str, body: bytes, *, droppable: bool) -> int | None:
+        return self._outbox._enqueue(self.db, kind, body, droppable=droppable, opens_lease=False)
 
 
 class Outbox:
@@ -112,6 +124,19 @@ class Outbox:
         """Store a report; its seq, or None when a droppable report was dropped (counted)."""
         with self._store.transaction() as db:
             return self._enqueue(db, kind, body, droppable=droppable, opens_lease=opens_lease)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[OutboxTransaction]:
+        """A journal transaction whose reports (``enqueue``) are stored together with the
+        caller's own rows, or none is: the counters kept beside the table roll back with it,
+        a failed commit included."""
+        rows, size, unacked = self._rows, self._bytes, self._unacked
+        try:
+            with self._store.transaction() as db:
+                yield OutboxTransaction(self, db)
+        except BaseException:
+            self._rows, self._bytes, self._unacked = rows, size, unacked
+            raise
 
     def _fits(self, size: int, reserve: int) -> bool:
         limits = self.limits

@@ -149,11 +149,12 @@ class LinkNode:
 
     root: Path
     controller: Controller
+    mig_enabled: bool = False
     swtpm: Swtpm = field(init=False)
     agent: RunningAgent = field(init=False)
 
     def __post_init__(self) -> None:
-        node = init_sim_node(self.root, "h100x2", mig_enabled=False, slice_bytes=1 << 20)
+        node = init_sim_node(self.root, "h100x2", mig_enabled=self.mig_enabled, slice_bytes=1 << 20)
         self.swtpm = Swtpm(self.root / "swtpm")
         self.swtpm.start()
         self.agent = RunningAgent(node=node, config=load_config(node.config_path))

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from agent.proto.accelguard.v1 import link_pb2 as accelguard_dot_v1_dot_link__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61\x63\x63\x65lguard/v1/controller.proto\x12\raccelguard.v1\"4\n\x12\x43reateTokenRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"I\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x01\"\x12\n\x10ListNodesRequest\".\n\x0ePartitionCount\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xb4\x01\n\x0bNodeSummary\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x11\n\tlast_seen\x18\x03 \x01(\x01\x12\x13\n\x0b\x61ttestation\x18\x04 \x01(\t\x12\x31\n\npartitions\x18\x05 \x03(\x0b\x32\x1d.accelguard.v1.PartitionCount\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\x0f\n\x07reports\x18\x07 \x01(\x04\">\n\x11ListNodesResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.accelguard.v1.NodeSummary\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x7f\n\rNodePartition\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tgpu_index\x18\x03 \x01(\r\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x63lean\x18\x06 \x01(\x08\x12\x10\n\x08lease_id\x18\x07 \x01(\t\"\xcb\x03\n\nNodeDetail\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.accelguard.v1.NodeSummary\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nrolled_at\x18\x03 \x01(\x01\x12\x13\n\x0b\x61k_name_hex\x18\x04 \x01(\t\x12\x18\n\x10\x65k_public_sha256\x18\x05 \x01(\t\x12\x1d\n\x15scrub_key_fingerprint\x18\x06 \x01(\t\x12\x1a\n\x12\x63\x65rtificate_serial\x18\x07 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_not_after\x18\x08 \x01(\x01\x12\x0f\n\x07\x62oot_id\x18\t \x01(\t\x12\r\n\x05\x65poch\x18\n \x01(\x04\x12\x10\n\x08last_seq\x18\x0b \x01(\x04\x12\x30\n\npartitions\x18\x0c \x03(\x0b\x32\x1c.accelguard.v1.NodePartition\x12\x45\n\x0freports_by_kind\x18\r \x03(\x0b\x32,.accelguard.v1.NodeDetail.ReportsByKindEntry\x1a\x34\n\x12ReportsByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\".\n\x1bListNodeCertificatesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\xcd\x01\n\x16StoredScrubCertificate\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x16\n\x0epartition_uuid\x18\x02 \x01(\t\x12\x19\n\x11previous_lease_id\x18\x03 \x01(\t\x12\x16\n\x0escrub_verified\x18\x04 \x01(\x08\x12\x19\n\x11signature_checked\x18\x05 \x01(\x08\x12\x13\n\x0b\x66inished_at\x18\x06 \x01(\t\x12\x14\n\x0cpayload_json\x18\x07 \x01(\t\x12\x15\n\rsignature_b64\x18\x08 \x01(\t\"[\n\x1cListNodeCertificatesResponse\x12;\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32%.accelguard.v1.StoredScrubCertificate\"\x12\n\x10GetStatusRequest\"k\n\x10\x43ontrollerStatus\x12\x15\n\rasyncio_tasks\x18\x01 \x01(\r\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x16\n\x0estreams_opened\x18\x03 \x01(\x04\x12\x16\n\x0estreams_closed\x18\x04 \x01(\x04\x32\xbc\x03\n\x0f\x43ontrollerAdmin\x12T\n\x0b\x43reateToken\x12!.accelguard.v1.CreateTokenRequest\x1a\".accelguard.v1.CreateTokenResponse\x12N\n\tListNodes\x12\x1f.accelguard.v1.ListNodesRequest\x1a .accelguard.v1.ListNodesResponse\x12\x43\n\x07GetNode\x12\x1d.accelguard.v1.GetNodeRequest\x1a\x19.accelguard.v1.NodeDetail\x12o\n\x14ListNodeCertificates\x12*.accelguard.v1.ListNodeCertificatesRequest\x1a+.accelguard.v1.ListNodeCertificatesResponse\x12M\n\tGetStatus\x12\x1f.accelguard.v1.GetStatusRequest\x1a\x1f.accelguard.v1.ControllerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61\x63\x63\x65lguard/v1/controller.proto\x12\raccelguard.v1\x1a\x18\x61\x63\x63\x65lguard/v1/link.proto\"\xd5\x04\n\x11RunCommandRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x37\n\x0bgrant_lease\x18\n \x01(\x0b\x32 .accelguard.v1.GrantLeaseCommandH\x00\x12;\n\rrelease_lease\x18\x0b \x01(\x0b\x32\".accelguard.v1.ReleaseLeaseCommandH\x00\x12\x39\n\x0c\x61pply_layout\x18\x0c \x01(\x0b\x32!.accelguard.v1.ApplyLayoutCommandH\x00\x12?\n\x14quarantine_partition\x18\r \x01(\x0b\x32\x1f.accelguard.v1.PartitionCommandH\x00\x12:\n\x0f\x63lear_partition\x18\x0e \x01(\x0b\x32\x1f.accelguard.v1.PartitionCommandH\x00\x12.\n\x06\x61ttest\x18\x0f \x01(\x0b\x32\x1c.accelguard.v1.AttestCommandH\x00\x12.\n\x06\x63ordon\x18\x10 \x01(\x0b\x32\x1c.accelguard.v1.CordonCommandH\x00\x12\x30\n\x08uncordon\x18\x11 \x01(\x0b\x32\x1c.accelguard.v1.CordonCommandH\x00\x12\x45\n\x12rotate_certificate\x18\x12 \x01(\x0b\x32\'.accelguard.v1.RotateCertificateCommandH\x00\x42\x06\n\x04\x62ody\"\xec\x01\n\rCommandStatus\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tissued_at\x18\x05 \x01(\x01\x12\x11\n\tnot_after\x18\x06 \x01(\x01\x12\x11\n\tdelivered\x18\x07 \x01(\x08\x12,\n\x06result\x18\x08 \x01(\x0b\x32\x1c.accelguard.v1.CommandResult\x12\x32\n\x07verdict\x18\t \x01(\x0b\x32!.accelguard.v1.AttestationVerdict\"J\n\x12\x41ttestationVerdict\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x13\n\x0bverified_at\x18\x03 \x01(\x01\"5\n\x13ListCommandsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"F\n\x14ListCommandsResponse\x12.\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1c.accelguard.v1.CommandStatus\"6\n\x10SetPolicyRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x02 \x01(\t\"1\n\x11SetPolicyResponse\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\"5\n\x13SetNodeGroupRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\"\x16\n\x14SetNodeGroupResponse\"4\n\x12\x43reateTokenRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"I\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x01\"\x12\n\x10ListNodesRequest\".\n\x0ePartitionCount\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xe4\x01\n\x0bNodeSummary\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x11\n\tlast_seen\x18\x03 \x01(\x01\x12\x13\n\x0b\x61ttestation\x18\x04 \x01(\t\x12\x31\n\npartitions\x18\x05 \x03(\x0b\x32\x1d.accelguard.v1.PartitionCount\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\x0f\n\x07reports\x18\x07 \x01(\x04\x12\r\n\x05trust\x18\x08 \x01(\t\x12\x10\n\x08\x63ordoned\x18\t \x01(\x08\x12\r\n\x05group\x18\n \x01(\t\">\n\x11ListNodesResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.accelguard.v1.NodeSummary\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x7f\n\rNodePartition\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tgpu_index\x18\x03 \x01(\r\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x63lean\x18\x06 \x01(\x08\x12\x10\n\x08lease_id\x18\x07 \x01(\t\"\xad\x04\n\nNodeDetail\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.accelguard.v1.NodeSummary\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nrolled_at\x18\x03 \x01(\x01\x12\x13\n\x0b\x61k_name_hex\x18\x04 \x01(\t\x12\x18\n\x10\x65k_public_sha256\x18\x05 \x01(\t\x12\x1d\n\x15scrub_key_fingerprint\x18\x06 \x01(\t\x12\x1a\n\x12\x63\x65rtificate_serial\x18\x07 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_not_after\x18\x08 \x01(\x01\x12\x0f\n\x07\x62oot_id\x18\t \x01(\t\x12\r\n\x05\x65poch\x18\n \x01(\x04\x12\x10\n\x08last_seq\x18\x0b \x01(\x04\x12\x30\n\npartitions\x18\x0c \x03(\x0b\x32\x1c.accelguard.v1.NodePartition\x12\x45\n\x0freports_by_kind\x18\r \x03(\x0b\x32,.accelguard.v1.NodeDetail.ReportsByKindEntry\x12\x15\n\rtrust_reasons\x18\x0e \x03(\t\x12\x18\n\x10last_attested_at\x18\x0f \x01(\x01\x12/\n\x08refusals\x18\x10 \x03(\x0b\x32\x1d.accelguard.v1.CommandRefusal\x1a\x34\n\x12ReportsByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"P\n\x0e\x43ommandRefusal\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\n\n\x02\x61t\x18\x04 \x01(\x01\".\n\x1bListNodeCertificatesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\xcd\x01\n\x16StoredScrubCertificate\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x16\n\x0epartition_uuid\x18\x02 \x01(\t\x12\x19\n\x11previous_lease_id\x18\x03 \x01(\t\x12\x16\n\x0escrub_verified\x18\x04 \x01(\x08\x12\x19\n\x11signature_checked\x18\x05 \x01(\x08\x12\x13\n\x0b\x66inished_at\x18\x06 \x01(\t\x12\x14\n\x0cpayload_json\x18\x07 \x01(\t\x12\x15\n\rsignature_b64\x18\x08 \x01(\t\"[\n\x1cListNodeCertificatesResponse\x12;\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32%.accelguard.v1.StoredScrubCertificate\"\x12\n\x10GetStatusRequest\"k\n\x10\x43ontrollerStatus\x12\x15\n\rasyncio_tasks\x18\x01 \x01(\r\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x16\n\x0estreams_opened\x18\x03 \x01(\x04\x12\x16\n\x0estreams_closed\x18\x04 \x01(\x04\x32\x8c\x06\n\x0f\x43ontrollerAdmin\x12T\n\x0b\x43reateToken\x12!.accelguard.v1.CreateTokenRequest\x1a\".accelguard.v1.CreateTokenResponse\x12N\n\tListNodes\x12\x1f.accelguard.v1.ListNodesRequest\x1a .accelguard.v1.ListNodesResponse\x12\x43\n\x07GetNode\x12\x1d.accelguard.v1.GetNodeRequest\x1a\x19.accelguard.v1.NodeDetail\x12o\n\x14ListNodeCertificates\x12*.accelguard.v1.ListNodeCertificatesRequest\x1a+.accelguard.v1.ListNodeCertificatesResponse\x12M\n\tGetStatus\x12\x1f.accelguard.v1.GetStatusRequest\x1a\x1f.accelguard.v1.ControllerStatus\x12L\n\nRunCommand\x12 .accelguard.v1.RunCommandRequest\x1a\x1c.accelguard.v1.CommandStatus\x12W\n\x0cListCommands\x12\".accelguard.v1.ListCommandsRequest\x1a#.accelguard.v1.ListCommandsResponse\x12N\n\tSetPolicy\x12\x1f.accelguard.v1.SetPolicyRequest\x1a .accelguard.v1.SetPolicyResponse\x12W\n\x0cSetNodeGroup\x12\".accelguard.v1.SetNodeGroupRequest\x1a#.accelguard.v1.SetNodeGroupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +34,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEDETAIL_REPORTSBYKINDENTRY']._loaded_options = None
   _globals['_NODEDETAIL_REPORTSBYKINDENTRY']._serialized_options = b'8\001'
-  _globals['_CREATETOKENREQUEST']._serialized_start=49
-  _globals['_CREATETOKENREQUEST']._serialized_end=101
-  _globals['_CREATETOKENRESPONSE']._serialized_start=103
-  _globals['_CREATETOKENRESPONSE']._serialized_end=176
-  _globals['_LISTNODESREQUEST']._serialized_start=178
-  _globals['_LISTNODESREQUEST']._serialized_end=196
-  _globals['_PARTITIONCOUNT']._serialized_start=198
-  _globals['_PARTITIONCOUNT']._serialized_end=244
-  _globals['_NODESUMMARY']._serialized_start=247
-  _globals['_NODESUMMARY']._serialized_end=427
-  _globals['_LISTNODESRESPONSE']._serialized_start=429
-  _globals['_LISTNODESRESPONSE']._serialized_end=491
-  _globals['_GETNODEREQUEST']._serialized_start=493
-  _globals['_GETNODEREQUEST']._serialized_end=526
-  _globals['_NODEPARTITION']._serialized_start=528
-  _globals['_NODEPARTITION']._serialized_end=655
-  _globals['_NODEDETAIL']._serialized_start=658
-  _globals['_NODEDETAIL']._serialized_end=1117
-  _globals['_NODEDETAIL_REPORTSBYKINDENTRY']._serialized_start=1065
-  _globals['_NODEDETAIL_REPORTSBYKINDENTRY']._serialized_end=1117
-  _globals['_LISTNODECERTIFICATESREQUEST']._serialized_start=1119
-  _globals['_LISTNODECERTIFICATESREQUEST']._serialized_end=1165
-  _globals['_STOREDSCRUBCERTIFICATE']._serialized_start=1168
-  _globals['_STOREDSCRUBCERTIFICATE']._serialized_end=1373
-  _globals['_LISTNODECERTIFICATESRESPONSE']._serialized_start=1375
-  _globals['_LISTNODECERTIFICATESRESPONSE']._serialized_end=1466
-  _globals['_GETSTATUSREQUEST']._serialized_start=1468
-  _globals['_GETSTATUSREQUEST']._serialized_end=1486
-  _globals['_CONTROLLERSTATUS']._serialized_start=1488
-  _globals['_CONTROLLERSTATUS']._serialized_end=1595
-  _globals['_CONTROLLERADMIN']._serialized_start=1598
-  _globals['_CONTROLLERADMIN']._serialized_end=2042
+  _globals['_RUNCOMMANDREQUEST']._serialized_start=76
+  _globals['_RUNCOMMANDREQUEST']._serialized_end=673
+  _globals['_COMMANDSTATUS']._serialized_start=676
+  _globals['_COMMANDSTATUS']._serialized_end=912
+  _globals['_ATTESTATIONVERDICT']._serialized_start=914
+  _globals['_ATTESTATIONVERDICT']._serialized_end=988
+  _globals['_LISTCOMMANDSREQUEST']._serialized_start=990
+  _globals['_LISTCOMMANDSREQUEST']._serialized_end=1043
+  _globals['_LISTCOMMANDSRESPONSE']._serialized_start=1045
+  _globals['_LISTCOMMANDSRESPONSE']._serialized_end=1115
+  _globals['_SETPOLICYREQUEST']._serialized_start=1117
+  _globals['_SETPOLICYREQUEST']._serialized_end=1171
+  _globals['_SETPOLICYRESPONSE']._serialized_start=1173
+  _globals['_SETPOLICYRESPONSE']._serialized_end=1222
+  _globals['_SETNODEGROUPREQUEST']._serialized_start=1224
+  _globals['_SETNODEGROUPREQUEST']._serialized_end=1277
+  _globals['_SETNODEGROUPRESPONSE']._serialized_start=1279
+  _globals['_SETNODEGROUPRESPONSE']._serialized_end=1301
+  _globals['_CREATETOKENREQUEST']._serialized_start=1303
+  _globals['_CREATETOKENREQUEST']._serialized_end=1355
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1357
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1430
+  _globals['_LISTNODESREQUEST']._serialized_start=1432
+  _globals['_LISTNODESREQUEST']._serialized_end=1450
+  _globals['_PARTITIONCOUNT']._serialized_start=1452
+  _globals['_PARTITIONCOUNT']._serialized_end=1498
+  _globals['_NODESUMMARY']._serialized_start=1501
+  _globals['_NODESUMMARY']._serialized_end=1729
+  _globals['_LISTNODESRESPONSE']._serialized_start=1731
+  _globals['_LISTNODESRESPONSE']._serialized_end=1793
+  _globals['_GETNODEREQUEST']._serialized_start=1795
+  _globals['_GETNODEREQUEST']._serialized_end=1828
+  _globals['_NODEPARTITION']._serialized_start=1830
+  _globals['_NODEPARTITION']._serialized_end=1957
+  _globals['_NODEDETAIL']._serialized_start=1960
+  _globals['_NODEDETAIL']._serialized_end=2517
+  _globals['_NODEDETAIL_REPORTSBYKINDENTRY']._serialized_start=2465
+  _globals['_NODEDETAIL_REPORTSBYKINDENTRY']._serialized_end=2517
+  _globals['_COMMANDREFUSAL']._serialized_start=2519
+  _globals['_COMMANDREFUSAL']._serialized_end=2599
+  _globals['_LISTNODECERTIFICATESREQUEST']._serialized_start=2601
+  _globals['_LISTNODECERTIFICATESREQUEST']._serialized_end=2647
+  _globals['_STOREDSCRUBCERTIFICATE']._serialized_start=2650
+  _globals['_STOREDSCRUBCERTIFICATE']._serialized_end=2855
+  _globals['_LISTNODECERTIFICATESRESPONSE']._serialized_start=2857
+  _globals['_LISTNODECERTIFICATESRESPONSE']._serialized_end=2948
+  _globals['_GETSTATUSREQUEST']._serialized_start=2950
+  _globals['_GETSTATUSREQUEST']._serialized_end=2968
+  _globals['_CONTROLLERSTATUS']._serialized_start=2970
+  _globals['_CONTROLLERSTATUS']._serialized_end=3077
+  _globals['_CONTROLLERADMIN']._serialized_start=3080
+  _globals['_CONTROLLERADMIN']._serialized_end=3860
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ Operator API of the accelguard controller, served on its local Unix socket (mode
 `accelguard ctl ...` talks to the controller only through this service.
 """
 
+from agent.proto.accelguard.v1 import link_pb2 as _link_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -19,6 +20,280 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class RunCommandRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    GRANT_LEASE_FIELD_NUMBER: _builtins.int
+    RELEASE_LEASE_FIELD_NUMBER: _builtins.int
+    APPLY_LAYOUT_FIELD_NUMBER: _builtins.int
+    QUARANTINE_PARTITION_FIELD_NUMBER: _builtins.int
+    CLEAR_PARTITION_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    CORDON_FIELD_NUMBER: _builtins.int
+    UNCORDON_FIELD_NUMBER: _builtins.int
+    ROTATE_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    timeout_s: _builtins.float
+    """how long to wait for the result; 0: the default"""
+    ttl_s: _builtins.float
+    """not_after - issued_at; 0: the default (600 s at most)"""
+    @_builtins.property
+    def grant_lease(self) -> _link_pb2.GrantLeaseCommand: ...
+    @_builtins.property
+    def release_lease(self) -> _link_pb2.ReleaseLeaseCommand: ...
+    @_builtins.property
+    def apply_layout(self) -> _link_pb2.ApplyLayoutCommand: ...
+    @_builtins.property
+    def quarantine_partition(self) -> _link_pb2.PartitionCommand: ...
+    @_builtins.property
+    def clear_partition(self) -> _link_pb2.PartitionCommand: ...
+    @_builtins.property
+    def attest(self) -> _link_pb2.AttestCommand:
+        """nonce, selection and IMA position are the controller's"""
+
+    @_builtins.property
+    def cordon(self) -> _link_pb2.CordonCommand: ...
+    @_builtins.property
+    def uncordon(self) -> _link_pb2.CordonCommand: ...
+    @_builtins.property
+    def rotate_certificate(self) -> _link_pb2.RotateCertificateCommand: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        timeout_s: _builtins.float = ...,
+        ttl_s: _builtins.float = ...,
+        grant_lease: _link_pb2.GrantLeaseCommand | None = ...,
+        release_lease: _link_pb2.ReleaseLeaseCommand | None = ...,
+        apply_layout: _link_pb2.ApplyLayoutCommand | None = ...,
+        quarantine_partition: _link_pb2.PartitionCommand | None = ...,
+        clear_partition: _link_pb2.PartitionCommand | None = ...,
+        attest: _link_pb2.AttestCommand | None = ...,
+        cordon: _link_pb2.CordonCommand | None = ...,
+        uncordon: _link_pb2.CordonCommand | None = ...,
+        rotate_certificate: _link_pb2.RotateCertificateCommand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["apply_layout", b"apply_layout", "attest", b"attest", "body", b"body", "clear_partition", b"clear_partition", "cordon", b"cordon", "grant_lease", b"grant_lease", "quarantine_partition", b"quarantine_partition", "release_lease", b"release_lease", "rotate_certificate", b"rotate_certificate", "uncordon", b"uncordon"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_layout", b"apply_layout", "attest", b"attest", "body", b"body", "clear_partition", b"clear_partition", "cordon", b"cordon", "grant_lease", b"grant_lease", "node_id", b"node_id", "quarantine_partition", b"quarantine_partition", "release_lease", b"release_lease", "rotate_certificate", b"rotate_certificate", "timeout_s", b"timeout_s", "ttl_s", b"ttl_s", "uncordon", b"uncordon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["grant_lease", "release_lease", "apply_layout", "quarantine_partition", "clear_partition", "attest", "cordon", "uncordon", "rotate_certificate"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___RunCommandRequest: _TypeAlias = RunCommandRequest  # noqa: Y015
+
+@_typing.final
+class CommandStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    """hex"""
+    node_id: _builtins.str
+    kind: _builtins.str
+    state: _builtins.str
+    """queued (not yet sent), sent (no result yet), done (result ok), failed (result not ok),
+    refused (the node refused it, see result.refusal), expired (no result before not_after)
+    """
+    issued_at: _builtins.float
+    not_after: _builtins.float
+    delivered: _builtins.bool
+    """ever written to the node's stream"""
+    @_builtins.property
+    def result(self) -> _link_pb2.CommandResult: ...
+    @_builtins.property
+    def verdict(self) -> Global___AttestationVerdict:
+        """attest: the controller's verdict on the evidence"""
+
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        state: _builtins.str = ...,
+        issued_at: _builtins.float = ...,
+        not_after: _builtins.float = ...,
+        delivered: _builtins.bool = ...,
+        result: _link_pb2.CommandResult | None = ...,
+        verdict: Global___AttestationVerdict | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "delivered", b"delivered", "issued_at", b"issued_at", "kind", b"kind", "node_id", b"node_id", "not_after", b"not_after", "result", b"result", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandStatus: _TypeAlias = CommandStatus  # noqa: Y015
+
+@_typing.final
+class AttestationVerdict(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSED_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    passed: _builtins.bool
+    verified_at: _builtins.float
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """each failed check, with its reason"""
+
+    def __init__(
+        self,
+        *,
+        passed: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        verified_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passed", b"passed", "reasons", b"reasons", "verified_at", b"verified_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestationVerdict: _TypeAlias = AttestationVerdict  # noqa: Y015
+
+@_typing.final
+class ListCommandsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """empty: every node"""
+    limit: _builtins.int
+    """newest first; 0: 100"""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommandsRequest: _TypeAlias = ListCommandsRequest  # noqa: Y015
+
+@_typing.final
+class ListCommandsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandStatus]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___CommandStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCommandsResponse: _TypeAlias = ListCommandsResponse  # noqa: Y015
+
+@_typing.final
+class SetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    POLICY_JSON_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    policy_json: _builtins.str
+    """an `accelguard attest make-policy` document"""
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        policy_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "policy_json", b"policy_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyRequest: _TypeAlias = SetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    nodes: _builtins.int
+    """nodes in the group"""
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        nodes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyResponse: _TypeAlias = SetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class SetNodeGroupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    group: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetNodeGroupRequest: _TypeAlias = SetNodeGroupRequest  # noqa: Y015
+
+@_typing.final
+class SetNodeGroupResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetNodeGroupResponse: _TypeAlias = SetNodeGroupResponse  # noqa: Y015
 
 @_typing.final
 class CreateTokenRequest(_message.Message):
@@ -115,6 +390,9 @@ class NodeSummary(_message.Message):
     PARTITIONS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     REPORTS_FIELD_NUMBER: _builtins.int
+    TRUST_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     connected: _builtins.bool
     last_seen: _builtins.float
@@ -123,6 +401,13 @@ class NodeSummary(_message.Message):
     """"attested" (TPM credential activated) or "unattested" """
     agent_version: _builtins.str
     reports: _builtins.int
+    trust: _builtins.str
+    """trusted (last quote passed), untrusted (failed: see NodeDetail.trust_reasons), unknown (no
+    verdict yet), unattested (enrolled without a TPM)
+    """
+    cordoned: _builtins.bool
+    """the controller sends it no grants"""
+    group: _builtins.str
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionCount]: ...
     def __init__(
@@ -135,10 +420,13 @@ class NodeSummary(_message.Message):
         partitions: _abc.Iterable[Global___PartitionCount] | None = ...,
         agent_version: _builtins.str = ...,
         reports: _builtins.int = ...,
+        trust: _builtins.str = ...,
+        cordoned: _builtins.bool = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "connected", b"connected", "last_seen", b"last_seen", "node_id", b"node_id", "partitions", b"partitions", "reports", b"reports"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "connected", b"connected", "cordoned", b"cordoned", "group", b"group", "last_seen", b"last_seen", "node_id", b"node_id", "partitions", b"partitions", "reports", b"reports", "trust", b"trust"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -257,6 +545,9 @@ class NodeDetail(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
     REPORTS_BY_KIND_FIELD_NUMBER: _builtins.int
+    TRUST_REASONS_FIELD_NUMBER: _builtins.int
+    LAST_ATTESTED_AT_FIELD_NUMBER: _builtins.int
+    REFUSALS_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
     enrolled_at: _builtins.float
     ak_name_hex: _builtins.str
@@ -267,12 +558,19 @@ class NodeDetail(_message.Message):
     boot_id: _builtins.str
     epoch: _builtins.int
     last_seq: _builtins.int
+    last_attested_at: _builtins.float
     @_builtins.property
     def summary(self) -> Global___NodeSummary: ...
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodePartition]: ...
     @_builtins.property
     def reports_by_kind(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def trust_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandRefusal]:
+        """Refusals the node reported (newest first, at most 20): reason code and detail."""
+
     def __init__(
         self,
         *,
@@ -289,14 +587,46 @@ class NodeDetail(_message.Message):
         last_seq: _builtins.int = ...,
         partitions: _abc.Iterable[Global___NodePartition] | None = ...,
         reports_by_kind: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        trust_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        last_attested_at: _builtins.float = ...,
+        refusals: _abc.Iterable[Global___CommandRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name_hex", b"ak_name_hex", "boot_id", b"boot_id", "certificate_not_after", b"certificate_not_after", "certificate_serial", b"certificate_serial", "ek_public_sha256", b"ek_public_sha256", "enrolled_at", b"enrolled_at", "epoch", b"epoch", "last_seq", b"last_seq", "partitions", b"partitions", "reports_by_kind", b"reports_by_kind", "scrub_key_fingerprint", b"scrub_key_fingerprint", "spiffe_id", b"spiffe_id", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name_hex", b"ak_name_hex", "boot_id", b"boot_id", "certificate_not_after", b"certificate_not_after", "certificate_serial", b"certificate_serial", "ek_public_sha256", b"ek_public_sha256", "enrolled_at", b"enrolled_at", "epoch", b"epoch", "last_attested_at", b"last_attested_at", "last_seq", b"last_seq", "partitions", b"partitions", "refusals", b"refusals", "reports_by_kind", b"reports_by_kind", "scrub_key_fingerprint", b"scrub_key_fingerprint", "spiffe_id", b"spiffe_id", "summary", b"summary", "trust_reasons", b"trust_reasons"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeDetail: _TypeAlias = NodeDetail  # noqa: Y015
+
+@_typing.final
+class CommandRefusal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    """hex, as the refused bytes claimed"""
+    reason: _builtins.str
+    detail: _builtins.str
+    at: _builtins.float
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "command_id", b"command_id", "detail", b"detail", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandRefusal: _TypeAlias = CommandRefusal  # noqa: Y015
 
 @_typing.final
 class ListNodeCertificatesRequest(_message.Message):

@@ -59,6 +59,26 @@ class ControllerAdminStub:
                 request_serializer=accelguard_dot_v1_dot_controller__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_controller__pb2.ControllerStatus.FromString,
                 _registered_method=True)
+        self.RunCommand = channel.unary_unary(
+                '/accelguard.v1.ControllerAdmin/RunCommand',
+                request_serializer=accelguard_dot_v1_dot_controller__pb2.RunCommandRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_controller__pb2.CommandStatus.FromString,
+                _registered_method=True)
+        self.ListCommands = channel.unary_unary(
+                '/accelguard.v1.ControllerAdmin/ListCommands',
+                request_serializer=accelguard_dot_v1_dot_controller__pb2.ListCommandsRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_controller__pb2.ListCommandsResponse.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/accelguard.v1.ControllerAdmin/SetPolicy',
+                request_serializer=accelguard_dot_v1_dot_controller__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_controller__pb2.SetPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetNodeGroup = channel.unary_unary(
+                '/accelguard.v1.ControllerAdmin/SetNodeGroup',
+                request_serializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerAdminServicer:
@@ -95,6 +115,32 @@ class ControllerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunCommand(self, request, context):
+        """Sign a command for one node, queue it, and wait (up to timeout_s) for its result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCommands(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Attestation policy per node group, and a node's group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetNodeGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +168,26 @@ def add_ControllerAdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=accelguard_dot_v1_dot_controller__pb2.GetStatusRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_controller__pb2.ControllerStatus.SerializeToString,
+            ),
+            'RunCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunCommand,
+                    request_deserializer=accelguard_dot_v1_dot_controller__pb2.RunCommandRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_controller__pb2.CommandStatus.SerializeToString,
+            ),
+            'ListCommands': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCommands,
+                    request_deserializer=accelguard_dot_v1_dot_controller__pb2.ListCommandsRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_controller__pb2.ListCommandsResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=accelguard_dot_v1_dot_controller__pb2.SetPolicyRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_controller__pb2.SetPolicyResponse.SerializeToString,
+            ),
+            'SetNodeGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNodeGroup,
+                    request_deserializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +325,114 @@ class ControllerAdmin:
             '/accelguard.v1.ControllerAdmin/GetStatus',
             accelguard_dot_v1_dot_controller__pb2.GetStatusRequest.SerializeToString,
             accelguard_dot_v1_dot_controller__pb2.ControllerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.ControllerAdmin/RunCommand',
+            accelguard_dot_v1_dot_controller__pb2.RunCommandRequest.SerializeToString,
+            accelguard_dot_v1_dot_controller__pb2.CommandStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCommands(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.ControllerAdmin/ListCommands',
+            accelguard_dot_v1_dot_controller__pb2.ListCommandsRequest.SerializeToString,
+            accelguard_dot_v1_dot_controller__pb2.ListCommandsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.ControllerAdmin/SetPolicy',
+            accelguard_dot_v1_dot_controller__pb2.SetPolicyRequest.SerializeToString,
+            accelguard_dot_v1_dot_controller__pb2.SetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNodeGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.ControllerAdmin/SetNodeGroup',
+            accelguard_dot_v1_dot_controller__pb2.SetNodeGroupRequest.SerializeToString,
+            accelguard_dot_v1_dot_controller__pb2.SetNodeGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ dials out. Its identity is the URI SAN of its client certificate
 (spiffe://<trust-domain>/node/<id>), never a field of these messages.
 """
 
+from agent.proto.accelguard.v1 import admin_pb2 as _admin_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -247,13 +248,18 @@ class Downlink(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___HelloReply: ...
     @_builtins.property
     def ack(self) -> Global___Ack: ...
     @_builtins.property
-    def certificate(self) -> Global___EnrolledCertificate:
-        """Field 10 is kept for signed commands (next issue): oneof member `SignedCommand command`."""
+    def certificate(self) -> Global___EnrolledCertificate: ...
+    @_builtins.property
+    def command(self) -> Global___SignedCommand:
+        """A remote command (docs/commands.md): the node checks it and answers with a CommandResult
+        report.
+        """
 
     def __init__(
         self,
@@ -261,12 +267,13 @@ class Downlink(_message.Message):
         hello: Global___HelloReply | None = ...,
         ack: Global___Ack | None = ...,
         certificate: Global___EnrolledCertificate | None = ...,
+        command: Global___SignedCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "hello", b"hello", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "command", b"command", "hello", b"hello", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "hello", b"hello", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "command", b"command", "hello", b"hello", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "certificate"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "certificate", "command"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -701,6 +708,7 @@ class AttestationEvidence(_message.Message):
     EVENT_LOG_FIELD_NUMBER: _builtins.int
     IMA_LOG_FIELD_NUMBER: _builtins.int
     IMA_START_INDEX_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
     ak_public: _builtins.bytes
     quote: _builtins.bytes
     signature: _builtins.bytes
@@ -708,6 +716,8 @@ class AttestationEvidence(_message.Message):
     event_log: _builtins.bytes
     ima_log: _builtins.bytes
     ima_start_index: _builtins.int
+    boot_id: _builtins.str
+    """the boot the IMA list belongs to"""
     @_builtins.property
     def pcrs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PcrBank]: ...
     def __init__(
@@ -721,10 +731,11 @@ class AttestationEvidence(_message.Message):
         event_log: _builtins.bytes = ...,
         ima_log: _builtins.bytes = ...,
         ima_start_index: _builtins.int = ...,
+        boot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "event_log", b"event_log", "ima_log", b"ima_log", "ima_start_index", b"ima_start_index", "nonce", b"nonce", "pcrs", b"pcrs", "quote", b"quote", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "boot_id", b"boot_id", "event_log", b"event_log", "ima_log", b"ima_log", "ima_start_index", b"ima_start_index", "nonce", b"nonce", "pcrs", b"pcrs", "quote", b"quote", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -774,6 +785,326 @@ class PcrBank(_message.Message):
 Global___PcrBank: _TypeAlias = PcrBank  # noqa: Y015
 
 @_typing.final
+class SignedCommand(_message.Message):
+    """--- remote commands (docs/commands.md) ---------------------------------------------------------
+
+    What travels: the exact bytes of a CommandEnvelope and the controller's Ed25519 signature over
+    "accelguard-command-v1" NUL || envelope. Signed apart from TLS, so it stays authentic over any
+    transport (a broker, a proxy) and whoever holds a TLS key cannot forge one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    envelope: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        envelope: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedCommand: _TypeAlias = SignedCommand  # noqa: Y015
+
+@_typing.final
+class CommandEnvelope(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_LEASE_FIELD_NUMBER: _builtins.int
+    RELEASE_LEASE_FIELD_NUMBER: _builtins.int
+    APPLY_LAYOUT_FIELD_NUMBER: _builtins.int
+    QUARANTINE_PARTITION_FIELD_NUMBER: _builtins.int
+    CLEAR_PARTITION_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    CORDON_FIELD_NUMBER: _builtins.int
+    UNCORDON_FIELD_NUMBER: _builtins.int
+    ROTATE_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    ANNOUNCE_COMMAND_KEY_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.bytes
+    """16 random bytes, the replay-cache key"""
+    node_id: _builtins.str
+    """the one node that may run it"""
+    issued_at: _builtins.float
+    """Unix time at the controller"""
+    not_after: _builtins.float
+    """at most 600 s after issued_at"""
+    key_id: _builtins.str
+    """which command key signed it (command_key_id(): hex, 32 digits)"""
+    @_builtins.property
+    def grant_lease(self) -> Global___GrantLeaseCommand: ...
+    @_builtins.property
+    def release_lease(self) -> Global___ReleaseLeaseCommand: ...
+    @_builtins.property
+    def apply_layout(self) -> Global___ApplyLayoutCommand: ...
+    @_builtins.property
+    def quarantine_partition(self) -> Global___PartitionCommand: ...
+    @_builtins.property
+    def clear_partition(self) -> Global___PartitionCommand: ...
+    @_builtins.property
+    def attest(self) -> Global___AttestCommand: ...
+    @_builtins.property
+    def cordon(self) -> Global___CordonCommand: ...
+    @_builtins.property
+    def uncordon(self) -> Global___CordonCommand: ...
+    @_builtins.property
+    def rotate_certificate(self) -> Global___RotateCertificateCommand: ...
+    @_builtins.property
+    def announce_command_key(self) -> Global___CommandKeyAnnouncement:
+        """Key rotation: the new key, announced under the current one."""
+
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.bytes = ...,
+        node_id: _builtins.str = ...,
+        issued_at: _builtins.float = ...,
+        not_after: _builtins.float = ...,
+        key_id: _builtins.str = ...,
+        grant_lease: Global___GrantLeaseCommand | None = ...,
+        release_lease: Global___ReleaseLeaseCommand | None = ...,
+        apply_layout: Global___ApplyLayoutCommand | None = ...,
+        quarantine_partition: Global___PartitionCommand | None = ...,
+        clear_partition: Global___PartitionCommand | None = ...,
+        attest: Global___AttestCommand | None = ...,
+        cordon: Global___CordonCommand | None = ...,
+        uncordon: Global___CordonCommand | None = ...,
+        rotate_certificate: Global___RotateCertificateCommand | None = ...,
+        announce_command_key: Global___CommandKeyAnnouncement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["announce_command_key", b"announce_command_key", "apply_layout", b"apply_layout", "attest", b"attest", "body", b"body", "clear_partition", b"clear_partition", "cordon", b"cordon", "grant_lease", b"grant_lease", "quarantine_partition", b"quarantine_partition", "release_lease", b"release_lease", "rotate_certificate", b"rotate_certificate", "uncordon", b"uncordon"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announce_command_key", b"announce_command_key", "apply_layout", b"apply_layout", "attest", b"attest", "body", b"body", "clear_partition", b"clear_partition", "command_id", b"command_id", "cordon", b"cordon", "grant_lease", b"grant_lease", "issued_at", b"issued_at", "key_id", b"key_id", "node_id", b"node_id", "not_after", b"not_after", "quarantine_partition", b"quarantine_partition", "release_lease", b"release_lease", "rotate_certificate", b"rotate_certificate", "uncordon", b"uncordon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["grant_lease", "release_lease", "apply_layout", "quarantine_partition", "clear_partition", "attest", "cordon", "uncordon", "rotate_certificate", "announce_command_key"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___CommandEnvelope: _TypeAlias = CommandEnvelope  # noqa: Y015
+
+@_typing.final
+class GrantLeaseCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PARTITION_UUID_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    CGROUP_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    SCRUB_POLICY_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    partition_uuid: _builtins.str
+    """one of partition_uuid / profile"""
+    profile: _builtins.str
+    cgroup: _builtins.str
+    ttl_s: _builtins.float
+    scrub_policy: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        partition_uuid: _builtins.str = ...,
+        profile: _builtins.str = ...,
+        cgroup: _builtins.str = ...,
+        ttl_s: _builtins.float = ...,
+        scrub_policy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup", b"cgroup", "partition_uuid", b"partition_uuid", "profile", b"profile", "scrub_policy", b"scrub_policy", "tenant", b"tenant", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantLeaseCommand: _TypeAlias = GrantLeaseCommand  # noqa: Y015
+
+@_typing.final
+class ReleaseLeaseCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseLeaseCommand: _TypeAlias = ReleaseLeaseCommand  # noqa: Y015
+
+@_typing.final
+class ApplyLayoutCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[_admin_pb2.LayoutTarget]: ...
+    def __init__(
+        self,
+        *,
+        targets: _abc.Iterable[_admin_pb2.LayoutTarget] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyLayoutCommand: _TypeAlias = ApplyLayoutCommand  # noqa: Y015
+
+@_typing.final
+class PartitionCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_UUID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    partition_uuid: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        partition_uuid: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partition_uuid", b"partition_uuid", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionCommand: _TypeAlias = PartitionCommand  # noqa: Y015
+
+@_typing.final
+class PcrSelection(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BANK_FIELD_NUMBER: _builtins.int
+    PCRS_FIELD_NUMBER: _builtins.int
+    bank: _builtins.str
+    @_builtins.property
+    def pcrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        bank: _builtins.str = ...,
+        pcrs: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "pcrs", b"pcrs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PcrSelection: _TypeAlias = PcrSelection  # noqa: Y015
+
+@_typing.final
+class AttestCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    IMA_START_INDEX_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """16..64 bytes, fresh per command"""
+    ima_start_index: _builtins.int
+    """ship the IMA list from this entry on ..."""
+    boot_id: _builtins.str
+    """... of this boot; another boot: from entry 0"""
+    @_builtins.property
+    def selection(self) -> _containers.RepeatedCompositeFieldContainer[Global___PcrSelection]:
+        """empty: the node's configured selection"""
+
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+        selection: _abc.Iterable[Global___PcrSelection] | None = ...,
+        ima_start_index: _builtins.int = ...,
+        boot_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "ima_start_index", b"ima_start_index", "nonce", b"nonce", "selection", b"selection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestCommand: _TypeAlias = AttestCommand  # noqa: Y015
+
+@_typing.final
+class CordonCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CordonCommand: _TypeAlias = CordonCommand  # noqa: Y015
+
+@_typing.final
+class RotateCertificateCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCertificateCommand: _TypeAlias = RotateCertificateCommand  # noqa: Y015
+
+@_typing.final
+class CommandKeyAnnouncement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    public_key_pem: _builtins.str
+    """Ed25519 SubjectPublicKeyInfo PEM"""
+    key_id: _builtins.str
+    """command_key_id() of that key"""
+    def __init__(
+        self,
+        *,
+        public_key_pem: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "public_key_pem", b"public_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandKeyAnnouncement: _TypeAlias = CommandKeyAnnouncement  # noqa: Y015
+
+@_typing.final
 class CommandResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -781,10 +1112,37 @@ class CommandResult(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
+    SCRUB_CERTIFICATE_JSON_FIELD_NUMBER: _builtins.int
     command_id: _builtins.bytes
     ok: _builtins.bool
     error: _builtins.str
     detail: _builtins.str
+    refusal: _builtins.str
+    """Set when the node refused the command before running anything: a reason code
+    (malformed, signature, unknown_key, wrong_node, future, expired, replayed, unknown_body,
+    cordoned).
+    """
+    duplicate: _builtins.bool
+    """A re-delivered command: this is the stored result of its one run."""
+    exit_code: _builtins.int
+    """the CLI's exit code of the outcome (agent/errors.py ExitCode)"""
+    scrub_certificate_json: _builtins.str
+    """Release: the signed scrub certificate of the lease's partition (its JSON document)."""
+    @_builtins.property
+    def grant(self) -> _admin_pb2.GrantLeaseResponse: ...
+    @_builtins.property
+    def partition(self) -> _admin_pb2.Partition: ...
+    @_builtins.property
+    def layout(self) -> _admin_pb2.LayoutResponse: ...
+    @_builtins.property
+    def attestation(self) -> Global___AttestationEvidence: ...
     def __init__(
         self,
         *,
@@ -792,12 +1150,22 @@ class CommandResult(_message.Message):
         ok: _builtins.bool = ...,
         error: _builtins.str = ...,
         detail: _builtins.str = ...,
+        refusal: _builtins.str = ...,
+        duplicate: _builtins.bool = ...,
+        exit_code: _builtins.int = ...,
+        grant: _admin_pb2.GrantLeaseResponse | None = ...,
+        partition: _admin_pb2.Partition | None = ...,
+        layout: _admin_pb2.LayoutResponse | None = ...,
+        attestation: Global___AttestationEvidence | None = ...,
+        scrub_certificate_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "grant", b"grant", "layout", b"layout", "partition", b"partition", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "detail", b"detail", "error", b"error", "ok", b"ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "command_id", b"command_id", "detail", b"detail", "duplicate", b"duplicate", "error", b"error", "exit_code", b"exit_code", "grant", b"grant", "layout", b"layout", "ok", b"ok", "partition", b"partition", "refusal", b"refusal", "result", b"result", "scrub_certificate_json", b"scrub_certificate_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["grant", "partition", "layout", "attestation"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
 Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
