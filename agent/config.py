@@ -161,6 +161,9 @@ class AttestConfig:
     ak_handle: int = _check(_positive, 0x81010002)
     # Default PCR selection of a quote, as "bank:i,j,...".
     pcrs: str = "sha256:0,1,2,3,4,5,6,7,8,9,10,14"
+    # This boot's id: the IMA list restarts with each boot, and the controller keeps its IMA
+    # position per boot id (docs/commands.md).
+    boot_id_file: Path = _check(_absolute, Path("/proc/sys/kernel/random/boot_id"))
 
 
 def _host_port(value: Any) -> str | None:

@@ -144,7 +144,7 @@ class AttestationLoop:
             return
         if self._in_flight.get(row.node_id, (b"", 0.0))[0] == row.command_id:
             del self._in_flight[row.node_id]
-        verdict = await self._executor.call(self._judge, row)
+        verdict = await self._executor.call(self.judge, row)
         await self._conclude(row.node_id, row.command_id, verdict)
 
     async def _fail_silent(self, node_id: str, command_id: bytes) -> None:
@@ -172,7 +172,7 @@ class AttestationLoop:
             self._settings.command_ttl_s,
         )
 
-    def _judge(self, row: CommandRow) -> Verdict:
+    def judge(self, row: CommandRow) -> Verdict:
         """Verify the evidence in ``row``'s result and record the verdict (executor thread)."""
         store = self._store
         reasons, kept = self._verify(row, store)

@@ -42,7 +42,7 @@ class TpmAttester:
             check_selection(selection, "attest command selection")
         else:
             selection = parse_pcr_selection(settings.pcrs, "config [attest] pcrs")
-        this_boot = boot_id()
+        this_boot = boot_id(settings.boot_id_file)
         first = command.ima_start_index if command.boot_id == this_boot else 0
         event_log = read_event_log(settings.event_log)
         ima_path: Path = settings.ima_log

@@ -95,9 +95,12 @@ class InventoryView(Protocol):
     def snapshot(self) -> SnapshotLike: ...
 
 
-def boot_id() -> str:
+BOOT_ID_FILE: Final = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id(path: Path = BOOT_ID_FILE) -> str:
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:64]
+        return path.read_text().strip()[:64]
     except OSError:
         return ""
 
@@ -274,7 +277,10 @@ class LinkService:
         last_seq = await self._executor.call(self.outbox.last_seq)
         hello = pb.Uplink(
             hello=pb.Hello(
-                agent_version=__version__, boot_id=boot_id(), epoch=epoch, last_seq=last_seq
+                agent_version=__version__,
+                boot_id=boot_id(self._config.attest.boot_id_file),
+                epoch=epoch,
+                last_seq=last_seq,
             )
         )
         await call.write(hello.SerializeToString())
