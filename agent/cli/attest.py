@@ -1,4 +1,4 @@
-"""``accelguard attest quote|verify|eventlog|make-policy``: argument parsing and output.
+"""``accelguard attest quote|verify|eventlog|ima|make-policy``: argument parsing and output.
 
 Errors are raised as AccelguardErrors (the CLI prints one line); a verification that fails is
 not an error: ``verify`` prints every failed check and returns 1.
@@ -22,6 +22,7 @@ from agent.errors import AttestationError, QuoteError, ValidationError
 from agent.runtime.inputs import JsonLimits, read_json_file
 
 if TYPE_CHECKING:
+    from agent.attest.logs.ima import ImaLog
     from agent.attest.verify.report import VerificationReport
 
 _SELECTION_SYNTAX: Final = "BANK:I,J,K-L[+BANK:...], e.g. sha256:0-7,14+sha1:0-7"
@@ -82,6 +83,34 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     )
     log.add_argument("--json", action="store_true")
 
+    measurements = verbs.add_parser(
+        "ima", help="parse an IMA measurement list and replay the PCRs it extends"
+    )
+    measurements.add_argument(
+        "file",
+        type=Path,
+        help="e.g. /sys/kernel/security/ima/binary_runtime_measurements (or _sha256, ascii_...)",
+    )
+    measurements.add_argument(
+        "--bank",
+        help="bank of the list's template hashes, e.g. sha256 (default: from the file name; "
+        "the unsuffixed lists are sha1)",
+    )
+    measurements.add_argument(
+        "--format",
+        choices=("binary", "ascii"),
+        help="list format (default: from the file name, else from its first byte)",
+    )
+    measurements.add_argument(
+        "--legacy-padded-sha1",
+        action="store_true",
+        help="replay other banks as kernels before 5.8 extended them (SHA-1, zero-padded)",
+    )
+    measurements.add_argument(
+        "--event-log", type=Path, help="firmware event log to check the boot_aggregate against"
+    )
+    measurements.add_argument("--json", action="store_true")
+
     policy = verbs.add_parser("make-policy", help="a policy from a known-good event log")
     policy.add_argument("file", type=Path, help="known-good firmware event log")
     policy.add_argument(
@@ -102,6 +131,8 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
         return _verify(args)
     if args.verb == "eventlog":
         return _eventlog(args)
+    if args.verb == "ima":
+        return _ima(args)
     if args.verb == "make-policy":
         return _make_policy(args)
     raise AssertionError(f"unhandled attest verb {args.verb}")  # pragma: no cover
@@ -347,6 +378,142 @@ def _eventlog(args: argparse.Namespace) -> int:
         for pcr, value in sorted(values.items()):
             print(f"    {pcr:>2}: {value.hex()}")
     return 0
+
+
+def _ima(args: argparse.Namespace) -> int:
+    from agent.attest.logs import ima  # noqa: PLC0415
+    from agent.attest.tpm.algorithms import BANKS  # noqa: PLC0415
+
+    bank: str | None = None
+    if args.bank is not None:
+        bank = ima.bank_of_kernel_name(args.bank)
+        if bank is None:
+            raise ValidationError(f"--bank {args.bank!r}: unknown bank; known: {', '.join(BANKS)}")
+    else:
+        try:
+            bank = ima.bank_of_list(args.file.name)
+        except AttestationError as error:
+            raise ValidationError(f"{error} (--bank)") from None
+    binary = None if args.format is None else args.format == "binary"
+    log = ima.read_ima_log(args.file, binary=binary, template_hash_bank=bank)
+    pcrs = sorted(log.pcrs) or [ima.IMA_DEFAULT_PCR]
+    replayed = {
+        name: {
+            pcr: log.replay(name, pcr=pcr, legacy_padded_sha1=args.legacy_padded_sha1)
+            for pcr in pcrs
+        }
+        for name in log.replayable_banks()
+    }
+    aggregate = _boot_aggregate(log, args.event_log)
+    if args.json:
+        document = log.to_dict()
+        document["first_index"] = log.first_index
+        document["legacy_padded_sha1"] = args.legacy_padded_sha1
+        document["pcrs"] = {
+            name: {str(pcr): value.hex() for pcr, value in values.items()}
+            for name, values in replayed.items()
+        }
+        if aggregate is not None:
+            document["boot_aggregate"] = aggregate
+        print_json(document)
+    else:
+        _print_ima(args.file, log, replayed, aggregate)
+    return 1 if aggregate is not None and aggregate.get("matches") is False else 0
+
+
+def _boot_aggregate(log: ImaLog, event_log_path: Path | None) -> dict[str, object] | None:
+    """The list's boot_aggregate entry, checked against a firmware log's PCRs when given."""
+    from agent.attest.logs import ima  # noqa: PLC0415
+    from agent.attest.logs.eventlog import read_event_log  # noqa: PLC0415
+    from agent.attest.tpm.algorithms import BANKS, initial_pcr_value  # noqa: PLC0415
+
+    found = next(
+        (
+            (entry, aggregate)
+            for entry in log.entries[:1]
+            if (aggregate := ima.boot_aggregate_of(entry)) is not None
+        ),
+        None,
+    )
+    if found is None:
+        if event_log_path is not None:
+            raise ValidationError(
+                "--event-log: the list does not start with a boot_aggregate entry to check"
+            )
+        return None
+    entry, (bank, digest) = found
+    result: dict[str, object] = {
+        "entry": entry.index,
+        "bank": bank,
+        "digest": digest.hex(),
+        "no_tpm": not any(digest),
+    }
+    if event_log_path is None:
+        return result
+    replayed = read_event_log(event_log_path).replay()
+    if bank not in replayed:
+        raise ValidationError(
+            f"--event-log: the boot_aggregate is {bank} but the event log replays "
+            f"{', '.join(replayed) or 'no bank'}"
+        )
+    values = {
+        pcr: replayed[bank].get(pcr, initial_pcr_value(BANKS[bank], pcr)) for pcr in range(10)
+    }
+    expected = ima.boot_aggregate(values, bank)
+    result["expected_from_event_log"] = expected.hex()
+    result["matches"] = expected == digest
+    return result
+
+
+def _print_ima(
+    path: Path,
+    log: ImaLog,
+    replayed: dict[str, dict[int, bytes]],
+    aggregate: dict[str, object] | None,
+) -> None:
+    print(
+        f"{path}: {log.source_format} list, {len(log)} entries from {log.first_index}, "
+        f"template hashes in {log.template_hash_bank}, {log.violations} violations"
+    )
+    for entry in log.entries:
+        digest = entry.file_digest
+        shown = f"{digest[0]}:{digest[1].hex()}" if digest is not None else "-"
+        name = entry.file_name if entry.file_name is not None else "-"
+        flag = "  VIOLATION" if entry.violation else ""
+        print(f"#{entry.index:<6} PCR {entry.pcr:<2} {entry.template_name} {shown} {name}{flag}")
+        extra = []
+        if entry.signature:
+            extra.append(f"signature {len(entry.signature)} bytes")
+        if entry.buffer is not None:
+            extra.append(f"buffer {_short_hex(entry.buffer)}")
+        modsig = entry.modsig
+        if modsig is not None and modsig[1]:
+            extra.append(f"modsig {len(modsig[1])} bytes")
+        if entry.field_ids is None:
+            extra.append("fields " + " ".join(_short_hex(field) for field in entry.fields))
+        details = "; ".join(extra)
+        print(f"        template {entry.template_hash.hex()}" + (f"; {details}" if details else ""))
+    if aggregate is not None:
+        line = f"boot_aggregate ({aggregate['bank']}): {aggregate['digest']}"
+        if aggregate["no_tpm"]:
+            line += " (all zero: the kernel found no TPM)"
+        if "matches" in aggregate:
+            expected = aggregate["expected_from_event_log"]
+            line += (
+                "; matches the event log's PCRs"
+                if aggregate["matches"]
+                else f"; DOES NOT match the event log's PCRs, which give {expected}"
+            )
+        print(line)
+    print("pcrs:")
+    for name, values in replayed.items():
+        print(f"  {name}:")
+        for pcr, value in values.items():
+            print(f"    {pcr:>2}: {value.hex()}")
+
+
+def _short_hex(data: bytes) -> str:
+    return data[:32].hex() + ("..." if len(data) > 32 else "")
 
 
 def _short(decoded: dict[str, object]) -> str:

@@ -33,7 +33,8 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
 
 def add_bench_attest(bench_verbs: argparse._SubParsersAction[Any]) -> None:
     bench = bench_verbs.add_parser(
-        "attest", help="event-log, IMA and quote verification throughput against hashlib"
+        "attest",
+        help="event-log, IMA, quote and full-evidence verification against same-run baselines",
     )
     bench.add_argument("--rounds", type=int, default=5, help="repetitions; the median is kept")
     bench.add_argument(
@@ -44,6 +45,17 @@ def add_bench_attest(bench_verbs: argparse._SubParsersAction[Any]) -> None:
     )
     bench.add_argument(
         "--quotes", type=int, default=200, help="quote verifications per round (default 200)"
+    )
+    bench.add_argument(
+        "--evidence-intervals",
+        type=int,
+        default=200,
+        help="full-evidence verifications, one per interval; the p50 is reported (default 200)",
+    )
+    bench.add_argument(
+        "--evidence-event-log",
+        type=Path,
+        help="a real firmware event log for the full-evidence measurement (default: synthetic)",
     )
 
 
@@ -80,12 +92,21 @@ def _node_benchmark(verb: str) -> Callable[[int, Path | None], dict[str, Any]]:
 def run_bench_attest(args: argparse.Namespace) -> dict[str, Any]:
     from agent.bench.attest import bench_attest  # noqa: PLC0415 - only the bench needs it
 
-    for name in ("rounds", "ima_entries", "event_log_kib", "quotes"):
+    for name in ("rounds", "ima_entries", "event_log_kib", "quotes", "evidence_intervals"):
         if getattr(args, name) < 1:
             raise ValidationError(f"--{name.replace('_', '-')} must be at least 1")
+    event_log: bytes | None = None
+    if args.evidence_event_log is not None:
+        from agent.attest.logs.eventlog import MAX_LOG_BYTES  # noqa: PLC0415
+        from agent.attest.reader import read_bounded  # noqa: PLC0415
+        from agent.errors import EventLogError  # noqa: PLC0415
+
+        event_log = read_bounded(args.evidence_event_log, MAX_LOG_BYTES, "event log", EventLogError)
     return bench_attest(
         rounds=args.rounds,
         ima_entries=args.ima_entries,
         event_log_bytes=args.event_log_kib * 1024,
         quotes=args.quotes,
+        evidence_intervals=args.evidence_intervals,
+        evidence_event_log=event_log,
     )

@@ -398,8 +398,16 @@ def test_separator_digest_not_matching_its_data_is_reported() -> None:
 
 
 def test_separator_with_unexpected_value_is_reported() -> None:
-    data = spec_id_event(["sha256"]) + measured(4, EV_SEPARATOR, b"\x01\x00\x00\x00", ["sha256"])
+    data = spec_id_event(["sha256"]) + measured(4, EV_SEPARATOR, b"\x02\x00\x00\x00", ["sha256"])
     assert [f.kind for f in parse_event_log(data).findings] == ["separator-value"]
+
+
+def test_pfp_error_separator_is_reported() -> None:
+    # PFP 10.4.4 (EDK2's MeasureSeparatorEventWithError): 0x00000001 after a firmware error.
+    data = spec_id_event(["sha256"]) + measured(4, EV_SEPARATOR, b"\x01\x00\x00\x00", ["sha256"])
+    (finding,) = parse_event_log(data).findings
+    assert (finding.severity, finding.kind) == ("error", "separator-error")
+    assert "0x00000001" in finding.message
 
 
 # --- Malformed and hostile input ---

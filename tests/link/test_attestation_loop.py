@@ -108,7 +108,7 @@ class Rig:
             nonce = uuid.uuid4().bytes + uuid.uuid4().bytes
             command = pb.AttestCommand(
                 nonce=nonce,
-                selection=[pb.PcrSelection(bank="sha256", pcrs=list(range(11)) + [14])],
+                selection=[pb.PcrSelection(bank="sha256", pcrs=[*range(11), 14])],
                 ima_start_index=asked if start is None else start,
                 boot_id=boot,
             )

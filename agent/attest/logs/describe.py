@@ -262,7 +262,10 @@ def _decode_text_or_ucs2(data: bytes) -> dict[str, object] | None:
 def _decode_separator(data: bytes) -> dict[str, object] | None:
     if len(data) != 4:
         return None
-    return {"value": f"0x{int.from_bytes(data, 'little'):08X}"}
+    result: dict[str, object] = {"value": f"0x{int.from_bytes(data, 'little'):08X}"}
+    if all(0x21 <= byte < 0x7F for byte in data):
+        result["text"] = data.decode("ascii")  # Windows' "WBCL" in PCRs 12-14
+    return result
 
 
 def _decode_variable(data: bytes) -> dict[str, object] | None:

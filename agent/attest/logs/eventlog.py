@@ -17,6 +17,7 @@ readable event data are in ``describe.py``; PCR banks in ``tpm/algorithms.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,22 @@ MAX_LOG_BYTES: Final = 16 * 1024 * 1024
 MAX_EVENTS: Final = 100_000
 MAX_EVENT_DATA_BYTES: Final = 1024 * 1024
 
+# PFP section 3.3.4: the PCRs firmware measures into; its separator rule (10.4.4) binds them only.
+FIRMWARE_PCRS: Final = frozenset(range(8))
+SEPARATOR_NORMAL: Final = b"\x00\x00\x00\x00"
+# 0x00000001 is the PFP's error value (EDK2's MeasureSeparatorEventWithError). 0xFFFFFFFF is
+# reported as an error too: no specification makes it a normal separator, and this module always
+# treated it as a firmware error.
+SEPARATOR_ERROR_VALUES: Final[Mapping[bytes, str]] = {
+    b"\x01\x00\x00\x00": "0x00000001",
+    b"\xff\xff\xff\xff": "0xFFFFFFFF",
+}
+# Windows' boot manager and loader close their measurements in the OS-owned PCRs 12 (data and
+# volatile events), 13 (boot modules) and 14 (boot authorities) with an EV_SEPARATOR whose data
+# is b"WBCL" (Windows Boot Configuration Log); go-attestation's Windows parser expects the same.
+WBCL_SEPARATOR: Final = b"WBCL"
+WBCL_PCRS: Final = frozenset({12, 13, 14})
+
 LogFormat = Literal["sha1", "crypto-agile"]
 Severity = Literal["error", "warning", "info"]
 
@@ -60,8 +77,9 @@ class Event:
     digests: Mapping[str, bytes]
     data: bytes
 
-    @property
+    @functools.cached_property
     def type_name(self) -> str:
+        # Cached: a policy asks for it of every event on every verification of a kept log.
         return event_type_name(self.event_type)
 
     @property
@@ -132,6 +150,12 @@ class EventLog:
         A declared bank that some extending event lacks is absent too (see ``findings``),
         so a verifier comparing a quote over that bank fails closed.
         """
+        # The log is immutable, so the replay is computed once (a verifier and its policy
+        # both ask); each caller gets its own dicts.
+        return {bank: dict(values) for bank, values in self._replayed.items()}
+
+    @functools.cached_property
+    def _replayed(self) -> dict[str, dict[int, bytes]]:
         result: dict[str, dict[int, bytes]] = {}
         for name in self.replayable_banks:
             bank = BANKS[name]
@@ -416,32 +440,80 @@ def _startup_locality(events: list[Event], findings: list[EventLogFinding]) -> i
 
 
 def _check_separators(events: list[Event], findings: list[EventLogFinding]) -> None:
-    """PFP 10.4.4: EV_SEPARATOR data is 0x00000000, or 0xFFFFFFFF when firmware hit an error;
-    the digest is the hash of that 4-byte data."""
+    """PFP 10.4.4: EV_SEPARATOR data is 0x00000000, or 0x00000001 when firmware hit an error;
+    the digest is the hash of that 4-byte data.
+
+    The data rule binds the firmware's PCRs 0-7 only. The OS owns PCRs 8 and up, and Windows
+    separates its boot phases there with the ASCII data ``WBCL`` (PCRs 12-14): those are
+    accepted and reported as findings for a policy to judge, never taken for firmware ones.
+    """
+    seen: set[int] = set()
     for event in events:
         if event.event_type != EV_SEPARATOR:
             continue
         where = f"event {event.index} (PCR {event.pcr}, offset {event.offset})"
-        if event.data == b"\xff\xff\xff\xff":
+        shown = _separator_data(event.data)
+        error_value = SEPARATOR_ERROR_VALUES.get(event.data)
+        if error_value is not None:
             findings.append(
                 EventLogFinding(
                     "error",
                     "separator-error",
-                    f"{where}: separator value 0xFFFFFFFF, firmware reported a measurement error",
+                    f"{where}: separator value {error_value}, firmware reported a measurement "
+                    "error",
                     event.index,
                     event.pcr,
                 )
             )
-        elif event.data != b"\x00\x00\x00\x00":
+        elif event.data == SEPARATOR_NORMAL:
+            pass
+        elif event.pcr in FIRMWARE_PCRS:
+            hint = ""
+            if event.data == WBCL_SEPARATOR:
+                hint = " (WBCL is the Windows separator of PCRs 12-14, never of firmware PCRs)"
             findings.append(
                 EventLogFinding(
                     "error",
                     "separator-value",
-                    f"{where}: separator data {event.data[:16].hex()} is not 0x00000000",
+                    f"{where}: separator data {shown} in firmware PCR {event.pcr}: PFP 10.4.4 "
+                    f"allows only 0x00000000 (0x00000001 after an error) in PCRs 0-7{hint}",
                     event.index,
                     event.pcr,
                 )
             )
+        elif event.data == WBCL_SEPARATOR and event.pcr in WBCL_PCRS:
+            findings.append(
+                EventLogFinding(
+                    "info",
+                    "separator-wbcl",
+                    f"{where}: Windows Boot Configuration Log separator 'WBCL' in PCR {event.pcr}",
+                    event.index,
+                    event.pcr,
+                )
+            )
+        else:
+            findings.append(
+                EventLogFinding(
+                    "warning",
+                    "separator-os-value",
+                    f"{where}: separator data {shown} in OS PCR {event.pcr} follows no convention "
+                    "this verifier knows (0x00000000; 'WBCL' in PCRs 12-14)",
+                    event.index,
+                    event.pcr,
+                )
+            )
+        if event.pcr in seen:
+            findings.append(
+                EventLogFinding(
+                    "warning",
+                    "separator-repeated",
+                    f"{where}: a second separator in PCR {event.pcr}; firmware and Windows each "
+                    "separate a PCR once per boot",
+                    event.index,
+                    event.pcr,
+                )
+            )
+        seen.add(event.pcr)
         for name, digest in event.digests.items():
             bank = BANKS.get(name)
             if bank is not None and bank.digest(event.data) != digest:
@@ -454,6 +526,15 @@ def _check_separators(events: list[Event], findings: list[EventLogFinding]) -> N
                         event.pcr,
                     )
                 )
+
+
+def _separator_data(data: bytes) -> str:
+    """Separator data for a message: quoted text when it is short printable ASCII, else hex."""
+    if not data:
+        return "(empty)"
+    if len(data) <= 16 and all(0x21 <= byte < 0x7F for byte in data):
+        return repr(data.decode("ascii"))
+    return data[:16].hex() + ("..." if len(data) > 16 else "")
 
 
 def _check_hcrtm(

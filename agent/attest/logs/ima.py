@@ -1,6 +1,6 @@
-"""Linux IMA runtime measurement list: parsing, template-hash checks and PCR replay.
+"""Linux IMA runtime measurement lists: parsing both formats, every list the kernel publishes.
 
-Both formats the kernel exposes under ``/sys/kernel/security/ima/`` are read:
+The lists under ``/sys/kernel/security/ima/`` (security/integrity/ima/ima_fs.c):
 
 * ``binary_runtime_measurements``: per entry ``u32 pcr``, the template hash, ``u32`` name length,
   the template name, then (except for the ``ima`` template) ``u32`` template data length and
@@ -9,38 +9,81 @@ Both formats the kernel exposes under ``/sys/kernel/security/ima/`` are read:
 * ``ascii_runtime_measurements``: ``"%2d %s %s"`` (PCR, template hash, template name) followed by
   one space and each field. It is lossy (a file name with a newline breaks it); the binary list
   is the authoritative one.
+* Since Linux 6.10, ``binary_runtime_measurements_<algo>`` and ``ascii_runtime_measurements_<algo>``
+  for every PCR bank (the kernel's hash names: ``sha256``, ``sm3``, ``sha3-256``): the same list
+  with that bank's template hashes. The unsuffixed lists are the SHA-1 ones.
 
-What the kernel hashes (security/integrity/ima/ima_crypto.c, ``ima_calc_field_array_hash_tfm``):
-for every template but ``ima``, each field as ``u32 length || data`` (so the binary template
-data itself); for ``ima``, the 20-byte file digest followed by the file name NUL-padded to
-``IMA_EVENT_NAME_LEN_MAX + 1`` = 256 bytes. String fields carry their terminating NUL.
+What the entries mean (template hashes, banks, violations, replay) is ``ima_log.py``; the names
+callers use are re-exported here.
 
-PCR banks (``ima_calc_field_array_hash``, since Linux 5.8): the kernel extends every allocated
-bank with the hash of the same serialised template data computed with that bank's algorithm; the
-list itself only shows the SHA-1 template hash. So replaying SHA-1 uses the listed hashes and
-replaying any other bank recomputes the hash from the template data. Kernels before 5.8 (and,
-on later kernels, banks whose algorithm the kernel crypto API lacks) extend the SHA-1 template
-hash zero-padded to the bank's size: ``legacy_padded_sha1=True``.
+The list arrives from the network on the verifier side, so the parsers treat it as hostile:
+every length is checked against the bounds below and the input's end before it is used, nothing
+is allocated beyond slices of the input, and the only exception that leaves is
+:class:`~agent.errors.ImaLogError`, naming the entry and offset.
 
-Violations (a file measured while open for write, or vice versa) are listed with an all-zero
-template hash and extend the PCR with all ``0xFF`` of the bank's size (``ima_add_violation``).
-
-Why this module is over 600 lines: both list formats build the same :class:`ImaEntry` from the
-same template table with the same checks, and :func:`read_ima_log` picks between them; an ASCII
-parser in a module of its own would import all of that back.
+Speed (a busy server's list has 100 000+ entries, replayed in several banks): the binary parser
+reads the entries of templates it has already met with ``struct`` at fixed offsets and a few
+integer comparisons; anything those comparisons do not accept (a new template, the ``ima``
+template, any malformed or out-of-bounds length) goes through the careful reader,
+:func:`_read_binary_entry`, which reads through the one bounded :class:`ByteReader` and words
+the error. So both paths accept the same lists, and every error comes from one place.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
+from agent.attest.logs.ima_log import (
+    BOOT_AGGREGATE_NAME,
+    IMA_DEFAULT_PCR,
+    IMA_EVENT_NAME_LEN_MAX,
+    KERNEL_HASH_NAMES,
+    MAX_FIELDS,
+    TEMPLATE_FIELDS,
+    EntryRow,
+    ImaEntry,
+    ImaLog,
+    bank,
+    bank_of_kernel_name,
+    boot_aggregate,
+    boot_aggregate_of,
+    hasher,
+    ima_template_input,
+    join_fields,
+    replay,
+    template_field_ids,
+)
 from agent.attest.reader import ByteReader, read_bounded
-from agent.attest.tpm.algorithms import BANKS, PCR_COUNT, HashAlgorithm
+from agent.attest.tpm.algorithms import BANKS_BY_ALGORITHM_ID, PCR_COUNT
 from agent.errors import ImaLogError
+
+__all__ = [
+    "BOOT_AGGREGATE_NAME",
+    "IMA_DEFAULT_PCR",
+    "IMA_EVENT_NAME_LEN_MAX",
+    "MAX_ASCII_LINE_BYTES",
+    "MAX_ENTRIES",
+    "MAX_FIELDS",
+    "MAX_LOG_BYTES",
+    "MAX_TEMPLATE_DATA_BYTES",
+    "MAX_TEMPLATE_NAME_BYTES",
+    "TEMPLATE_FIELDS",
+    "ImaEntry",
+    "ImaLog",
+    "bank_of_kernel_name",
+    "bank_of_list",
+    "boot_aggregate",
+    "boot_aggregate_of",
+    "parse_ima_ascii",
+    "parse_ima_binary",
+    "read_ima_log",
+    "replay",
+    "template_field_ids",
+]
 
 # Bounds for hostile input. A busy server's list reaches a few hundred thousand entries.
 MAX_LOG_BYTES: Final = 256 * 1024 * 1024
@@ -48,279 +91,22 @@ MAX_ENTRIES: Final = 2_000_000
 # ima-buf carries measured buffers (keys, device-mapper tables, kexec command lines): KiBs.
 MAX_TEMPLATE_DATA_BYTES: Final = 1024 * 1024
 MAX_TEMPLATE_NAME_BYTES: Final = 255
-# IMA_TEMPLATE_NUM_FIELDS_MAX in security/integrity/ima/ima_template.c.
-MAX_FIELDS: Final = 15
-# IMA_EVENT_NAME_LEN_MAX: the `ima` template's name field is padded to this + 1 when hashed.
-IMA_EVENT_NAME_LEN_MAX: Final = 255
 MAX_ASCII_LINE_BYTES: Final = 2 * MAX_TEMPLATE_DATA_BYTES + 4096
-# CONFIG_IMA_MEASURE_PCR_IDX default.
-IMA_DEFAULT_PCR: Final = 10
 
-SourceFormat = Literal["ascii", "binary"]
 # Builds the error for the line being parsed, prefixed with its entry index and offset.
 _Fail = Callable[[str], ImaLogError]
+_U32: Final = struct.Struct("<I")
 
-# Built-in templates (ima_template.c, builtin_templates[]).
-TEMPLATE_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
-    "ima": ("d", "n"),
-    "ima-ng": ("d-ng", "n-ng"),
-    "ima-ngv2": ("d-ngv2", "n-ng"),
-    "ima-sig": ("d-ng", "n-ng", "sig"),
-    "ima-sigv2": ("d-ngv2", "n-ng", "sig"),
-    "ima-buf": ("d-ng", "n-ng", "buf"),
-    "ima-modsig": ("d-ng", "n-ng", "sig", "d-modsig", "modsig"),
-    "evm-sig": (
-        "d-ng",
-        "n-ng",
-        "evmsig",
-        "xattrnames",
-        "xattrlengths",
-        "xattrvalues",
-        "iuid",
-        "igid",
-        "imode",
-    ),
-}
 # How each field is printed in the ASCII list, hence how to rebuild its data from the text.
 # Fields printed in other ways (xattrnames, iuid, igid, imode) cannot be rebuilt.
 _RAW_DIGEST_FIELDS: Final = frozenset({"d"})
 _ALGO_DIGEST_FIELDS: Final = frozenset({"d-ng", "d-ngv2", "d-modsig"})
 _STRING_FIELDS: Final = frozenset({"n", "n-ng"})
 _HEX_FIELDS: Final = frozenset({"sig", "buf", "modsig", "evmsig", "xattrlengths", "xattrvalues"})
-_KNOWN_FIELDS: Final = frozenset(
-    _RAW_DIGEST_FIELDS
-    | _ALGO_DIGEST_FIELDS
-    | _STRING_FIELDS
-    | _HEX_FIELDS
-    | {"xattrnames", "iuid", "igid", "imode"}
-)
+_TEXT_FIELDS: Final = frozenset({"xattrnames", "iuid", "igid", "imode"})
 _HEX_TOKEN: Final = re.compile(rb"(?:[0-9a-fA-F]{2})*")
 _TEMPLATE_NAME: Final = re.compile(rb"[A-Za-z0-9_|.-]+")
-
-
-def template_field_ids(template_name: str) -> tuple[str, ...] | None:
-    """Field IDs of a template: a built-in's, or a custom ``ima_template_fmt`` such as
-    ``d-ng|n-ng|sig`` (the kernel lists a custom template under its format string)."""
-    if template_name in TEMPLATE_FIELDS:
-        return TEMPLATE_FIELDS[template_name]
-    parts = tuple(template_name.split("|"))
-    if len(parts) <= MAX_FIELDS and all(part in _KNOWN_FIELDS for part in parts):
-        return parts
-    return None
-
-
-def _bank(name: str) -> HashAlgorithm:
-    bank = BANKS.get(name)
-    if bank is None:
-        raise ImaLogError(f"unknown hash bank {name!r}; known: {', '.join(BANKS)}")
-    return bank
-
-
-@dataclass(frozen=True)
-class ImaEntry:
-    """One measurement. ``fields`` hold the kernel's field data (string fields end in NUL)."""
-
-    index: int
-    # Byte offset of the entry (binary) or of its line (ASCII) in the parsed input.
-    offset: int
-    pcr: int
-    template_hash: bytes
-    template_name: str
-    fields: tuple[bytes, ...]
-    field_ids: tuple[str, ...] | None
-    # False only for ASCII entries of templates whose fields cannot be rebuilt from the text.
-    template_data_known: bool
-    template_hash_bank: str = "sha1"
-
-    @property
-    def violation(self) -> bool:
-        return not any(self.template_hash)
-
-    def template_hash_input(self) -> bytes:
-        """The bytes the kernel hashes into the template hash."""
-        if not self.template_data_known:
-            raise ImaLogError(
-                f"entry {self.index}: template {self.template_name!r} cannot be rebuilt from the "
-                "ASCII list; use binary_runtime_measurements"
-            )
-        if self.template_name == "ima":
-            digest, name = self.fields
-            # ima_calc_field_array_hash_tfm copies the name into a zeroed 256-byte buffer.
-            return digest + name + bytes(IMA_EVENT_NAME_LEN_MAX + 1 - len(name))
-        return b"".join(len(data).to_bytes(4, "little") + data for data in self.fields)
-
-    def template_digest(self, bank: str) -> bytes:
-        """The template hash computed with ``bank``'s algorithm."""
-        return _bank(bank).digest(self.template_hash_input())
-
-    def _field(self, *ids: str) -> bytes | None:
-        if self.field_ids is None:
-            return None
-        for position, field_id in enumerate(self.field_ids):
-            if field_id in ids and position < len(self.fields):
-                return self.fields[position]
-        return None
-
-    @property
-    def file_digest(self) -> tuple[str, bytes] | None:
-        """(algorithm, digest) of the measured file or buffer; ``ima`` entries are SHA-1."""
-        raw = self._field("d")
-        if raw is not None:
-            return ("sha1" if len(raw) == 20 else "md5", raw)
-        data = self._field("d-ng", "d-ngv2")
-        if not data:
-            return None
-        separator = data.find(b":\x00")
-        if separator < 0:
-            return None
-        algorithm = data[:separator].decode("ascii", errors="replace")
-        return algorithm, data[separator + 2 :]
-
-    @property
-    def file_name(self) -> str | None:
-        data = self._field("n-ng", "n")
-        if data is None:
-            return None
-        return data.removesuffix(b"\x00").decode("utf-8", errors="backslashreplace")
-
-    @property
-    def signature(self) -> bytes | None:
-        return self._field("sig")
-
-    @property
-    def buffer(self) -> bytes | None:
-        return self._field("buf")
-
-    def to_dict(self) -> dict[str, object]:
-        result: dict[str, object] = {
-            "index": self.index,
-            "offset": self.offset,
-            "pcr": self.pcr,
-            "template_hash": self.template_hash.hex(),
-            "template_hash_bank": self.template_hash_bank,
-            "template": self.template_name,
-            "violation": self.violation,
-        }
-        digest = self.file_digest
-        if digest is not None:
-            result["file_digest"] = f"{digest[0]}:{digest[1].hex()}"
-        name = self.file_name
-        if name is not None:
-            result["file_name"] = name
-        if self.signature:
-            result["signature"] = self.signature.hex()
-        if self.buffer is not None:
-            result["buffer"] = self.buffer.hex()
-        if self.field_ids is None:
-            result["fields"] = [data.hex() for data in self.fields]
-        return result
-
-
-@dataclass(frozen=True)
-class ImaLog:
-    entries: tuple[ImaEntry, ...]
-    source_format: SourceFormat
-
-    @property
-    def violations(self) -> int:
-        return sum(1 for entry in self.entries if entry.violation)
-
-    @property
-    def pcrs(self) -> frozenset[int]:
-        return frozenset(entry.pcr for entry in self.entries)
-
-    def replay(
-        self,
-        bank: str = "sha1",
-        *,
-        pcr: int = IMA_DEFAULT_PCR,
-        start_index: int | None = None,
-        starting_pcr: bytes | None = None,
-        legacy_padded_sha1: bool = False,
-    ) -> bytes:
-        """PCR ``pcr``'s value in ``bank`` after these entries; see :func:`replay`."""
-        first = self.entries[0].index if self.entries else 0
-        return replay(
-            self.entries,
-            bank,
-            pcr=pcr,
-            start_index=first if start_index is None else start_index,
-            starting_pcr=starting_pcr,
-            legacy_padded_sha1=legacy_padded_sha1,
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "format": self.source_format,
-            "entries": [entry.to_dict() for entry in self.entries],
-            "violations": self.violations,
-        }
-
-
-def replay(
-    entries: Sequence[ImaEntry],
-    bank: str = "sha1",
-    *,
-    pcr: int = IMA_DEFAULT_PCR,
-    start_index: int = 0,
-    starting_pcr: bytes | None = None,
-    legacy_padded_sha1: bool = False,
-) -> bytes:
-    """Extend ``starting_pcr`` (default zero) with the entries from ``start_index`` on.
-
-    Entry indices are absolute (see ``first_index`` of the parsers), so a verifier that kept
-    the PCR value after entry k-1 replays only the new entries: parse them with
-    ``first_index=k`` and call ``replay(new, bank, start_index=k, starting_pcr=kept)``.
-    Entries below ``start_index`` are skipped; the rest must be contiguous from it.
-    """
-    hash_bank = _bank(bank)
-    if starting_pcr is None:
-        value = bytes(hash_bank.digest_size)
-    elif len(starting_pcr) != hash_bank.digest_size:
-        raise ImaLogError(
-            f"starting PCR value is {len(starting_pcr)} bytes, a {bank} PCR is "
-            f"{hash_bank.digest_size}"
-        )
-    else:
-        value = bytes(starting_pcr)
-    if entries and start_index > entries[-1].index + 1:
-        raise ImaLogError(
-            f"entry {start_index}: expected entry {start_index} next, the entries end at "
-            f"{entries[-1].index}"
-        )
-    expected = start_index
-    for entry in entries:
-        if entry.index < start_index:
-            continue
-        if entry.index != expected:
-            raise ImaLogError(
-                f"entry {entry.index}: expected entry {expected} next; replay needs contiguous "
-                "entries"
-            )
-        expected += 1
-        if entry.pcr != pcr:
-            continue
-        value = hash_bank.extend(value, _extended_digest(entry, hash_bank, legacy_padded_sha1))
-    return value
-
-
-def _extended_digest(entry: ImaEntry, bank: HashAlgorithm, legacy_padded_sha1: bool) -> bytes:
-    if legacy_padded_sha1 and bank.name != entry.template_hash_bank:
-        if entry.template_hash_bank != "sha1":
-            raise ImaLogError(
-                f"entry {entry.index}: legacy padded-SHA-1 replay needs SHA-1 template hashes"
-            )
-        sha1 = b"\xff" * 20 if entry.violation else entry.template_hash
-        return (sha1 + bytes(bank.digest_size))[: bank.digest_size]
-    if entry.violation:
-        return b"\xff" * bank.digest_size
-    if bank.name == entry.template_hash_bank:
-        return entry.template_hash
-    return bank.digest(entry.template_hash_input())
-
-
-# --- Parsing ---
-
+_PER_BANK_LIST: Final = re.compile(r"(?:binary|ascii)_runtime_measurements_(.+)")
 
 _SHORTFALL: Final = (
     "{what} needs {needed} bytes but only {remaining} remain (truncated list or corrupt length "
@@ -328,13 +114,31 @@ _SHORTFALL: Final = (
 )
 
 
-def _entry_reader(data: bytes, index: int) -> ByteReader:
-    """A little-endian reader whose errors name entry ``index`` and the offset in ``data``."""
+def bank_of_list(file_name: str) -> str:
+    """The bank whose template hashes a list file holds, from its name.
 
-    def error(at: int, message: str) -> ImaLogError:
-        return ImaLogError(f"entry {index} (offset {at}): {message}")
-
-    return ByteReader(data, byteorder="little", error=error, shortfall=_SHORTFALL)
+    ``binary_runtime_measurements`` and ``ascii_runtime_measurements`` are SHA-1; a per-bank
+    list is named by the kernel's hash name (``_sha256``, ``_sm3``, ``_sha3-256``), or our
+    bank name. Any other suffix is an error: a wrong bank would fail every template hash.
+    """
+    match = _PER_BANK_LIST.fullmatch(file_name)
+    if match is None:
+        return "sha1"
+    suffix = match.group(1)
+    found = bank_of_kernel_name(suffix)
+    if found is None and suffix.startswith("tpm_alg_"):
+        # A bank the kernel has no hash for would be named by its TPM_ALG_ID.
+        try:
+            algorithm = BANKS_BY_ALGORITHM_ID.get(int(suffix.removeprefix("tpm_alg_"), 16))
+        except ValueError:
+            algorithm = None
+        found = algorithm.name if algorithm is not None else None
+    if found is None:
+        raise ImaLogError(
+            f"cannot tell the bank of {file_name!r} from its name: the suffix {suffix[:40]!r} "
+            f"is none of {', '.join(KERNEL_HASH_NAMES)}; name the bank explicitly"
+        )
+    return found
 
 
 def _as_bytes(data: object, what: str) -> bytes:
@@ -386,15 +190,23 @@ def _check_ima_name(name: bytes, index: int) -> None:
         )
 
 
-def _verify(entry: ImaEntry) -> None:
-    if entry.violation or not entry.template_data_known:
+def _mismatch(index: int, listed: bytes, computed: bytes) -> ImaLogError:
+    return ImaLogError(
+        f"entry {index}: template hash mismatch: the list says {listed.hex()}, the template "
+        f"data hashes to {computed.hex()}"
+    )
+
+
+def _verify_row(row: EntryRow, index: int, listed_bank: str) -> None:
+    template_hash, hash_input = row[2], row[4]
+    if hash_input is None or not any(template_hash):
         return
-    computed = entry.template_digest(entry.template_hash_bank)
-    if computed != entry.template_hash:
-        raise ImaLogError(
-            f"entry {entry.index}: template hash mismatch: the list says "
-            f"{entry.template_hash.hex()}, the template data hashes to {computed.hex()}"
-        )
+    computed = hasher(bank(listed_bank))(hash_input).digest()
+    if computed != template_hash:
+        raise _mismatch(index, template_hash, computed)
+
+
+# --- Binary lists ---
 
 
 def parse_ima_binary(
@@ -404,7 +216,7 @@ def parse_ima_binary(
     template_hash_bank: str = "sha1",
     verify_template_hashes: bool = True,
 ) -> ImaLog:
-    """Parse ``binary_runtime_measurements`` (little-endian).
+    """Parse a binary list (little-endian) whose template hashes are ``template_hash_bank``'s.
 
     ``first_index`` numbers the entries when ``data`` is a tail of the list (incremental
     shipping). With ``verify_template_hashes`` every non-violation entry's template hash is
@@ -413,76 +225,160 @@ def parse_ima_binary(
     raw = _as_bytes(data, "binary measurement list")
     _check_size(raw)
     _check_first_index(first_index)
-    hash_size = _bank(template_hash_bank).digest_size
-    entries: list[ImaEntry] = []
-    index = first_index
+    listed = bank(template_hash_bank)
+    hash_size = listed.digest_size
+    compute = hasher(listed) if verify_template_hashes else None
+    zero = bytes(hash_size)
+    unpack = _U32.unpack_from
+    # PCR, template hash and template name length in one call.
+    unpack_head = struct.Struct(f"<I{hash_size}sI").unpack_from
+    # Template names met so far (validated once by the careful reader): name, field IDs and
+    # field count (-1: any). Never `ima`, whose layout differs.
+    templates: dict[bytes, tuple[str, tuple[str, ...] | None, int]] = {}
+    rows: list[EntryRow] = []
+    append = rows.append
+    end = len(raw)
+    offset = 0
+    while offset < end:
+        count = len(rows)
+        if count >= MAX_ENTRIES:
+            raise ImaLogError(f"entry {first_index + count}: more than {MAX_ENTRIES} entries")
+        # The fast path: every length is compared with the bounds and the end of the input
+        # before it is used; anything it does not accept is left to the careful reader.
+        name_at = offset + hash_size + 8
+        if name_at <= end:
+            pcr, template_hash, name_size = unpack_head(raw, offset)
+            data_at = name_at + name_size + 4
+            template = None
+            if name_size <= MAX_TEMPLATE_NAME_BYTES and data_at <= end and pcr < PCR_COUNT:
+                template = templates.get(raw[name_at : data_at - 4])
+            if template is not None:
+                data_end = data_at + unpack(raw, data_at - 4)[0]
+                if data_end <= end and data_end - data_at <= MAX_TEMPLATE_DATA_BYTES:
+                    name, field_ids, field_count = template
+                    cursor = data_at
+                    fields = 0
+                    if field_count == 2:  # ima-ng, the default template: no loop
+                        if cursor + 4 <= data_end:
+                            cursor += 4 + unpack(raw, cursor)[0]
+                            if cursor + 4 <= data_end:
+                                cursor += 4 + unpack(raw, cursor)[0]
+                                fields = 2
+                    else:
+                        while cursor + 4 <= data_end and fields < MAX_FIELDS:
+                            cursor += 4 + unpack(raw, cursor)[0]
+                            fields += 1
+                    if cursor == data_end and (field_count < 0 or fields == field_count):
+                        template_data = raw[data_at:data_end]
+                        if compute is not None and template_hash != zero:
+                            computed = compute(template_data).digest()
+                            if computed != template_hash:
+                                raise _mismatch(first_index + count, template_hash, computed)
+                        append(
+                            (offset, pcr, template_hash, name, template_data, None, field_ids, True)
+                        )
+                        offset = data_end
+                        continue
+        row, offset = _read_binary_entry(raw, offset, first_index + count, hash_size, templates)
+        if verify_template_hashes:
+            _verify_row(row, first_index + count, template_hash_bank)
+        append(row)
+    return ImaLog(rows, "binary", first_index=first_index, template_hash_bank=template_hash_bank)
+
+
+def _read_binary_entry(
+    raw: bytes,
+    offset: int,
+    index: int,
+    hash_size: int,
+    templates: dict[bytes, tuple[str, tuple[str, ...] | None, int]],
+) -> tuple[EntryRow, int]:
+    """The careful reader: one entry at ``offset``, every failure worded with the entry index
+    and the offset of the failing read. Returns the row and the next entry's offset, and
+    records a template it met for the fast path."""
 
     def error(at: int, message: str) -> ImaLogError:
-        # Reads the loop's current ``index``: one reader serves the whole list.
         return ImaLogError(f"entry {index} (offset {at}): {message}")
 
-    cursor = ByteReader(raw, byteorder="little", error=error, shortfall=_SHORTFALL)
-    while cursor.remaining:
-        index = first_index + len(entries)
-        if len(entries) >= MAX_ENTRIES:
-            raise ImaLogError(f"entry {index}: more than {MAX_ENTRIES} entries")
-        offset = cursor.offset
-        pcr = cursor.u32("PCR")
-        _check_pcr(pcr, index)
-        template_hash = cursor.take(hash_size, "template hash")
-        name_size = cursor.u32("template name length")
-        if name_size > MAX_TEMPLATE_NAME_BYTES:
-            raise ImaLogError(
-                f"entry {index} (offset {offset}): template name length {name_size} is over "
-                f"{MAX_TEMPLATE_NAME_BYTES}"
-            )
-        name = _check_template_name(cursor.take(name_size, "template name"), index)
-        if name == "ima":
-            # ima_measurements_show: no template data length for `ima`, the digest without a
-            # length, the name with its strlen and without the NUL.
-            digest = cursor.take(20, "file digest")
-            file_name_size = cursor.u32("file name length")
-            if file_name_size > IMA_EVENT_NAME_LEN_MAX:
-                raise ImaLogError(
-                    f"entry {index} (offset {offset}): `ima` template file name length "
-                    f"{file_name_size} is over {IMA_EVENT_NAME_LEN_MAX}"
-                )
-            file_name = cursor.take(file_name_size, "file name")
-            fields: tuple[bytes, ...] = (digest, file_name + b"\x00")
-            field_ids: tuple[str, ...] | None = TEMPLATE_FIELDS["ima"]
-        else:
-            data_size = cursor.u32("template data length")
-            if data_size > MAX_TEMPLATE_DATA_BYTES:
-                raise ImaLogError(
-                    f"entry {index} (offset {offset}): template data length {data_size} is over "
-                    f"{MAX_TEMPLATE_DATA_BYTES}"
-                )
-            template_data = cursor.take(data_size, "template data")
-            fields = _split_fields(template_data, index)
-            field_ids = template_field_ids(name)
-            if field_ids is not None and len(field_ids) != len(fields):
-                raise ImaLogError(
-                    f"entry {index}: template {name} has {len(field_ids)} fields, the entry "
-                    f"has {len(fields)}"
-                )
-        entry = ImaEntry(
-            index, offset, pcr, template_hash, name, fields, field_ids, True, template_hash_bank
+    cursor = ByteReader(raw, byteorder="little", error=error, shortfall=_SHORTFALL, offset=offset)
+    pcr = cursor.u32("PCR")
+    _check_pcr(pcr, index)
+    template_hash = cursor.take(hash_size, "template hash")
+    name_size = cursor.u32("template name length")
+    # A list read with the wrong bank's hash size fails right here, on its first entry.
+    hint = f" (is this a list of {hash_size}-byte template hashes?)" if offset == 0 else ""
+    if name_size > MAX_TEMPLATE_NAME_BYTES:
+        raise ImaLogError(
+            f"entry {index} (offset {offset}): template name length {name_size} is over "
+            f"{MAX_TEMPLATE_NAME_BYTES}{hint}"
         )
-        if verify_template_hashes:
-            _verify(entry)
-        entries.append(entry)
-    return ImaLog(tuple(entries), "binary")
+    raw_name = cursor.take(name_size, "template name")
+    try:
+        name = _check_template_name(raw_name, index)
+    except ImaLogError as refused:
+        raise ImaLogError(f"{refused}{hint}") from None
+    if name == "ima":
+        # ima_measurements_show: no template data length for `ima`, the digest without a
+        # length (SHA-1: the `ima` template takes only SHA-1 or MD5, and MD5 lists cannot be
+        # told apart in binary), the name with its strlen and without the NUL.
+        digest = cursor.take(20, "file digest")
+        file_name_size = cursor.u32("file name length")
+        if file_name_size > IMA_EVENT_NAME_LEN_MAX:
+            raise ImaLogError(
+                f"entry {index} (offset {offset}): `ima` template file name length "
+                f"{file_name_size} is over {IMA_EVENT_NAME_LEN_MAX}"
+            )
+        file_name = cursor.take(file_name_size, "file name") + b"\x00"
+        fields = (digest, file_name)
+        row: EntryRow = (
+            offset,
+            pcr,
+            template_hash,
+            name,
+            ima_template_input(digest, file_name),
+            fields,
+            TEMPLATE_FIELDS["ima"],
+            True,
+        )
+        return row, cursor.offset
+    data_size = cursor.u32("template data length")
+    if data_size > MAX_TEMPLATE_DATA_BYTES:
+        raise ImaLogError(
+            f"entry {index} (offset {offset}): template data length {data_size} is over "
+            f"{MAX_TEMPLATE_DATA_BYTES}"
+        )
+    data_at = cursor.offset
+    template_data = cursor.take(data_size, "template data")
+    field_count = _count_fields(template_data, data_at, index)
+    field_ids = template_field_ids(name)
+    if field_ids is not None and len(field_ids) != field_count:
+        raise ImaLogError(
+            f"entry {index}: template {name} has {len(field_ids)} fields, the entry has "
+            f"{field_count}"
+        )
+    templates[raw_name] = (name, field_ids, -1 if field_ids is None else len(field_ids))
+    return (offset, pcr, template_hash, name, template_data, None, field_ids, True), cursor.offset
 
 
-def _split_fields(template_data: bytes, index: int) -> tuple[bytes, ...]:
-    cursor = _entry_reader(template_data, index)
-    fields: list[bytes] = []
+def _count_fields(template_data: bytes, data_at: int, index: int) -> int:
+    """Check that ``template_data`` (at ``data_at`` in the list) is ``u32 length || data``
+    fields; return how many."""
+
+    def error(at: int, message: str) -> ImaLogError:
+        return ImaLogError(f"entry {index} (offset {data_at + at}): {message}")
+
+    cursor = ByteReader(template_data, byteorder="little", error=error, shortfall=_SHORTFALL)
+    count = 0
     while cursor.remaining:
-        if len(fields) >= MAX_FIELDS:
+        if count >= MAX_FIELDS:
             raise ImaLogError(f"entry {index}: more than {MAX_FIELDS} template fields")
-        size = cursor.u32(f"template field {len(fields)} length")
-        fields.append(cursor.take(size, f"template field {len(fields)}"))
-    return tuple(fields)
+        size = cursor.u32(f"template field {count} length")
+        cursor.take(size, f"template field {count}")
+        count += 1
+    return count
+
+
+# --- ASCII lists ---
 
 
 def parse_ima_ascii(
@@ -492,22 +388,22 @@ def parse_ima_ascii(
     template_hash_bank: str = "sha1",
     verify_template_hashes: bool = True,
 ) -> ImaLog:
-    """Parse ``ascii_runtime_measurements``.
+    """Parse an ASCII list whose template hashes are ``template_hash_bank``'s.
 
     Field data is rebuilt from the text the way the kernel printed it, so template hashes can
-    be checked and non-SHA-1 banks replayed; entries of templates whose fields cannot be rebuilt
+    be checked and other banks replayed; entries of templates whose fields cannot be rebuilt
     (see :data:`TEMPLATE_FIELDS`) keep their text tokens and can only be replayed in the bank
     of the listed template hash.
     """
     raw = _as_bytes(text, "ASCII measurement list")
     _check_size(raw)
     _check_first_index(first_index)
-    hash_size = _bank(template_hash_bank).digest_size
-    entries: list[ImaEntry] = []
+    hash_size = bank(template_hash_bank).digest_size
+    rows: list[EntryRow] = []
     offset = 0
     while offset < len(raw):
-        index = first_index + len(entries)
-        if len(entries) >= MAX_ENTRIES:
+        index = first_index + len(rows)
+        if len(rows) >= MAX_ENTRIES:
             raise ImaLogError(f"entry {index}: more than {MAX_ENTRIES} entries")
         end = raw.find(b"\n", offset, offset + MAX_ASCII_LINE_BYTES + 1)
         if end < 0:
@@ -517,17 +413,15 @@ def parse_ima_ascii(
                     " bytes"
                 )
             end = len(raw)
-        entry = _parse_ascii_line(raw[offset:end], index, offset, hash_size, template_hash_bank)
+        row = _parse_ascii_line(raw[offset:end], index, offset, hash_size)
         if verify_template_hashes:
-            _verify(entry)
-        entries.append(entry)
+            _verify_row(row, index, template_hash_bank)
+        rows.append(row)
         offset = end + 1
-    return ImaLog(tuple(entries), "ascii")
+    return ImaLog(rows, "ascii", first_index=first_index, template_hash_bank=template_hash_bank)
 
 
-def _parse_ascii_line(
-    line: bytes, index: int, offset: int, hash_size: int, template_hash_bank: str
-) -> ImaEntry:
+def _parse_ascii_line(line: bytes, index: int, offset: int, hash_size: int) -> EntryRow:
     def fail(reason: str) -> ImaLogError:
         return ImaLogError(f"entry {index} (offset {offset}): {reason}")
 
@@ -548,17 +442,7 @@ def _parse_ascii_line(
     name = _check_template_name(name_token, index)
     field_ids = template_field_ids(name)
     if field_ids is None:
-        return ImaEntry(
-            index,
-            offset,
-            pcr,
-            template_hash,
-            name,
-            tuple(field_tokens),
-            None,
-            False,
-            template_hash_bank,
-        )
+        return (offset, pcr, template_hash, name, None, tuple(field_tokens), None, False)
     if len(field_tokens) > len(field_ids):
         raise fail(
             f"{len(field_tokens)} fields, template {name} has {len(field_ids)} "
@@ -571,14 +455,15 @@ def _parse_ascii_line(
         _ascii_field(field_id, token, name, fail)
         for field_id, token in zip(field_ids, field_tokens, strict=True)
     )
-    known = all(field_id not in {"xattrnames", "iuid", "igid", "imode"} for field_id in field_ids)
+    known = not _TEXT_FIELDS.intersection(field_ids)
     if name == "ima":
         if len(fields[0]) not in (16, 20):
             raise fail("`ima` template digest must be 20 bytes (SHA-1) or 16 (MD5)")
         _check_ima_name(fields[1][:-1], index)
-    return ImaEntry(
-        index, offset, pcr, template_hash, name, fields, field_ids, known, template_hash_bank
-    )
+        hash_input: bytes | None = ima_template_input(fields[0], fields[1])
+    else:
+        hash_input = join_fields(fields) if known else None
+    return (offset, pcr, template_hash, name, hash_input, fields, field_ids, known)
 
 
 def _hex(token: bytes, what: str, fail: _Fail) -> bytes:
@@ -614,12 +499,30 @@ def _ascii_field(field_id: str, token: bytes, template: str, fail: _Fail) -> byt
     return token
 
 
-def read_ima_log(path: str | Path, *, binary: bool | None = None, first_index: int = 0) -> ImaLog:
-    """Read a measurement list file; by default ``binary`` in its name selects the format.
+# --- Files ---
 
-    Kernels with per-bank lists (``binary_runtime_measurements_sha256``, Linux 6.x) list the
-    template hash of the bank named by the suffix; the suffix selects it here.
+
+def read_ima_log(
+    path: str | Path,
+    *,
+    binary: bool | None = None,
+    first_index: int = 0,
+    template_hash_bank: str | None = None,
+    verify_template_hashes: bool = True,
+) -> ImaLog:
+    """Read a measurement list file.
+
+    ``binary`` defaults to what the name says (``binary_...`` or ``ascii_...``), else to what
+    the first byte says: an ASCII list starts with a PCR printed as ``"%2d"``, a binary one
+    with a little-endian ``u32`` PCR, whose first byte is below 24. ``template_hash_bank``
+    defaults to the bank the file name says (:func:`bank_of_list`): the unsuffixed lists are
+    SHA-1, ``*_runtime_measurements_sha256`` is SHA-256.
     """
+    name = Path(path).name
+    if template_hash_bank is None:
+        template_hash_bank = bank_of_list(name)
+    else:
+        bank(template_hash_bank)
     data = read_bounded(
         path,
         MAX_LOG_BYTES,
@@ -627,13 +530,15 @@ def read_ima_log(path: str | Path, *, binary: bool | None = None, first_index: i
         ImaLogError,
         hint=" (is securityfs mounted and IMA enabled? reading it needs root)",
     )
-    name = Path(path).name
-    suffix = name.rpartition("_runtime_measurements_")[2] if "_measurements_" in name else ""
-    template_hash_bank = suffix if suffix in BANKS else "sha1"
     if binary is None:
-        binary = name.startswith("binary")
-    if binary:
-        return parse_ima_binary(
-            data, first_index=first_index, template_hash_bank=template_hash_bank
-        )
-    return parse_ima_ascii(data, first_index=first_index, template_hash_bank=template_hash_bank)
+        if name.startswith(("binary", "ascii")):
+            binary = name.startswith("binary")
+        else:
+            binary = bool(data) and data[0] < PCR_COUNT
+    parse = parse_ima_binary if binary else parse_ima_ascii
+    return parse(
+        data,
+        first_index=first_index,
+        template_hash_bank=template_hash_bank,
+        verify_template_hashes=verify_template_hashes,
+    )

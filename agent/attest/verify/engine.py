@@ -24,13 +24,16 @@ IMA list (:class:`~agent.attest.verify.state.VerifierState`, a small JSON file f
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Final
 
 from agent.attest.evidence import Evidence
 from agent.attest.logs import ima
-from agent.attest.logs.eventlog import EventLog, parse_event_log
+from agent.attest.logs.eventlog import FIRMWARE_PCRS, EventLog, parse_event_log
 from agent.attest.policy import Policy, evaluate
 from agent.attest.tpm.algorithms import BANKS, bank_name, initial_pcr_value
 from agent.attest.tpm.checks import ClockState, verify_quote
@@ -47,10 +50,10 @@ from agent.attest.verify.report import (
 )
 from agent.errors import AttestationError, EventLogError, QuoteError
 
-# PFP section 3.3.4: firmware measures into PCRs 0-7 and logs every such measurement, so a
-# non-initial value there with no event in the log means the log is incomplete. Higher PCRs
-# are also extended by the OS (systemd-stub, IMA) outside the firmware log.
-FIRMWARE_PCRS: Final = frozenset(range(8))
+# A controller verifies every node's evidence each interval, and a node's firmware log does not
+# change within a boot: parsed logs are kept by their SHA-256, up to this many (a parsed log of
+# 100 events is about 100 KiB; least recently used first out).
+EVENT_LOG_CACHE_ENTRIES: Final = 1024
 
 _QUOTE_REASON_CHECKS: Final[Mapping[str, Check]] = {
     QuoteReason.NONCE_MISMATCH: Check.FRESHNESS,
@@ -231,12 +234,43 @@ def _check_ak_identity(ak_name: bytes | None, enrolled: bytes | None, collector:
 # --- event log ----------------------------------------------------------------------------------
 
 
+class _EventLogCache:
+    """Parsed event logs by the SHA-256 of their bytes, least recently used out first.
+
+    Parsing is deterministic and an :class:`EventLog` is immutable (its replay is computed
+    once), so a hit is the same answer as a parse. Errors are not kept: a malformed log is
+    parsed, and refused, every time. The lock lets verifications run in executor threads.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._logs: OrderedDict[bytes, EventLog] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, data: bytes) -> EventLog:
+        key = hashlib.sha256(data).digest()
+        with self._lock:
+            log = self._logs.get(key)
+            if log is not None:
+                self._logs.move_to_end(key)
+                return log
+        log = parse_event_log(data)
+        with self._lock:
+            self._logs[key] = log
+            while len(self._logs) > self._capacity:
+                self._logs.popitem(last=False)
+        return log
+
+
+_parsed_event_log = _EventLogCache(EVENT_LOG_CACHE_ENTRIES).get
+
+
 def _check_event_log(
     evidence: Evidence, quoted: PcrValues, ima_log: ima.ImaLog | None, collector: Collector
 ) -> EventLog | None:
     collector.ran.add(Check.EVENT_LOG)
     try:
-        log = parse_event_log(evidence.event_log)
+        log = _parsed_event_log(evidence.event_log)
     except EventLogError as error:
         collector.fail(Check.EVENT_LOG, Reason.EVENTLOG_MALFORMED, f"event log: {error}")
         return None
@@ -281,6 +315,9 @@ def _check_event_log(
                     continue  # the IMA check judges it
                 if actual == initial_pcr_value(BANKS[bank], pcr):
                     continue
+                # Firmware logs every measurement of PCRs 0-7 (PFP 3.3.4), so a changed one
+                # without an event means the log is incomplete; the OS also extends higher PCRs
+                # (systemd-stub, IMA) outside the firmware log.
                 if pcr in FIRMWARE_PCRS:
                     collector.fail(
                         Check.EVENT_LOG,

@@ -9,7 +9,6 @@ same AK and boot, and returns the new progress to keep.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -71,11 +70,11 @@ def check_ima(
     starting, first_index = _ima_start(start, log, progress, reset_count, keys, collector)
     if starting is None:
         return None
-    entries = [entry for entry in log.entries if entry.index >= first_index]
+    total = log.first_index + len(log) - first_index
     try:
-        matched = _ima_prefix(entries, first_index, starting, quoted, keys, legacy=False)
+        matched, final = _ima_prefix(log, first_index, total, starting, quoted, keys, legacy=False)
         if matched is None and any(bank != "sha1" for bank, _ in keys):
-            matched = _ima_prefix(entries, first_index, starting, quoted, keys, legacy=True)
+            matched, _ = _ima_prefix(log, first_index, total, starting, quoted, keys, legacy=True)
             if matched is not None:
                 collector.notes.append(
                     "IMA: non-SHA-1 banks replay as the SHA-1 template hash zero-padded (a "
@@ -85,10 +84,7 @@ def check_ima(
         collector.fail(Check.IMA, Reason.IMA_MALFORMED, f"IMA replay: {error}")
         return None
     if matched is None:
-        final = _ima_fold(entries, starting, keys, legacy=False)
-        span = (
-            f"entries {first_index}-{first_index + len(entries) - 1}" if entries else "no entries"
-        )
+        span = f"entries {first_index}-{first_index + total - 1}" if total else "no entries"
         for bank, pcr in keys:
             actual = quoted[bank][pcr]
             if final[(bank, pcr)] != actual:
@@ -102,7 +98,7 @@ def check_ima(
                 )
         return None
     count, values = matched
-    newer = len(entries) - count
+    newer = total - count
     if newer:
         collector.notes.append(
             f"IMA: {newer} entries are newer than the quote; the next quote covers them"
@@ -116,16 +112,11 @@ def check_ima(
 
 
 def _check_template_hashes(log: ima.ImaLog, collector: Collector) -> None:
-    bad: list[str] = []
-    for entry in log.entries:
-        if entry.violation:
-            continue
-        computed = entry.template_digest(entry.template_hash_bank)
-        if not hmac.compare_digest(computed, entry.template_hash):
-            bad.append(
-                f"entry {entry.index} ({entry.file_name or entry.template_name}): listed "
-                f"{entry.template_hash.hex()}, data hashes to {computed.hex()}"
-            )
+    bad = [
+        f"entry {entry.index} ({entry.file_name or entry.template_name}): listed "
+        f"{entry.template_hash.hex()}, data hashes to {computed.hex()}"
+        for entry, computed in log.template_hash_mismatches()
+    ]
     if bad:
         more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         collector.fail(
@@ -148,7 +139,7 @@ def _ima_start(
     """The PCR values to replay from, and the first entry to replay."""
     if start == 0:
         return {(bank, pcr): initial_pcr_value(BANKS[bank], pcr) for bank, pcr in keys}, 0
-    end = start + len(log.entries)
+    end = start + len(log)
     if progress is None or reset_count is None or progress.reset_count != reset_count:
         collector.fail(
             Check.IMA,
@@ -181,70 +172,51 @@ def _ima_start(
     return {(bank, pcr): progress.pcrs[bank][pcr] for bank, pcr in keys}, progress.next_index
 
 
-def _ima_fold(
-    entries: Sequence[ima.ImaEntry],
-    starting: Mapping[tuple[str, int], bytes],
-    keys: Sequence[tuple[str, int]],
-    *,
-    legacy: bool,
-) -> dict[tuple[str, int], bytes]:
-    values = dict(starting)
-    banks_of = _banks_by_pcr(keys)
-    for entry in entries:
-        for bank in banks_of.get(entry.pcr, ()):
-            values[(bank, entry.pcr)] = _extend(entry, bank, values[(bank, entry.pcr)], legacy)
-    return values
-
-
 def _ima_prefix(
-    entries: Sequence[ima.ImaEntry],
+    log: ima.ImaLog,
     first_index: int,
+    total: int,
     starting: Mapping[tuple[str, int], bytes],
     quoted: PcrValues,
     keys: Sequence[tuple[str, int]],
     *,
     legacy: bool,
-) -> tuple[int, dict[tuple[str, int], bytes]] | None:
-    """The longest prefix of ``entries`` after which every quoted IMA PCR holds its quoted
-    value, with those values; None if there is none.
+) -> tuple[tuple[int, dict[tuple[str, int], bytes]] | None, dict[tuple[str, int], bytes]]:
+    """The longest prefix of the ``total`` entries from ``first_index`` after which every
+    quoted IMA PCR holds its quoted value, with those values (None if there is none); and the
+    values after all of them.
 
     A prefix, not the whole list: the node reads the list after the quote, and the kernel may
-    have appended measurements in between.
+    have appended measurements in between. Each (bank, PCR) is replayed once; between two
+    entries that change one of them the values stand still, so only those entries matter.
     """
+    changes: dict[int, list[tuple[tuple[str, int], bytes]]] = {}
+    for key in keys:
+        bank, pcr = key
+        trace = log.replay_trace(
+            bank,
+            pcr=pcr,
+            start_index=first_index,
+            starting_pcr=starting[key],
+            legacy_padded_sha1=legacy,
+        )
+        for index, value in trace:
+            changes.setdefault(index, []).append((key, value))
     values = dict(starting)
-    banks_of = _banks_by_pcr(keys)
     differing = {key for key in keys if values[key] != quoted[key[0]][key[1]]}
+    changed_at = sorted(changes)
+    # The values after entry i hold for every prefix up to the next change.
+    bounds = [index - first_index for index in changed_at[1:]] + [total] if changed_at else []
     best: tuple[int, dict[tuple[str, int], bytes]] | None = None
     if not differing:
-        best = (0, dict(values))
-    for position, entry in enumerate(entries, 1):
-        if entry.index != first_index + position - 1:
-            raise ImaLogError(f"entry {entry.index}: expected entry {first_index + position - 1}")
-        for bank in banks_of.get(entry.pcr, ()):
-            key = (bank, entry.pcr)
-            values[key] = _extend(entry, bank, values[key], legacy)
-            if values[key] == quoted[bank][entry.pcr]:
+        best = (changed_at[0] - first_index if changed_at else total, dict(values))
+    for index, longest in zip(changed_at, bounds, strict=True):
+        for key, value in changes[index]:
+            values[key] = value
+            if value == quoted[key[0]][key[1]]:
                 differing.discard(key)
             else:
                 differing.add(key)
         if not differing:
-            best = (position, dict(values))
-    return best
-
-
-def _banks_by_pcr(keys: Sequence[tuple[str, int]]) -> dict[int, list[str]]:
-    result: dict[int, list[str]] = {}
-    for bank, pcr in keys:
-        result.setdefault(pcr, []).append(bank)
-    return result
-
-
-def _extend(entry: ima.ImaEntry, bank: str, value: bytes, legacy: bool) -> bytes:
-    return ima.replay(
-        (entry,),
-        bank,
-        pcr=entry.pcr,
-        start_index=entry.index,
-        starting_pcr=value,
-        legacy_padded_sha1=legacy,
-    )
+            best = (longest, dict(values))
+    return best, values
