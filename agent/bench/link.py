@@ -8,6 +8,8 @@ number beside a baseline measured in the same run against the same controller.
   bare unary gRPC call on the very TLS channel the link dialled, to a method nobody implements
   (the controller's gRPC answers ``UNIMPLEMENTED`` without running any handler): the floor of one
   request/response on that channel.
+* **Commands**: ``ctl`` to result for a remote lease grant and a remote attest, beside the
+  local admin calls doing the same work (agent/bench/commands.py).
 * **Fan-in**: N lightweight link clients in this process (asyncio, each its own TLS connection
   with its own node certificate, Hello, then one health report per heartbeat at a random phase,
   acks timed) against one controller process pinned to one core (``taskset``), for N = 100,
@@ -52,6 +54,8 @@ QUICK_FAN_IN: Final = (5, 20)
 QUICK_HEARTBEAT_S: Final = 0.5
 QUICK_WINDOW_S: Final = 1.5
 QUICK_ROUNDS: Final = 20
+DEFAULT_COMMAND_ROUNDS: Final = 30
+QUICK_COMMAND_ROUNDS: Final = 3
 WARMUP_ROUNDS: Final = 10
 # The aim of the issue: this many nodes, a heartbeat this often, on one controller core.
 AIM_NODES: Final = 2000
@@ -681,6 +685,7 @@ def bench_link(
     rounds: int = DEFAULT_ROUNDS,
     directory: Path | None = None,
     controller_cpu: int | None = None,
+    command_rounds: int = DEFAULT_COMMAND_ROUNDS,
 ) -> dict[str, Any]:
     """Run the link benchmark; a JSON-ready document (see the module docstring)."""
     import asyncio  # noqa: PLC0415
@@ -727,6 +732,10 @@ def bench_link(
         code = controller.stop()
         if not alive:
             raise LinkError(f"the bench controller died (exit {code}): {controller.log_tail()}")
+        # Remote commands against a real agent (agent/bench/commands.py), after the fan-in.
+        from agent.bench.commands import bench_commands  # noqa: PLC0415
+
+        result["commands"] = bench_commands(directory / "cmd", command_rounds)
     result["setup"] = {
         "cpus": sorted(allowed),
         "controller_cpu": core,
@@ -791,6 +800,7 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction[Any]) -> None:
     add("--heartbeat-s", type=float, help="each client's report interval (default 10)")
     add("--window-s", type=float, help="measuring window per size (default three heartbeats)")
     add("--rounds", type=int, help="round-trip samples (default 200)")
+    add("--command-rounds", type=int, help="remote command samples (default 30)")
     add("--cpu", type=int, help="the controller's core (default: the last this process may use)")
     add("--dir", type=Path, help="scratch directory (default: a temp dir)")
     add(
@@ -809,6 +819,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         rounds=args.rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS),
         directory=args.dir,
         controller_cpu=args.cpu,
+        command_rounds=args.command_rounds
+        or (QUICK_COMMAND_ROUNDS if quick else DEFAULT_COMMAND_ROUNDS),
     )
     result["quick"] = quick
     return result

@@ -22,7 +22,7 @@ from agent.attest.logs.eventlog import Event, EventLog, parse_event_log
 from agent.attest.tpm.algorithms import BANKS
 from agent.attest.tpm.client import TpmClient
 from agent.attest.tpm.keys import AttestationKey
-from tests.swtpm import Swtpm
+from agent.sim.swtpm import Swtpm
 
 REPO = Path(__file__).resolve().parents[2]
 TESTDATA = REPO.parent / "shared/testdata/eventlogs/tpm2-tools"

@@ -9,7 +9,7 @@ import pytest
 
 from agent.attest.tpm.client import TpmClient
 from agent.attest.tpm.keys import AkAlgorithm, AttestationKey
-from tests.swtpm import Swtpm
+from agent.sim.swtpm import Swtpm
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from typing import Any
 
 from agent.config import config_as_dict, load_config, parse_config, to_toml
 from agent.sim.node import init_sim_node
+from agent.sim.swtpm import Swtpm
 from tests.support import REPO, RunningAgent
-from tests.swtpm import Swtpm
 
 CONTROLLER = [sys.executable, "-m", "agent.cli"]
 

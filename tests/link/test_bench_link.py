@@ -67,6 +67,14 @@ def test_quick_bench_reports_round_trip_and_fan_in_numbers() -> None:
     assert aim["met"] is None  # quick mode never runs the aim's size
     assert isinstance(aim["target"], str) and isinstance(aim["why"], str)
 
+    commands = result["commands"]
+    for section in ("remote_grant", "local_grant", "remote_attest", "local_quote", "ping"):
+        for key in LATENCY:
+            _number(commands, section, key)
+    assert _number(commands, "rounds", "count") >= 1
+    _number(commands, "remote_grant_extra_p50_ms", "value")
+    assert isinstance(commands["aim"]["met"], bool)
+
     setup = result["setup"]
     assert isinstance(setup["controller_pinning"], str) and setup["controller_pinning"]
     assert setup["controller_cpu"] in setup["cpus"]

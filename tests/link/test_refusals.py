@@ -17,6 +17,7 @@ from agent.errors import EnrollmentRefusedError, LinkProtocolError, TpmError
 from agent.identity.node_key import NodeKey
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.scrub.certificate import canonical_json
+from agent.sim.swtpm import Swtpm
 from tests.link.clients import (
     Enrolled,
     begin_request,
@@ -28,7 +29,6 @@ from tests.link.clients import (
     signed_certificate,
 )
 from tests.link.support import Controller, LinkNode
-from tests.swtpm import Swtpm
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""A real software TPM (swtpm) as a process on free localhost ports, for every test that needs a
-TPM: the attestation, enrollment and link tests."""
+"""A real software TPM (swtpm) as a process on free localhost ports: the TPM of a simulated node
+in tests (attestation, enrollment, link), the demo and ``bench link``. Needs the ``swtpm``
+package."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ class Swtpm:
         raise RuntimeError(f"swtpm did not start; its log: {log.read_text(errors='replace')}")
 
     def _wait_until_listening(self) -> bool:
-        assert self.process is not None
+        if self.process is None:
+            return False
         deadline = time.monotonic() + SWTPM_START_LIMIT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
