@@ -23,7 +23,7 @@ from agent.errors import ExitCode, ValidationError
 
 VERBS = frozenset(
     {"lease", "layout", "partition", "cordon", "uncordon", "attest", "rotate-certificate",
-     "commands", "policy"}
+     "commands", "policy", "command-key"}
 )  # fmt: skip
 
 
@@ -86,6 +86,13 @@ def add_parsers(ctl_verbs: argparse._SubParsersAction[Any]) -> None:
     commands.add_argument("--limit", type=int, default=50)
     commands.add_argument("--json", action="store_true")
 
+    key = ctl_verbs.add_parser("command-key", help="the key that signs remote commands")
+    key_verbs = key.add_subparsers(dest="key_verb", required=True)
+    rotate = key_verbs.add_parser(
+        "rotate", help="a new key for every node (or the current one again to lagging nodes)"
+    )
+    rotate.add_argument("--json", action="store_true")
+
     policy = ctl_verbs.add_parser("policy", help="attestation policies of node groups")
     policy_verbs = policy.add_subparsers(dest="policy_verb", required=True)
     set_policy = policy_verbs.add_parser("set", help="the policy (attest make-policy) of a group")
@@ -106,6 +113,21 @@ def run(client: Any, args: argparse.Namespace) -> int:
             for status in listing.commands:
                 print(_status_line(status))
         return 0
+    if args.verb == "command-key":
+        rotated = client.rotate_command_key()
+        if args.json:
+            print_json(message_dict(rotated))
+        elif rotated.created:
+            print(f"new command key {rotated.key_id} (previous {rotated.previous_key_id or '-'}) "
+                  f"announced to {len(rotated.announced)} nodes")  # fmt: skip
+        else:
+            print(f"nodes still on the previous key: the current key {rotated.key_id} was "
+                  f"announced again to {', '.join(rotated.announced) or 'none'}; rotate again "
+                  "once every node confirmed it (ctl node show: command_key_id)")  # fmt: skip
+        for node in rotated.unreachable:
+            print(f"{node}: pinned a key older than the previous one; re-enroll it",
+                  file=sys.stderr)  # fmt: skip
+        return int(ExitCode.OK if not rotated.unreachable else ExitCode.FAILED)
     if args.verb == "policy":
         from agent.runtime.inputs import read_prefix  # noqa: PLC0415
 

@@ -20,10 +20,11 @@ from agent.controller.command_store import CommandRow, CommandState, TrustRecord
 from agent.controller.commands import CommandDispatcher
 from agent.controller.config import ControllerSection
 from agent.controller.link import NodeLinkHandler
+from agent.controller.pki import ControllerPki
 from agent.controller.store import ControllerStore, NodeRecord
 from agent.controller.tokens import create_token
 from agent.errors import AccelguardError, NotFoundError, ValidationError
-from agent.link.envelope import MAX_TTL_S
+from agent.link.envelope import MAX_TTL_S, command_key_id
 from agent.proto.accelguard.v1 import controller_pb2 as pb
 from agent.proto.accelguard.v1 import controller_pb2_grpc as pb_grpc
 from agent.proto.accelguard.v1 import link_pb2
@@ -50,7 +51,9 @@ class ControllerAdminHandlers:
         link: NodeLinkHandler,
         dispatcher: CommandDispatcher,
         attestation: AttestationLoop,
+        pki: ControllerPki,
     ) -> None:
+        self._pki = pki
         self._settings = settings
         self._store = store
         self._executor = executor
@@ -108,6 +111,7 @@ class ControllerAdminHandlers:
         return pb.NodeDetail(
             summary=self._summary(node, sum(counts.values()), trust),
             trust_reasons=list(trust.reasons),
+            command_key_id=trust.command_key_id,
             last_attested_at=trust.last_attested_at,
             refusals=[
                 pb.CommandRefusal(
@@ -215,9 +219,46 @@ class ControllerAdminHandlers:
         return command_status(final or row)
 
     async def _cordon_result(self, row: CommandRow) -> None:
-        """The node confirmed an uncordon: only then does the controller send it grants again."""
+        """The node confirmed an uncordon: only then does the controller send it grants again.
+        The node confirmed a new command key: sign its commands with that one from now on."""
         if row.kind == "uncordon" and row.state == CommandState.DONE:
             await self._executor.call(self._store.commands.set_cordoned, row.node_id, False)
+        if row.kind == "announce_command_key" and row.state == CommandState.DONE:
+            signed = link_pb2.SignedCommand.FromString(row.signed)
+            announced = link_pb2.CommandEnvelope.FromString(signed.envelope).announce_command_key
+            await self._executor.call(
+                self._store.commands.set_command_key, row.node_id, announced.key_id
+            )
+            log.info("command_key_confirmed", node=row.node_id, key_id=announced.key_id)
+
+    async def rotate_command_key(self) -> pb.RotateCommandKeyResponse:
+        """A new command key, or the current one again to the nodes that have not confirmed
+        it; each announcement is signed with the key its node pinned."""
+        pinned = await self._executor.call(self._store.commands.command_keys)
+        current = command_key_id(self._pki.command_key.public_key())
+        previous_key = self._pki.previous_command_key
+        previous = command_key_id(previous_key.public_key()) if previous_key else ""
+        lagging = [node for node, key in pinned.items() if key and key != current]
+        unreachable = [node for node in lagging if key_of(pinned, node) != previous]
+        created = not lagging
+        if created:
+            await self._executor.call(self._pki.rotate_command_key)
+            previous, current = current, command_key_id(self._pki.command_key.public_key())
+            targets = list(pinned)
+            log.warning("command_key_rotated", key_id=current, previous_key_id=previous)
+        else:
+            targets = [node for node in lagging if node not in unreachable]
+        announcement = link_pb2.CommandKeyAnnouncement(
+            public_key_pem=self._pki.command_public_pem.decode("ascii"), key_id=current
+        )
+        for node in targets:
+            await self._dispatcher.issue(
+                node, "announce_command_key", announcement, self._settings.command_ttl_s
+            )
+        return pb.RotateCommandKeyResponse(
+            created=created, key_id=current, previous_key_id=previous, announced=targets,
+            unreachable=unreachable,
+        )  # fmt: skip
 
     async def list_commands(self, request: pb.ListCommandsRequest) -> pb.ListCommandsResponse:
         rows = await self._executor.call(
@@ -243,6 +284,10 @@ class ControllerAdminHandlers:
         await self._executor.call(self._store.commands.set_group, request.node_id, request.group)
         log.info("node_group_set", node=request.node_id, group=request.group)
         return pb.SetNodeGroupResponse()
+
+
+def key_of(pinned: dict[str, str], node: str) -> str:
+    return pinned.get(node, "")
 
 
 def _check_group(group: str) -> None:
@@ -321,6 +366,9 @@ class _Servicer(pb_grpc.ControllerAdminServicer):  # type: ignore[misc]
 
     async def SetNodeGroup(self, request: Any, context: Any) -> Any:  # noqa: N802
         return await self._guard(context, self._handlers.set_node_group(request))
+
+    async def RotateCommandKey(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
+        return await self._guard(context, self._handlers.rotate_command_key())
 
 
 class ControllerAdminServer:

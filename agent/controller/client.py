@@ -96,3 +96,7 @@ class ControllerClient:
     def set_node_group(self, node_id: str, group: str) -> pb.SetNodeGroupResponse:
         request = pb.SetNodeGroupRequest(node_id=node_id, group=group)
         return self._call(self._stub.SetNodeGroup, request, pb.SetNodeGroupResponse)
+
+    def rotate_command_key(self) -> pb.RotateCommandKeyResponse:
+        request = pb.RotateCommandKeyRequest()
+        return self._call(self._stub.RotateCommandKey, request, pb.RotateCommandKeyResponse)

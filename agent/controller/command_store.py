@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS node_trust (
     cordoned INTEGER NOT NULL DEFAULT 0,
     last_attested_at REAL NOT NULL DEFAULT 0,
     verifier_state BLOB NOT NULL DEFAULT x'',
-    ima_boot_id TEXT NOT NULL DEFAULT ''
+    ima_boot_id TEXT NOT NULL DEFAULT '',
+    command_key_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS policies (
     group_name TEXT PRIMARY KEY,
@@ -106,6 +107,7 @@ class TrustRecord:
     last_attested_at: float
     verifier_state: bytes
     ima_boot_id: str
+    command_key_id: str = ""  # the command key the node pinned ('': the one at enrollment)
 
 
 @dataclass(frozen=True)
@@ -261,14 +263,14 @@ class CommandStore:
     def trust(self, node_id: str) -> TrustRecord:
         row = self._db.execute(
             "SELECT node_id, group_name, trust, reasons, cordoned, last_attested_at, "
-            "verifier_state, ima_boot_id FROM node_trust WHERE node_id = ?",
+            "verifier_state, ima_boot_id, command_key_id FROM node_trust WHERE node_id = ?",
             (node_id,),
         ).fetchone()
         if row is None:
             return TrustRecord(node_id, "default", "unknown", (), False, 0.0, b"", "")
         return TrustRecord(
             str(row[0]), str(row[1]), str(row[2]), tuple(json.loads(row[3])), bool(row[4]),
-            float(row[5]), bytes(row[6]), str(row[7]),
+            float(row[5]), bytes(row[6]), str(row[7]), str(row[8]),
         )  # fmt: skip
 
     def _upsert(self, db: sqlite3.Connection, node_id: str) -> None:
@@ -311,6 +313,21 @@ class CommandStore:
             db.execute(
                 "UPDATE node_trust SET cordoned = ? WHERE node_id = ?", (int(cordoned), node_id)
             )
+
+    def set_command_key(self, node_id: str, key_id: str) -> None:
+        with write_transaction(self._db, "controller database") as db:
+            self._upsert(db, node_id)
+            db.execute(
+                "UPDATE node_trust SET command_key_id = ? WHERE node_id = ?", (key_id, node_id)
+            )
+
+    def command_keys(self) -> dict[str, str]:
+        """node id -> the command key id it pinned, for every enrolled node."""
+        rows = self._db.execute(
+            "SELECT nodes.id, COALESCE(node_trust.command_key_id, '') FROM nodes "
+            "LEFT JOIN node_trust ON node_trust.node_id = nodes.id ORDER BY nodes.id"
+        )
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def set_group(self, node_id: str, group: str) -> None:
         with write_transaction(self._db, "controller database") as db:

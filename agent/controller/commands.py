@@ -28,6 +28,8 @@ from agent.runtime.executor import BlockingExecutor
 log = structlog.get_logger(__name__)
 
 Send = Callable[[pb.Downlink], Awaitable[None]]
+# The key to sign with for a node that pinned the key with this id ('' : the current key).
+KeyFor = Callable[[str], CommandKey]
 ResultHook = Callable[[CommandRow], Awaitable[None]]
 
 EXPIRY_SWEEP_S: Final = 1.0
@@ -36,19 +38,15 @@ RESULT_GRACE_S: Final = 5.0
 
 
 class CommandDispatcher:
-    def __init__(self, store: ControllerStore, executor: BlockingExecutor, key: CommandKey) -> None:
+    def __init__(self, store: ControllerStore, executor: BlockingExecutor, keys: KeyFor) -> None:
         self._store = store
         self._executor = executor
-        self._key = key
+        self._keys = keys
         self._senders: dict[str, Send] = {}
         self._waiters: dict[bytes, asyncio.Event] = {}
         # Called with a command's row once its result is stored, before waiters wake (the
         # attestation loop judges evidence here).
         self.result_hooks: list[ResultHook] = []
-
-    @property
-    def key_id(self) -> str:
-        return self._key.key_id
 
     def connected(self, node_id: str) -> bool:
         return node_id in self._senders
@@ -59,7 +57,8 @@ class CommandDispatcher:
         """Sign and store a command for ``node_id``, and send it if the node is connected."""
         envelope = new_envelope(node_id, ttl_s)
         getattr(envelope, kind).CopyFrom(body)
-        signed = sign_command(self._key, envelope)
+        trust = await self._executor.call(self._store.commands.trust, node_id)
+        signed = sign_command(self._keys(trust.command_key_id), envelope)
         row = CommandRow(
             command_id=bytes(envelope.command_id),
             node_id=node_id,

@@ -31,6 +31,7 @@ from agent.controller.pki import ControllerPki
 from agent.controller.store import ControllerStore, NodeEnrollment
 from agent.controller.tokens import check_token
 from agent.errors import AttestationError, EnrollmentRefusedError, QuoteError, ScrubError
+from agent.link.envelope import command_key_id
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.scrub.certificate import key_fingerprint
 
@@ -174,6 +175,10 @@ class EnrollmentAuthority:
                 cert_not_after=issued.not_after,
                 agent_version=begin.agent_version,
             ),
+        )
+        # The node pins the current command key: sign its commands with that one.
+        self._store.commands.set_command_key(
+            node_id, command_key_id(self._pki.command_key.public_key())
         )
         message = self.certificate_message(issued.der, node_id, issued.spiffe_id, attested)
         return pb.EnrollResponse(certificate=message)

@@ -175,11 +175,38 @@ class ControllerPki:
             raise PkiError(f"{directory / 'ca.key'} is not an ECDSA key")
         if not isinstance(command_key, Ed25519PrivateKey):
             raise PkiError(f"{directory / 'command.key'} is not an Ed25519 key")
-        # Signs remote commands (agent/link/envelope.py); never leaves this process.
+        # Signs remote commands (agent/link/envelope.py); never leaves this process. The key
+        # before the last rotation is kept for the nodes that have not confirmed the new one.
         self.command_key = command_key
+        self.previous_command_key: Ed25519PrivateKey | None = None
+        previous = directory / "command-previous.key"
+        if previous.exists():
+            try:
+                loaded = serialization.load_pem_private_key(
+                    read_private(previous, "previous command key"), password=None
+                )
+            except (IdentityError, ValueError, UnsupportedAlgorithm) as error:
+                raise PkiError(f"{previous} is unusable: {error}") from error
+            if not isinstance(loaded, Ed25519PrivateKey):
+                raise PkiError(f"{previous} is not an Ed25519 key")
+            self.previous_command_key = loaded
         self.ca_pem = self.ca.public_bytes(serialization.Encoding.PEM)
         self.ca_der = self.ca.public_bytes(serialization.Encoding.DER)
         self.fingerprint = fingerprint(self.ca)
+
+    def rotate_command_key(self) -> Ed25519PrivateKey:
+        """Make a new command key the current one; the current one becomes the previous (the
+        one before is forgotten). Files are replaced atomically, the previous first."""
+        new = Ed25519PrivateKey.generate()
+        write_private(self.directory / "command-previous.key", _private_pem(self.command_key))
+        public = new.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        write_private(self.directory / "command.key", _private_pem(new))
+        write_private(self.directory / "command.pub", public)
+        self.previous_command_key, self.command_key = self.command_key, new
+        self.command_public_pem = public
+        return new
 
     def sign_node(self, csr_der: bytes, node_id: str, lifetime_s: float) -> IssuedCertificate:
         """Sign a node's CSR for ``node_id`` (taken from the token or the current certificate,

@@ -29,7 +29,7 @@ from agent.controller.store import SqliteControllerStore
 from agent.errors import AccelguardError, EnrollmentRefusedError, LinkError, LinkProtocolError
 from agent.identity.files import write_private
 from agent.link.channel import server_options
-from agent.link.envelope import CommandKey
+from agent.link.envelope import CommandKey, command_key_id
 from agent.link.wire import decode_enroll_request
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
@@ -46,9 +46,7 @@ class ControllerServer:
         self.executor = BlockingExecutor()
         self.committer = ReportCommitter(self.store, self.executor, settings.commit_batch)
         self.authority = EnrollmentAuthority(self.store, self.pki, settings)
-        self.dispatcher = CommandDispatcher(
-            self.store, self.executor, CommandKey(self.pki.command_key)
-        )
+        self.dispatcher = CommandDispatcher(self.store, self.executor, self._signing_key)
         self.attestation = AttestationLoop(self.store, self.executor, self.dispatcher, settings)
         self.link = NodeLinkHandler(
             self.store, self.executor, self.committer, self.pki, self.authority, settings,
@@ -58,11 +56,25 @@ class ControllerServer:
         self.admin = ControllerAdminServer(
             settings,
             ControllerAdminHandlers(
-                settings, self.store, self.executor, self.link, self.dispatcher, self.attestation
+                settings,
+                self.store,
+                self.executor,
+                self.link,
+                self.dispatcher,
+                self.attestation,
+                self.pki,
             ),
         )
         self.enroll_port = 0
         self.link_port = 0
+
+    def _signing_key(self, pinned: str) -> CommandKey:
+        """The command key a node that pinned ``pinned`` accepts: the previous one for a node
+        that has not confirmed a rotation yet, the current one otherwise."""
+        previous = self.pki.previous_command_key
+        if previous is not None and command_key_id(previous.public_key()) == pinned:
+            return CommandKey(previous)
+        return CommandKey(self.pki.command_key)
 
     async def _enroll(self, request: bytes, context: Any) -> pb.EnrollResponse:
         try:

@@ -144,7 +144,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         )  # fmt: skip
         (tmp_path / "eventlog.bin").write_bytes(booted.event_log)
         settings = ControllerSection(attest_pcrs="sha256:0-10,14")
-        dispatcher = CommandDispatcher(store, executor, CommandKey(Ed25519PrivateKey.generate()))
+        signing = CommandKey(Ed25519PrivateKey.generate())
+        dispatcher = CommandDispatcher(store, executor, lambda _pinned: signing)
         attest_config = AttestConfig(
             tcti=booted.tcti, event_log=tmp_path / "eventlog.bin", ima_log=tmp_path / "ima.bin",
             ak_handle=AK_HANDLE, pcrs="sha256:0-10,14", boot_id_file=tmp_path / "boot_id",

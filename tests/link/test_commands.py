@@ -421,3 +421,43 @@ def test_attestation_failures_cordon_until_a_passing_quote_and_uncordon(
         code, _ = run(controller, "lease", "release", "--node", node_b.node_id,
                       status["result"]["grant"]["lease"]["id"])  # fmt: skip
         assert code == 0
+
+
+def test_command_key_rotation_is_announced_under_the_old_key(
+    fleet: tuple[Controller, LinkNode, LinkNode],
+) -> None:
+    controller, node_a, node_b = fleet
+    old_pem = (controller.root / "pki" / "command.key").read_bytes()
+    old = CommandKey(serialization.load_pem_private_key(old_pem, password=None))  # type: ignore[arg-type]
+    assert trust(controller, node_b)["command_key_id"] == old.key_id
+    node_b.agent.stop()  # B is offline: it gets the announcement when it reconnects
+    code, rotated = run(controller, "command-key", "rotate")
+    assert code == 0 and rotated["created"] is True, rotated
+    new_id = rotated["key_id"]
+    assert rotated["previous_key_id"] == old.key_id and new_id != old.key_id
+    assert sorted(rotated["announced"]) == sorted([node_a.node_id, node_b.node_id])
+    wait_for(lambda: trust(controller, node_a)["command_key_id"] == new_id, "A's confirmation")
+    # While B has not confirmed, another rotation only re-announces the current key to it.
+    code, again = run(controller, "command-key", "rotate")
+    assert code == 0 and again["created"] is False and again["announced"] == [node_b.node_id]
+    node_b.agent.start()
+    wait_for(lambda: trust(controller, node_b)["command_key_id"] == new_id, "B's confirmation")
+    pinned = (node_b.root / "link" / "command-key.pem").read_text()
+    assert pinned == (controller.root / "pki" / "command.pub").read_text()
+    # Commands now go out under the new key; one made with the old key is refused.
+    code, status = run(controller, "cordon", "--node", node_b.node_id, "--reason", "drill")
+    assert code == 0, status
+    assert run(controller, "uncordon", "--node", node_b.node_id)[0] == 0
+    node_b.agent.stop()
+    stale = _signed(old, node_b.node_id, "cordon", pb.CordonCommand(reason="stale key"))
+    command_id = _queue(controller, node_b.node_id, stale, "cordon")
+    node_b.agent.start()
+
+    def refused() -> dict[str, Any] | None:
+        rows = controller.ctl_json("commands", "--node", node_b.node_id)["commands"]
+        row = next(r for r in rows if r["command_id"] == command_id.hex())
+        return row if row["state"] == "refused" else None
+
+    row = wait_for(refused, "the old key's command refused")
+    assert row["result"]["refusal"] == "unknown_key"
+    assert not trust(controller, node_b)["summary"]["cordoned"]

@@ -22,6 +22,60 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RotateCommandKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCommandKeyRequest: _TypeAlias = RotateCommandKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateCommandKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_KEY_ID_FIELD_NUMBER: _builtins.int
+    ANNOUNCED_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """a new key was made (false: re-announced to lagging nodes)"""
+    key_id: _builtins.str
+    """the current key"""
+    previous_key_id: _builtins.str
+    @_builtins.property
+    def announced(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes sent an announcement now"""
+
+    @_builtins.property
+    def unreachable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes pinned to a key older than the previous: re-enroll"""
+
+    def __init__(
+        self,
+        *,
+        created: _builtins.bool = ...,
+        key_id: _builtins.str = ...,
+        previous_key_id: _builtins.str = ...,
+        announced: _abc.Iterable[_builtins.str] | None = ...,
+        unreachable: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announced", b"announced", "created", b"created", "key_id", b"key_id", "previous_key_id", b"previous_key_id", "unreachable", b"unreachable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCommandKeyResponse: _TypeAlias = RotateCommandKeyResponse  # noqa: Y015
+
+@_typing.final
 class RunCommandRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -548,6 +602,7 @@ class NodeDetail(_message.Message):
     TRUST_REASONS_FIELD_NUMBER: _builtins.int
     LAST_ATTESTED_AT_FIELD_NUMBER: _builtins.int
     REFUSALS_FIELD_NUMBER: _builtins.int
+    COMMAND_KEY_ID_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
     enrolled_at: _builtins.float
     ak_name_hex: _builtins.str
@@ -559,6 +614,8 @@ class NodeDetail(_message.Message):
     epoch: _builtins.int
     last_seq: _builtins.int
     last_attested_at: _builtins.float
+    command_key_id: _builtins.str
+    """the command key the node confirmed"""
     @_builtins.property
     def summary(self) -> Global___NodeSummary: ...
     @_builtins.property
@@ -590,10 +647,11 @@ class NodeDetail(_message.Message):
         trust_reasons: _abc.Iterable[_builtins.str] | None = ...,
         last_attested_at: _builtins.float = ...,
         refusals: _abc.Iterable[Global___CommandRefusal] | None = ...,
+        command_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name_hex", b"ak_name_hex", "boot_id", b"boot_id", "certificate_not_after", b"certificate_not_after", "certificate_serial", b"certificate_serial", "ek_public_sha256", b"ek_public_sha256", "enrolled_at", b"enrolled_at", "epoch", b"epoch", "last_attested_at", b"last_attested_at", "last_seq", b"last_seq", "partitions", b"partitions", "refusals", b"refusals", "reports_by_kind", b"reports_by_kind", "scrub_key_fingerprint", b"scrub_key_fingerprint", "spiffe_id", b"spiffe_id", "summary", b"summary", "trust_reasons", b"trust_reasons"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name_hex", b"ak_name_hex", "boot_id", b"boot_id", "certificate_not_after", b"certificate_not_after", "certificate_serial", b"certificate_serial", "command_key_id", b"command_key_id", "ek_public_sha256", b"ek_public_sha256", "enrolled_at", b"enrolled_at", "epoch", b"epoch", "last_attested_at", b"last_attested_at", "last_seq", b"last_seq", "partitions", b"partitions", "refusals", b"refusals", "reports_by_kind", b"reports_by_kind", "scrub_key_fingerprint", b"scrub_key_fingerprint", "spiffe_id", b"spiffe_id", "summary", b"summary", "trust_reasons", b"trust_reasons"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

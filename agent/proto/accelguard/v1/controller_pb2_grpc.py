@@ -79,6 +79,11 @@ class ControllerAdminStub:
                 request_serializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupResponse.FromString,
                 _registered_method=True)
+        self.RotateCommandKey = channel.unary_unary(
+                '/accelguard.v1.ControllerAdmin/RotateCommandKey',
+                request_serializer=accelguard_dot_v1_dot_controller__pb2.RotateCommandKeyRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_controller__pb2.RotateCommandKeyResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerAdminServicer:
@@ -141,6 +146,15 @@ class ControllerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateCommandKey(self, request, context):
+        """Command key rotation: a new key announced to every node under the key it pinned; while
+        some nodes have not confirmed the current key, the current key is announced to them again
+        instead (docs/commands.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +202,11 @@ def add_ControllerAdminServicer_to_server(servicer, server):
                     servicer.SetNodeGroup,
                     request_deserializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_controller__pb2.SetNodeGroupResponse.SerializeToString,
+            ),
+            'RotateCommandKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCommandKey,
+                    request_deserializer=accelguard_dot_v1_dot_controller__pb2.RotateCommandKeyRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_controller__pb2.RotateCommandKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +452,33 @@ class ControllerAdmin:
             '/accelguard.v1.ControllerAdmin/SetNodeGroup',
             accelguard_dot_v1_dot_controller__pb2.SetNodeGroupRequest.SerializeToString,
             accelguard_dot_v1_dot_controller__pb2.SetNodeGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCommandKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.ControllerAdmin/RotateCommandKey',
+            accelguard_dot_v1_dot_controller__pb2.RotateCommandKeyRequest.SerializeToString,
+            accelguard_dot_v1_dot_controller__pb2.RotateCommandKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
