@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.attest.logs.eventlog import parse_event_log
 from agent.attest.tpm.client import TpmClient
 from agent.isolation.cgroups import hierarchy_mounts
-from agent.link.envelope import CommandKey, new_envelope, sign_command
+from agent.link.envelope import COMMAND_CONTEXT, CommandKey, new_envelope, sign_command
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from tests.attest_e2e.helpers import (
     boot_measurements,
@@ -249,7 +249,17 @@ def test_refusals_change_nothing_and_reach_the_controller(
             envelope=signed.envelope + b"\x00" * (70 << 10), signature=signed.signature
         ).SerializeToString()
 
+    def unknown_body() -> bytes:
+        envelope = new_envelope(node_b.node_id, 60.0)
+        envelope.key_id = key.key_id
+        # Field 100 of the envelope: no member of the closed set.
+        data = envelope.SerializeToString() + b"\xa2\x06\x05shell"
+        return pb.SignedCommand(
+            envelope=data, signature=key.private.sign(COMMAND_CONTEXT + data)
+        ).SerializeToString()
+
     cases = {
+        "unknown body": unknown_body(),
         "unsigned": pb.SignedCommand(envelope=good().envelope).SerializeToString(),
         "another key": _signed(other, node_b.node_id, "grant_lease", grant),
         "another node": _signed(key, node_a.node_id, "grant_lease", grant),
@@ -266,6 +276,7 @@ def test_refusals_change_nothing_and_reach_the_controller(
         "oversized": oversized(),
     }
     expected = {
+        "unknown body": "unknown_body",
         "unsigned": "signature", "another key": "unknown_key", "another node": "wrong_node",
         "expired": "expired", "future": "future", "altered": "signature",
         "garbage": "malformed", "oversized": "oversized",
