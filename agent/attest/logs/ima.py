@@ -13,8 +13,8 @@ The lists under ``/sys/kernel/security/ima/`` (security/integrity/ima/ima_fs.c):
   for every PCR bank (the kernel's hash names: ``sha256``, ``sm3``, ``sha3-256``): the same list
   with that bank's template hashes. The unsuffixed lists are the SHA-1 ones.
 
-What the entries mean (template hashes, banks, violations, replay) is ``ima_log.py``; the names
-callers use are re-exported here.
+What the entries mean (template hashes, banks, violations, replay) is ``ima_log.py``, and the
+``boot_aggregate`` entry ``ima_boot.py``; the names callers use are re-exported here.
 
 The list arrives from the network on the verifier side, so the parsers treat it as hostile:
 every length is checked against the bounds below and the input's end before it is used, nothing
@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from agent.attest.logs.ima_boot import boot_aggregate, boot_aggregate_of
 from agent.attest.logs.ima_log import (
     BOOT_AGGREGATE_NAME,
     IMA_DEFAULT_PCR,
@@ -49,8 +50,6 @@ from agent.attest.logs.ima_log import (
     ImaLog,
     bank,
     bank_of_kernel_name,
-    boot_aggregate,
-    boot_aggregate_of,
     hasher,
     ima_template_input,
     join_fields,
@@ -106,7 +105,7 @@ _HEX_FIELDS: Final = frozenset({"sig", "buf", "modsig", "evmsig", "xattrlengths"
 _TEXT_FIELDS: Final = frozenset({"xattrnames", "iuid", "igid", "imode"})
 _HEX_TOKEN: Final = re.compile(rb"(?:[0-9a-fA-F]{2})*")
 _TEMPLATE_NAME: Final = re.compile(rb"[A-Za-z0-9_|.-]+")
-_PER_BANK_LIST: Final = re.compile(r"(?:binary|ascii)_runtime_measurements_(.+)")
+_PER_BANK_LIST: Final = re.compile(r"(?:binary|ascii)_runtime_measurements_(.*)")
 
 _SHORTFALL: Final = (
     "{what} needs {needed} bytes but only {remaining} remain (truncated list or corrupt length "

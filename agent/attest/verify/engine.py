@@ -20,6 +20,9 @@ the caller's own malformed arguments do.
 The verifier keeps, per AK, the clock of the last accepted quote and how far it has replayed the
 IMA list (:class:`~agent.attest.verify.state.VerifierState`, a small JSON file for the CLI's
 ``--state``). The report model is in ``report.py``, the IMA replay in ``ima_replay.py``.
+A controller calls :func:`verify_evidence` for every node every interval with the same
+firmware log, so parsed logs are kept between calls by the SHA-256 of their bytes
+(:data:`EVENT_LOG_CACHE_ENTRIES`).
 """
 
 from __future__ import annotations
