@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from agent.attest.selection import SELECTION_SYNTAX, parse_indices, parse_pcr_selection
 from agent.cli.output import print_json
 from agent.config import Config, load_config
 from agent.errors import AttestationError, QuoteError, ValidationError
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from agent.attest.logs.ima import ImaLog
     from agent.attest.verify.report import VerificationReport
 
-_SELECTION_SYNTAX: Final = "BANK:I,J,K-L[+BANK:...], e.g. sha256:0-7,14+sha1:0-7"
-_SELECTION_PART: Final = re.compile(r"([a-z0-9_]+):([0-9,\-]+)")
 # Shape limits of the JSON files `verify` reads (agent/runtime/inputs.py; the byte caps are the
 # formats' own). Evidence needs 3 levels and about 210 items (10 fields, 8 banks of 24 PCRs); a
 # policy 5 levels and MAX_REFERENCE_DIGESTS (100,000) digests plus a few thousand objects around
@@ -46,7 +44,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     quote = verbs.add_parser("quote", help="quote the PCRs and print an evidence document")
     quote.add_argument("--nonce", required=True, help="the verifier's nonce, hex (1-64 bytes)")
     quote.add_argument(
-        "--pcrs", help=f"PCR selection {_SELECTION_SYNTAX} (default: config [attest] pcrs)"
+        "--pcrs", help=f"PCR selection {SELECTION_SYNTAX} (default: config [attest] pcrs)"
     )
     quote.add_argument(
         "--event-log", type=Path, help="firmware event log (default: config [attest] event_log)"
@@ -68,7 +66,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     verify.add_argument("evidence", type=Path, help="evidence document (JSON)")
     verify.add_argument("--nonce", help="the nonce sent to the node, hex (else: no freshness)")
     verify.add_argument(
-        "--pcrs", help=f"the PCR selection asked for, {_SELECTION_SYNTAX} (else: not checked)"
+        "--pcrs", help=f"the PCR selection asked for, {SELECTION_SYNTAX} (else: not checked)"
     )
     verify.add_argument("--policy", type=Path, help="policy JSON (attest make-policy)")
     verify.add_argument(
@@ -114,7 +112,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     policy = verbs.add_parser("make-policy", help="a policy from a known-good event log")
     policy.add_argument("file", type=Path, help="known-good firmware event log")
     policy.add_argument(
-        "--pcrs", help=f"PCRs to cover, {_SELECTION_SYNTAX} or I,J,... (default: all measured)"
+        "--pcrs", help=f"PCRs to cover, {SELECTION_SYNTAX} or I,J,... (default: all measured)"
     )
     policy.add_argument("--description", default="", help="free text stored in the policy")
     policy.add_argument("--no-golden", action="store_true", help="no golden PCR values")
@@ -141,45 +139,6 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
 # --- argument parsing ---------------------------------------------------------------------------
 
 
-def parse_pcr_selection(text: str, what: str = "--pcrs") -> dict[str, list[int]]:
-    """``sha256:0-7,14+sha1:0`` -> ``{"sha256": [0..7, 14], "sha1": [0]}``."""
-    selection: dict[str, list[int]] = {}
-    for part in text.split("+"):
-        match = _SELECTION_PART.fullmatch(part.strip())
-        if match is None:
-            raise ValidationError(f"{what} {text!r}: expected {_SELECTION_SYNTAX}")
-        bank = match.group(1)
-        if bank in selection:
-            raise ValidationError(f"{what} {text!r}: bank {bank} is listed twice")
-        selection[bank] = _parse_indices(match.group(2), text, what)
-    from agent.attest.tpm.algorithms import PCR_COUNT  # noqa: PLC0415
-    from agent.attest.tpm.wire import normalise_selection  # noqa: PLC0415
-
-    try:
-        normalise_selection(selection)
-    except QuoteError as error:
-        raise ValidationError(f"{what} {text!r}: {error}") from None
-    for bank, indices in selection.items():
-        if max(indices) >= PCR_COUNT:
-            raise ValidationError(
-                f"{what} {text!r}: PCR {max(indices)} in {bank} is over {PCR_COUNT - 1}"
-            )
-    return selection
-
-
-def _parse_indices(text: str, whole: str, what: str) -> list[int]:
-    indices: set[int] = set()
-    for item in text.split(","):
-        low, _, high = item.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()) or len(low) > 2 or len(high) > 2:
-            raise ValidationError(f"{what} {whole!r}: {item!r} is not a PCR index or range")
-        first, last = int(low), int(high or low)
-        if first > last:
-            raise ValidationError(f"{what} {whole!r}: range {item!r} runs backwards")
-        indices.update(range(first, last + 1))
-    return sorted(indices)
-
-
 def _parse_hex(text: str, what: str, limit: int) -> bytes:
     cleaned = text.removeprefix("0x")
     try:
@@ -192,12 +151,9 @@ def _parse_hex(text: str, what: str, limit: int) -> bytes:
 
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    from agent.attest.reader import read_bounded  # noqa: PLC0415
+    from agent.attest.collect import read_limited  # noqa: PLC0415
 
-    data = read_bounded(path, limit, what, AttestationError)
-    if len(data) > limit:
-        raise AttestationError(f"{what} {path} is over the {limit}-byte limit")
-    return data
+    return read_limited(path, limit, what)
 
 
 def _write_output(text: str, output: Path | None) -> None:
@@ -252,23 +208,9 @@ def _quote(args: argparse.Namespace, config: Config) -> int:
 
 
 def _ima_tail(path: Path, first: int) -> tuple[bytes, int]:
-    """The binary list from entry ``first`` on: the agent ships only what the verifier lacks."""
-    from agent.attest.evidence import MAX_IMA_LOG_BYTES  # noqa: PLC0415
-    from agent.attest.logs import ima  # noqa: PLC0415
+    from agent.attest.collect import read_ima_tail  # noqa: PLC0415
 
-    data = _read_bounded(path, ima.MAX_LOG_BYTES, "IMA list")
-    if first == 0:
-        if len(data) > MAX_IMA_LOG_BYTES:
-            raise AttestationError(
-                f"IMA list {path} is {len(data)} bytes, over the {MAX_IMA_LOG_BYTES}-byte "
-                "limit of one evidence document: ship only new entries (--ima-from)"
-            )
-        return data, 0
-    entries = ima.parse_ima_binary(data, verify_template_hashes=False).entries
-    if first > len(entries):
-        raise ValidationError(f"--ima-from {first}: the list has only {len(entries)} entries")
-    offset = entries[first].offset if first < len(entries) else len(data)
-    return data[offset:], first
+    return read_ima_tail(path, first)
 
 
 # --- verify -------------------------------------------------------------------------------------
@@ -542,7 +484,7 @@ def _make_policy(args: argparse.Namespace) -> int:
                     f"{', '.join(log.replayable_banks) or 'no bank'})"
                 )
         else:
-            pcrs = _parse_indices(args.pcrs, args.pcrs, "--pcrs")
+            pcrs = parse_indices(args.pcrs, args.pcrs, "--pcrs")
     policy = make_policy(
         log,
         pcrs=pcrs,

@@ -27,9 +27,9 @@ from typing import Final
 
 import structlog
 
-from agent.attest.collect import parse_pcr_selection
 from agent.attest.evidence import Evidence
 from agent.attest.policy import Policy
+from agent.attest.selection import parse_pcr_selection
 from agent.attest.verify.engine import verify_evidence
 from agent.attest.verify.state import VerifierState
 from agent.controller.command_store import CommandRow, TrustRecord

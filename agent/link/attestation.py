@@ -27,13 +27,9 @@ class TpmAttester:
 
     def _collect(self, command: pb.AttestCommand) -> pb.AttestationEvidence:
         # tpm2-pytss loads only here: a node without a TPM never needs it.
-        from agent.attest.collect import (  # noqa: PLC0415
-            check_selection,
-            parse_pcr_selection,
-            read_event_log,
-            read_ima_tail,
-        )
+        from agent.attest.collect import read_event_log, read_ima_tail  # noqa: PLC0415
         from agent.attest.evidence import collect_evidence  # noqa: PLC0415
+        from agent.attest.selection import check_selection, parse_pcr_selection  # noqa: PLC0415
         from agent.attest.tpm.client import TpmClient  # noqa: PLC0415
 
         settings = self._settings

@@ -23,10 +23,10 @@ import yaml
 from hypothesis import given
 
 from agent.attest.evidence import load_evidence
+from agent.attest.selection import parse_pcr_selection
 from agent.attest.tpm.algorithms import BANKS
 from agent.cli import main
 from agent.cli.attest import add_parsers as add_attest_parser
-from agent.cli.attest import parse_pcr_selection
 from agent.cli.attest import run as run_attest
 from agent.config import load_config
 from agent.errors import ValidationError
