@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,8 +333,34 @@ def evaluate(
     findings.extend(_check_golden(policy, replayed_pcrs))
     if policy.reference_events:
         findings.extend(_check_log_matches_pcrs(policy, replayed_pcrs, event_log))
-        findings.extend(_check_reference_events(policy, event_log))
+        findings.extend(_reference_findings(policy, event_log))
     return findings
+
+
+# The reference-event verdict depends only on the policy and the log, both immutable: a
+# controller judging the same boot every interval (its event logs are cached by digest in
+# agent/attest/verify/engine.py) computes it once per log and policy object.
+# Keyed by the objects' ids, each checked by identity (weakly: a log is not kept alive here).
+_REFERENCE_VERDICTS: OrderedDict[
+    tuple[int, int], tuple[weakref.ref[EventLog], Policy, list[PolicyFinding]]
+] = OrderedDict()
+_REFERENCE_VERDICTS_MAX: Final = 1024
+_REFERENCE_LOCK = threading.Lock()
+
+
+def _reference_findings(policy: Policy, event_log: EventLog) -> list[PolicyFinding]:
+    key = (id(policy), id(event_log))
+    with _REFERENCE_LOCK:
+        kept = _REFERENCE_VERDICTS.get(key)
+        if kept is not None and kept[0]() is event_log and kept[1] is policy:
+            _REFERENCE_VERDICTS.move_to_end(key)
+            return list(kept[2])
+    findings = _check_reference_events(policy, event_log)
+    with _REFERENCE_LOCK:
+        _REFERENCE_VERDICTS[key] = (weakref.ref(event_log), policy, findings)
+        while len(_REFERENCE_VERDICTS) > _REFERENCE_VERDICTS_MAX:
+            _REFERENCE_VERDICTS.popitem(last=False)
+    return list(findings)
 
 
 def _pcr_value(values: Mapping[str, Mapping[int, bytes]], bank: str, pcr: int) -> bytes:

@@ -76,6 +76,7 @@ class AttestationLoop:
         self._next_due: dict[str, float] = {}
         # node -> (attest command id, when it was issued)
         self._in_flight: dict[str, tuple[bytes, float]] = {}
+        self._policies: dict[str, tuple[str, Policy]] = {}
         dispatcher.result_hooks.append(self.on_result)
 
     def node_connected(self, node_id: str) -> None:
@@ -255,13 +256,19 @@ class AttestationLoop:
             return reasons, (json.dumps(state.to_dict()).encode(), message.boot_id)
         return reasons, None
 
-    @staticmethod
-    def _policy(store: ControllerStore, group: str, reasons: list[str]) -> Policy | None:
+    def _policy(self, store: ControllerStore, group: str, reasons: list[str]) -> Policy | None:
         document = store.commands.policy(group)
         if document is None:
             return None
+        # Parsed once per document: the same Policy object lets the verifier reuse its verdict
+        # on a boot it has judged before (agent/attest/policy.py).
+        cached = self._policies.get(group)
+        if cached is not None and cached[0] == document:
+            return cached[1]
         try:
-            return Policy.from_json(document)
+            policy = Policy.from_json(document)
         except AccelguardError as error:
             reasons.append(f"policy: the policy of group {group!r} is unusable: {error}")
             return None
+        self._policies[group] = (document, policy)
+        return policy
