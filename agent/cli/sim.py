@@ -38,6 +38,35 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     hold.add_argument("--partition", required=True)
     hold.add_argument("--cgroup", type=Path, help="join this cgroup first")
     hold.add_argument("--ignore-sigterm", action="store_true")
+    _add_inject_parsers(sim_verbs)
+
+
+def _add_inject_parsers(sim_verbs: argparse._SubParsersAction[Any]) -> None:
+    inject = sim_verbs.add_parser("inject", help="inject a GPU fault into the simulated node")
+    faults = inject.add_subparsers(dest="fault", required=True)
+    xid = faults.add_parser("xid", help="an XID error event")
+    xid.add_argument("--gpu", type=int, required=True)
+    xid.add_argument("--xid", type=int, required=True)
+    xid.add_argument("--gi", type=int, help="GPU instance id (with --ci)")
+    xid.add_argument("--ci", type=int, help="compute instance id (with --gi)")
+    ecc = faults.add_parser("ecc", help="set an ECC error counter (volatile and aggregate)")
+    ecc.add_argument("--gpu", type=int, required=True)
+    kind = ecc.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--sbe", type=int, metavar="COUNT", help="single-bit (corrected) errors")
+    kind.add_argument("--dbe", type=int, metavar="COUNT", help="double-bit (uncorrected) errors")
+    remap = faults.add_parser(
+        "remap", help="set the row-remapping flags (a flag not given is cleared)"
+    )
+    remap.add_argument("--gpu", type=int, required=True)
+    remap.add_argument("--pending", action="store_true", help="a remapping awaits a GPU reset")
+    remap.add_argument("--failure", action="store_true", help="a remapping has failed")
+    remap.add_argument("--clear", action="store_true", help="clear both flags")
+    lost = faults.add_parser("lost", help="the GPU falls off the bus (and logs XID 79)")
+    lost.add_argument("--gpu", type=int, required=True)
+    lost.add_argument("--clear", action="store_true", help="bring the GPU back")
+    temperature = faults.add_parser("temperature", help="set the GPU temperature")
+    temperature.add_argument("--gpu", type=int, required=True)
+    temperature.add_argument("celsius", type=int, help="degrees Celsius")
 
 
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
@@ -45,6 +74,8 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
         return _init(args)
     if config is None:
         config = load_config(args.config)
+    if args.verb == "inject":
+        return _inject(args, config)
     from agent.sim import workload  # noqa: PLC0415
 
     if args.verb == "write":
@@ -74,4 +105,39 @@ def _init(args: argparse.Namespace) -> int:
     )
     print(f"simulated node with {len(node.gpus)} GPUs ({', '.join(node.gpus)}) in {node.root}")
     print(f"config: {node.config_path}")
+    return 0
+
+
+def _inject(args: argparse.Namespace, config: Config) -> int:
+    from agent.sim import inject  # noqa: PLC0415
+
+    if not config.nvml.sim_dir:
+        raise ValidationError("sim inject needs a simulated node's config (accelguard sim init)")
+    sim_dir = Path(config.nvml.sim_dir)
+    gpu = args.gpu
+    if args.fault == "xid":
+        inject.inject_xid(sim_dir, gpu, args.xid, args.gi, args.ci)
+        where = "" if args.gi is None else f" (GPU instance {args.gi}, compute instance {args.ci})"
+        print(f"injected XID {args.xid} on GPU {gpu}{where}")
+    elif args.fault == "ecc":
+        kind = inject.EccKind.SBE if args.dbe is None else inject.EccKind.DBE
+        count = args.sbe if args.dbe is None else args.dbe
+        inject.set_ecc(sim_dir, gpu, kind, count)
+        print(
+            f"GPU {gpu}: {kind.value.upper()} ECC error count set to {count} (volatile, aggregate)"
+        )
+    elif args.fault == "remap":
+        if args.clear == (args.pending or args.failure):
+            raise ValidationError("sim inject remap needs --pending and/or --failure, or --clear")
+        inject.set_remap(sim_dir, gpu, args.pending, args.failure)
+        print(f"GPU {gpu}: row remapping pending={int(args.pending)} failure={int(args.failure)}")
+    elif args.fault == "lost":
+        inject.set_lost(sim_dir, gpu, not args.clear)
+        if args.clear:
+            print(f"GPU {gpu} is back on the bus")
+        else:
+            print(f"GPU {gpu} fell off the bus (XID 79 injected)")
+    else:
+        inject.set_temperature(sim_dir, gpu, args.celsius)
+        print(f"GPU {gpu}: temperature set to {args.celsius} C")
     return 0

@@ -77,6 +77,10 @@ class SimDir:
         with (self.path / "xid").open("a") as xid:
             xid.write(line + "\n")
 
+    def append_health(self, line: str) -> None:
+        with (self.path / "health").open("a") as health:
+            health.write(line + "\n")
+
     def reset_gpu(self, index: int) -> int:
         return int(self.library.nvmlSimResetGpu(ctypes.c_uint(index)))
 

@@ -94,6 +94,9 @@ PYNVML_SURFACE = [
     "nvmlDeviceGetCurrentClocksThrottleReasons",
     "nvmlDeviceGetSupportedClocksEventReasons",
     "nvmlDeviceGetSupportedClocksThrottleReasons",
+    "nvmlDeviceGetRetiredPages",
+    "nvmlDeviceGetRetiredPages_v2",
+    "nvmlDeviceGetRetiredPagesPendingStatus",
 ]
 
 _LOOKUP = re.compile(r'_nvmlGetFunctionPointer\(\s*"(\w+)"\s*\)')

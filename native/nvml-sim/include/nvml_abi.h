@@ -315,6 +315,9 @@ typedef struct {
 #define NVML_VOLATILE_ECC 0U
 #define NVML_AGGREGATE_ECC 1U
 
+/* nvmlPageRetirementCause_t: multiple single-bit ECC errors, a double-bit ECC error. */
+#define NVML_PAGE_RETIREMENT_CAUSE_COUNT 2U
+
 /* Every clocks event (throttle) reason bit NVML defines up to nvmlClocksEventReasonDisplayClockSetting. */
 #define NVML_SIM_CLOCKS_EVENT_REASONS_ALL 0x00000000000001FFULL
 

@@ -31,14 +31,24 @@ SIM_API(nvmlDeviceGetCount, (unsigned int *deviceCount), (deviceCount))
     return get_count(deviceCount);
 }
 
+/* A lookup that found GPU `gpu`. A lost GPU still counts in nvmlDeviceGetCount, but no lookup
+ * hands out its handle: nvml.h lists NVML_ERROR_GPU_IS_LOST for every handle lookup, and
+ * nvidia-smi's "Unable to determine the device handle for GPU <bus id>: GPU is lost" is that
+ * error from the lookup by index. */
+static nvmlReturn_t found_gpu(unsigned int gpu, nvmlDevice_t *device)
+{
+    SIM_CHECK(sim_check_gpu_reachable(gpu));
+    *device = sim_device_handle(gpu);
+    return NVML_SUCCESS;
+}
+
 static nvmlReturn_t get_handle_by_index(unsigned int index, nvmlDevice_t *device)
 {
     SIM_CHECK(sim_require_init());
     if (device == NULL || index >= sim.topology.gpu_count) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    *device = sim_device_handle(index);
-    return NVML_SUCCESS;
+    return found_gpu(index, device);
 }
 
 SIM_API(nvmlDeviceGetHandleByIndex_v2, (unsigned int index, nvmlDevice_t *device),
@@ -59,8 +69,7 @@ static nvmlReturn_t find_by_uuid(const char *uuid, nvmlDevice_t *device)
     for (unsigned int gpu = 0; gpu < sim.state.gpu_count; gpu++) {
         sim_gpu_uuid(gpu, candidate, sizeof candidate);
         if (strcmp(candidate, uuid) == 0) {
-            *device = sim_device_handle(gpu);
-            return NVML_SUCCESS;
+            return found_gpu(gpu, device);
         }
     }
     for (unsigned int gpu = 0; gpu < sim.state.gpu_count; gpu++) {
@@ -75,6 +84,7 @@ static nvmlReturn_t find_by_uuid(const char *uuid, nvmlDevice_t *device)
                 }
                 sim_mig_uuid(gpu, gi, ci, g->ci[ci].serial, candidate, sizeof candidate);
                 if (strcmp(candidate, uuid) == 0) {
+                    SIM_CHECK(sim_check_gpu_reachable(gpu));
                     *device = sim_mig_handle(&sim.state, gpu, gi, ci);
                     return *device == NULL ? NVML_ERROR_MEMORY : NVML_SUCCESS;
                 }
@@ -147,8 +157,7 @@ SIM_API(nvmlDeviceGetHandleByUUIDV, (const nvmlUUID_t *uuid, nvmlDevice_t *devic
         sim_gpu_uuid(gpu, candidate, sizeof candidate);
         uuid_bytes(candidate, bytes);
         if (memcmp(bytes, uuid->value.bytes, sizeof bytes) == 0) {
-            *device = sim_device_handle(gpu);
-            return NVML_SUCCESS;
+            return found_gpu(gpu, device);
         }
     }
     return NVML_ERROR_NOT_FOUND;
@@ -165,8 +174,7 @@ SIM_API(nvmlDeviceGetHandleBySerial, (const char *serial, nvmlDevice_t *device),
     for (unsigned int gpu = 0; gpu < sim.topology.gpu_count; gpu++) {
         sim_gpu_serial(gpu, candidate, sizeof candidate);
         if (strcmp(candidate, serial) == 0) {
-            *device = sim_device_handle(gpu);
-            return NVML_SUCCESS;
+            return found_gpu(gpu, device);
         }
     }
     return NVML_ERROR_NOT_FOUND;
@@ -189,8 +197,7 @@ static nvmlReturn_t get_handle_by_pci(const char *bus_id, nvmlDevice_t *device)
     }
     for (unsigned int gpu = 0; gpu < sim.topology.gpu_count; gpu++) {
         if (domain == 0 && bus == sim_gpu_pci_bus(gpu) && dev == 0 && function == 0) {
-            *device = sim_device_handle(gpu);
-            return NVML_SUCCESS;
+            return found_gpu(gpu, device);
         }
     }
     return NVML_ERROR_NOT_FOUND;
@@ -597,6 +604,51 @@ SIM_API(nvmlDeviceGetRemappedRows, (nvmlDevice_t device, unsigned int *corrRows,
     *isPending = (unsigned int)sim_health_value(gpu, HEALTH_REMAPPING_PENDING);
     *failureOccurred = (unsigned int)sim_health_value(gpu, HEALTH_REMAPPING_FAILURE);
     return NVML_SUCCESS;
+}
+
+/* Page retirement is what GPUs before Ampere do with bad memory; A100 and H100 remap rows
+ * instead (NVIDIA, "A100 GPU Memory Error Management": row-remapping statistics replace the page
+ * retirement count), and nvidia-smi -q shows their "Retired Pages" as N/A. So these answer
+ * NVML_ERROR_NOT_SUPPORTED (nvml.h: "if the device doesn't support this feature") after the
+ * usual handle and argument checks. */
+static nvmlReturn_t retired_pages(nvmlDevice_t device, unsigned int cause,
+                                  const unsigned int *pageCount)
+{
+    unsigned int gpu;
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
+    if (pageCount == NULL || cause >= NVML_PAGE_RETIREMENT_CAUSE_COUNT) {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    return NVML_ERROR_NOT_SUPPORTED;
+}
+
+SIM_API(nvmlDeviceGetRetiredPages, (nvmlDevice_t device, unsigned int cause,
+                                    unsigned int *pageCount, unsigned long long *addresses),
+        (device, cause, pageCount, addresses))
+{
+    (void)addresses;
+    return retired_pages(device, cause, pageCount);
+}
+
+SIM_API(nvmlDeviceGetRetiredPages_v2,
+        (nvmlDevice_t device, unsigned int cause, unsigned int *pageCount,
+         unsigned long long *addresses, unsigned long long *timestamps),
+        (device, cause, pageCount, addresses, timestamps))
+{
+    (void)addresses;
+    (void)timestamps;
+    return retired_pages(device, cause, pageCount);
+}
+
+SIM_API(nvmlDeviceGetRetiredPagesPendingStatus, (nvmlDevice_t device, unsigned int *isPending),
+        (device, isPending))
+{
+    unsigned int gpu;
+    SIM_CHECK(sim_synced_gpu(device, &gpu));
+    if (isPending == NULL) {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    return NVML_ERROR_NOT_SUPPORTED;
 }
 
 static nvmlReturn_t clocks_reasons(nvmlDevice_t device, unsigned long long *reasons,

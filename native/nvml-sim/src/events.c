@@ -1,7 +1,8 @@
 /*
  * Event sets fed by DIR/xid, a control file anyone appends "<gpu> <xid> [<gi> <ci>]" lines to.
  * Each registration remembers where the file ended when it was made, so a set receives exactly
- * the lines appended after it registered the GPU, in file order.
+ * the lines appended after it registered the GPU, in file order. Nothing is synthesised: a lost
+ * GPU (DIR/health) announces itself only through the XID 79 line its injector appends.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -244,6 +245,20 @@ static int take_event(struct nvmlEventSet_st *set, nvmlEventData_t *data)
     return 1;
 }
 
+/* nvml.h lists NVML_ERROR_GPU_IS_LOST for nvmlEventSetWait: "if a GPU has fallen off the bus".
+ * Events already in DIR/xid are still delivered first (the XID 79 that announces the loss is
+ * one of them); only a wait with nothing to deliver reports the lost GPU, and it does so at
+ * once rather than after the timeout, as long as one registered GPU is lost. */
+static int set_has_lost_gpu(const struct nvmlEventSet_st *set)
+{
+    for (int i = 0; i < set->count; i++) {
+        if (sim_gpu_lost(set->registrations[i].gpu)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static long long monotonic_ns(void)
 {
     struct timespec now;
@@ -262,6 +277,9 @@ static nvmlReturn_t wait_event(nvmlEventSet_t set, nvmlEventData_t *data, unsign
             r = NVML_ERROR_INVALID_ARGUMENT;
         }
         int got = r == NVML_SUCCESS ? take_event(set, data) : 0;
+        if (r == NVML_SUCCESS && !got && set_has_lost_gpu(set)) {
+            r = NVML_ERROR_GPU_IS_LOST;
+        }
         sim_api_unlock();
         if (r != NVML_SUCCESS) {
             return r;

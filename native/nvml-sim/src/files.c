@@ -365,6 +365,7 @@ static const char *const health_names[HEALTH_KEY_COUNT] = {
     [HEALTH_REMAPPING_PENDING] = "remapping_pending",
     [HEALTH_REMAPPING_FAILURE] = "remapping_failure",
     [HEALTH_CLOCKS_EVENT_REASONS] = "clocks_event_reasons",
+    [HEALTH_LOST] = "lost",
 };
 
 /* A healthy idle data-centre GPU. */
@@ -399,13 +400,15 @@ static int health_line(const char *line, size_t len, size_t start, size_t end, v
         strcmp(tok[1], health_names[scan->key]) != 0) {
         return 0;
     }
-    /* Counters and reasons are 64-bit; the others are 32-bit in NVML. */
+    /* Counters and reasons are 64-bit; `lost` is a flag; the others are 32-bit in NVML. */
     unsigned long long max = ~0ULL;
-    if (scan->key != HEALTH_ECC_VOLATILE_CORRECTED &&
-        scan->key != HEALTH_ECC_VOLATILE_UNCORRECTED &&
-        scan->key != HEALTH_ECC_AGGREGATE_CORRECTED &&
-        scan->key != HEALTH_ECC_AGGREGATE_UNCORRECTED &&
-        scan->key != HEALTH_CLOCKS_EVENT_REASONS) {
+    if (scan->key == HEALTH_LOST) {
+        max = 1;
+    } else if (scan->key != HEALTH_ECC_VOLATILE_CORRECTED &&
+               scan->key != HEALTH_ECC_VOLATILE_UNCORRECTED &&
+               scan->key != HEALTH_ECC_AGGREGATE_CORRECTED &&
+               scan->key != HEALTH_ECC_AGGREGATE_UNCORRECTED &&
+               scan->key != HEALTH_CLOCKS_EVENT_REASONS) {
         max = 0xFFFFFFFFULL;
     }
     if (sim_parse_u64(tok[2], max, &value) == 0) {
@@ -425,4 +428,9 @@ unsigned long long sim_health_value(unsigned int gpu, enum health_key key)
     sim_for_each_line(text, len, 1, health_line, &scan);
     free(text);
     return scan.value;
+}
+
+int sim_gpu_lost(unsigned int gpu)
+{
+    return sim_health_value(gpu, HEALTH_LOST) != 0;
 }

@@ -104,6 +104,15 @@ static int ci_live(const struct sim_state *state, unsigned int gpu, unsigned int
            state->gpu[gpu].gi[gi].ci[ci].used && state->gpu[gpu].gi[gi].ci[ci].serial == serial;
 }
 
+/* nvml.h: "NVML_ERROR_GPU_IS_LOST if the target GPU has fallen off the bus or is otherwise
+ * inaccessible" -- for every handle on that GPU, MIG devices and instances included, since they
+ * live on the same board. Checked after the handle itself, so a stale handle stays
+ * NVML_ERROR_INVALID_ARGUMENT. */
+nvmlReturn_t sim_check_gpu_reachable(unsigned int gpu)
+{
+    return sim_gpu_lost(gpu) ? NVML_ERROR_GPU_IS_LOST : NVML_SUCCESS;
+}
+
 nvmlReturn_t sim_resolve_device(const struct sim_state *state, nvmlDevice_t device,
                                 const struct nvmlDevice_st **out)
 {
@@ -114,13 +123,11 @@ nvmlReturn_t sim_resolve_device(const struct sim_state *state, nvmlDevice_t devi
         if (device->magic != MAGIC_GPU || device->gpu >= state->gpu_count) {
             return NVML_ERROR_INVALID_ARGUMENT;
         }
-        *out = device;
-        return NVML_SUCCESS;
-    }
-    if (device->magic != MAGIC_MIG || device->state_id != state->id ||
-        !ci_live(state, device->gpu, device->gi, device->ci, device->serial)) {
+    } else if (device->magic != MAGIC_MIG || device->state_id != state->id ||
+               !ci_live(state, device->gpu, device->gi, device->ci, device->serial)) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
+    SIM_CHECK(sim_check_gpu_reachable(device->gpu));
     *out = device;
     return NVML_SUCCESS;
 }
@@ -151,6 +158,7 @@ nvmlReturn_t sim_resolve_gi(const struct sim_state *state, nvmlGpuInstance_t han
         !gi_live(state, handle->gpu, handle->gi, handle->serial)) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
+    SIM_CHECK(sim_check_gpu_reachable(handle->gpu));
     *gpu = handle->gpu;
     *gi = handle->gi;
     return NVML_SUCCESS;
@@ -163,6 +171,7 @@ nvmlReturn_t sim_resolve_ci(const struct sim_state *state, nvmlComputeInstance_t
         !ci_live(state, handle->gpu, handle->gi, handle->ci, handle->serial)) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
+    SIM_CHECK(sim_check_gpu_reachable(handle->gpu));
     *gpu = handle->gpu;
     *gi = handle->gi;
     *ci = handle->ci;

@@ -159,6 +159,8 @@ static nvmlReturn_t reset_gpu(struct sim_state *st, void *ctx, int *changed)
     if (req->gpu >= st->gpu_count) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
+    /* A GPU that fell off the bus needs a reboot (or `lost 0` in DIR/health), not a reset. */
+    SIM_CHECK(sim_check_gpu_reachable(req->gpu));
     int in_use = busy(req->gpu, NVML_VALUE_NOT_AVAILABLE_UINT, NVML_VALUE_NOT_AVAILABLE_UINT);
     if (in_use < 0) {
         return NVML_ERROR_UNKNOWN;

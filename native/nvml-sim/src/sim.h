@@ -176,9 +176,12 @@ enum health_key {
     HEALTH_REMAPPING_PENDING,
     HEALTH_REMAPPING_FAILURE,
     HEALTH_CLOCKS_EVENT_REASONS,
+    HEALTH_LOST,
     HEALTH_KEY_COUNT
 };
 unsigned long long sim_health_value(unsigned int gpu, enum health_key key);
+/* Whether DIR/health says the GPU has fallen off the bus (`<gpu> lost 1`). */
+int sim_gpu_lost(unsigned int gpu);
 
 /* ---- the library's global session (core.c) ------------------------------------------------ */
 
@@ -225,7 +228,7 @@ nvmlReturn_t sim_require_init(void);
 /* The one way a function checks its preconditions -- initialisation, handles, a versioned
  * struct's version word -- and fails: returns the check's result from the calling function
  * unless it is NVML_SUCCESS. The checks are sim_require_init, sim_sync, the sim_synced_* and
- * sim_resolve_* handle resolvers (handles.c) and sim_check_version. */
+ * sim_resolve_* handle resolvers (handles.c), sim_check_gpu_reachable and sim_check_version. */
 #define SIM_CHECK(check)                     \
     do {                                     \
         nvmlReturn_t check_ = (check);       \
@@ -288,9 +291,13 @@ nvmlComputeInstance_t sim_ci_handle(const struct sim_state *state, unsigned int 
                                     unsigned int gi, unsigned int ci);
 
 /* Resolve handles against `state`. All return NVML_ERROR_INVALID_ARGUMENT for a NULL, foreign,
- * or stale (destroyed, or from another state file) handle. */
+ * or stale (destroyed, or from another state file) handle, and NVML_ERROR_GPU_IS_LOST for a
+ * handle on (or inside) a GPU that DIR/health marks lost. */
 nvmlReturn_t sim_resolve_device(const struct sim_state *state, nvmlDevice_t device,
                                 const struct nvmlDevice_st **out);
+/* NVML_ERROR_GPU_IS_LOST while DIR/health marks the GPU lost, else NVML_SUCCESS: what every
+ * handle lookup and handle use checks. */
+nvmlReturn_t sim_check_gpu_reachable(unsigned int gpu);
 /* A parent GPU handle; a MIG device handle gives NVML_ERROR_NOT_SUPPORTED. */
 nvmlReturn_t sim_resolve_gpu(const struct sim_state *state, nvmlDevice_t device,
                              unsigned int *gpu);
