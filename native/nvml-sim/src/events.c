@@ -5,7 +5,11 @@
  * GPU (DIR/health) announces itself only through the XID 79 line its injector appends.
  */
 #include <errno.h>
+#include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/inotify.h>
+#include <unistd.h>
 #include <string.h>
 #include <time.h>
 
@@ -14,8 +18,9 @@
 #define MAGIC_EVENT_SET 0x4E564553U /* "NVES" */
 #define MAGIC_FREED 0x4E564658U     /* "NVFX" */
 #define SIM_MAX_REGISTRATIONS 64
-/* How often a waiting nvmlEventSetWait looks at DIR/xid again. */
-#define SIM_EVENT_POLL_NS 2000000L
+/* A waiting nvmlEventSetWait sleeps on inotify (DIR changed: a line appended to xid, health
+ * replaced) and looks again at least this often, in case a change was missed. */
+#define SIM_EVENT_RECHECK_MS 100
 
 /* What the simulated GPUs can report; only XIDs are ever injected. */
 #define SIM_SUPPORTED_EVENTS                                                                     \
@@ -266,8 +271,66 @@ static long long monotonic_ns(void)
     return (long long)now.tv_sec * 1000000000LL + now.tv_nsec;
 }
 
-/* Polls without holding the API mutex between looks, so other threads keep working. */
+static nvmlReturn_t wait_event_on(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms,
+                                  int fd);
+
+/* The simulation directory's changes, watched before the first look so that nothing appended
+ * between a look and the sleep is missed; -1 when inotify is unavailable (then: timed looks). */
+static int watch_directory(void)
+{
+    char dir[sizeof sim.xid_path];
+    sim_api_lock();
+    snprintf(dir, sizeof dir, "%s", sim.xid_path);
+    sim_api_unlock();
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL) {
+        return -1;
+    }
+    *slash = '\0';
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd < 0) {
+        return -1;
+    }
+    if (inotify_add_watch(fd, dir, IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void sleep_until_change(int fd, long long left_ns)
+{
+    long long cap = (long long)SIM_EVENT_RECHECK_MS * 1000000LL;
+    long long ns = left_ns < cap ? left_ns : cap;
+    if (fd < 0) {
+        struct timespec pause = {0, (long)(ns < 2000000LL ? ns : 2000000LL)};
+        while (nanosleep(&pause, &pause) != 0 && errno == EINTR) {
+        }
+        return;
+    }
+    struct pollfd ready = {.fd = fd, .events = POLLIN};
+    int ms = (int)((ns + 999999LL) / 1000000LL);
+    if (poll(&ready, 1, ms) > 0) {
+        char drain[4096];
+        while (read(fd, drain, sizeof drain) > 0) {
+        }
+    }
+}
+
+/* Looks without holding the API mutex between looks, so other threads keep working; sleeps on
+ * inotify between them (no CPU while nothing happens, as real NVML blocks in the driver). */
 static nvmlReturn_t wait_event(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms)
+{
+    int fd = timeoutms > 0 ? watch_directory() : -1;
+    nvmlReturn_t result = wait_event_on(set, data, timeoutms, fd);
+    if (fd >= 0) {
+        close(fd);
+    }
+    return result;
+}
+
+static nvmlReturn_t wait_event_on(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms,
+                                  int fd)
 {
     long long deadline = monotonic_ns() + (long long)timeoutms * 1000000LL;
     for (;;) {
@@ -291,9 +354,7 @@ static nvmlReturn_t wait_event(nvmlEventSet_t set, nvmlEventData_t *data, unsign
         if (left <= 0) {
             return NVML_ERROR_TIMEOUT;
         }
-        struct timespec pause = {0, left < SIM_EVENT_POLL_NS ? (long)left : SIM_EVENT_POLL_NS};
-        while (nanosleep(&pause, &pause) != 0 && errno == EINTR) {
-        }
+        sleep_until_change(fd, left);
     }
 }
 
