@@ -224,6 +224,33 @@ class LinkConfig:
             raise ConfigError("link.backoff_base_s: must not exceed link.backoff_cap_s")
 
 
+_XID_OVERRIDE = re.compile(
+    r"[1-9][0-9]{0,4}=(quarantine_gpu|quarantine_instance|lease_event|ignore)"
+)
+
+
+def _xid_overrides(value: Any) -> str | None:
+    bad = [item for item in value if not _XID_OVERRIDE.fullmatch(str(item))]
+    if bad:
+        return (
+            f"{bad[0]!r} is not XID=ACTION (ACTION: quarantine_gpu, quarantine_instance, "
+            'lease_event or ignore), e.g. "94=quarantine_gpu"'
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The GPU health monitor (docs/health.md)."""
+
+    enabled: bool = True
+    # Counters and state (ECC, row remapping, a lost GPU) are read this often; XIDs arrive as
+    # NVML events at once.
+    poll_interval_s: float = _check(_positive, 10.0)
+    # Per-XID overrides of the Catalog's classification, "XID=ACTION".
+    xid_overrides: list[str] = _check(_xid_overrides, [])
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -244,6 +271,7 @@ class Config:
     leases: LeasesConfig = field(default_factory=LeasesConfig)
     attest: AttestConfig = field(default_factory=AttestConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

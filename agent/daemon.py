@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -17,6 +17,8 @@ from agent.admin.handlers import AdminHandlers
 from agent.admin.server import AdminServer
 from agent.config import Config
 from agent.errors import AccelguardError
+from agent.health.monitor import HealthMonitor, HealthSettings
+from agent.health.xid import parse_overrides
 from agent.hw.devnodes import DeviceNodeMap
 from agent.hw.nvml import NvmlBackend
 from agent.identity.node_key import NODE_KEY_FILE, NodeKey
@@ -25,6 +27,7 @@ from agent.isolation.evict import Evictor
 from agent.link.attestation import TpmAttester
 from agent.link.commands import CommandKeyring, CommandService
 from agent.link.events import LinkEvents
+from agent.link.reports import health_event
 from agent.link.service import LinkService
 from agent.partitions.inventory import InventoryService
 from agent.partitions.layout import LayoutEngine, LayoutService
@@ -35,6 +38,7 @@ from agent.runtime.systemd import SystemdNotifier
 from agent.scrub.runner import ScrubRunner
 from agent.store import Store
 from agent.store.commands import CommandLog
+from agent.store.health import HealthEventRecord
 
 log = structlog.get_logger(__name__)
 
@@ -99,8 +103,29 @@ class Daemon:
         self.inventory.on_sync.append(self.leases.on_inventory_sync)
         self.notifier = SystemdNotifier()
         self.layouts = LayoutService(self.layout, self.leases, self.inventory, self.executor)
+        # GPU health: XIDs, ECC, row remapping, lost GPUs; faults quarantine through the leases.
+        self.health: HealthMonitor | None = None
+        if config.health.enabled:
+            overrides = parse_overrides(
+                dict(item.split("=", 1) for item in config.health.xid_overrides)
+            )
+            self.health = HealthMonitor(
+                self.backend,
+                self.store,
+                self.executor,
+                self.leases.faults,
+                HealthSettings(config.health.poll_interval_s, overrides),
+                events=self._health_events(),
+            )
+            if self.link is not None:
+                self.link.health = self.health
         handlers = AdminHandlers(
-            config, self.inventory, self.leases, self.layouts.run, self.node_key.public_pem()
+            config,
+            self.inventory,
+            self.leases,
+            self.layouts.run,
+            self.node_key.public_pem(),
+            health=self.health,
         )
         self.admin = AdminServer(config, handlers)
         # Remote commands run through the same handlers as the admin socket's calls.
@@ -119,6 +144,16 @@ class Daemon:
                 clock_skew_s=config.link.command_clock_skew_s,
             )
             link.commands = self.commands
+
+    def _health_events(self) -> Callable[[HealthEventRecord], Awaitable[None]] | None:
+        link = self.link
+        if link is None:
+            return None
+
+        async def publish(record: HealthEventRecord) -> None:
+            await link.publish(health_event(record))
+
+        return publish
 
     def _hotplug(self) -> Coroutine[Any, Any, None] | None:
         if not self.config.hotplug.enabled:
@@ -155,6 +190,10 @@ class Daemon:
         try:
             await self.executor.call(self.backend.open)
             await self.executor.call(self.layout.recover)
+            if self.health is not None:
+                # The XID event set is registered before anything can be granted: an event set
+                # only receives what happens after it registered.
+                await self.health.start()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.inventory.run(), name="inventory")
                 group.create_task(self.admin.run(), name="admin")
@@ -164,6 +203,8 @@ class Daemon:
                 )
                 if self.link is not None:
                     group.create_task(self.link.run(), name="link")
+                if self.health is not None:
+                    group.create_task(self.health.run(), name="health")
                 hotplug = self._hotplug()
                 if hotplug is not None:
                     group.create_task(hotplug, name="hotplug")

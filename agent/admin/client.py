@@ -88,6 +88,10 @@ class AdminClient:
         request = pb.PartitionActionRequest(partition_uuid=partition_uuid, reason=reason)
         return self._call(self._stub.QuarantinePartition, request, pb.Partition)
 
+    def health(self, events: int = 10) -> pb.HealthResponse:
+        request = pb.HealthRequest(events=events)
+        return self._call(self._stub.GetHealth, request, pb.HealthResponse)
+
     def certificates(self, partition_uuid: str = "") -> list[str]:
         request = pb.ListCertificatesRequest(partition_uuid=partition_uuid)
         response = self._call(self._stub.ListCertificates, request, pb.ListCertificatesResponse)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from agent.errors import ValidationError
+from agent.health.monitor import HealthReport
 from agent.hw.model import GpuInfo, MigInstanceInfo
 from agent.partitions.layout import GpuLayoutResult, LayoutTarget
 from agent.proto.accelguard.v1 import admin_pb2 as pb
@@ -90,3 +91,50 @@ def layout_targets(request: pb.LayoutRequest) -> list[LayoutTarget]:
             )
         )
     return targets
+
+
+def _signed(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def health_message(report: HealthReport) -> pb.HealthResponse:
+    gpus = []
+    for gpu in report.gpus:
+        state, reading = gpu.state, gpu.state.reading
+        reasons = [event.detail for event in gpu.events if event.action.startswith("quarantine")]
+        message = pb.GpuHealthStatus(
+            index=state.index, uuid=state.uuid, state=gpu.health,
+            reset_required=gpu.reset_required, reasons=reasons[:10],
+            xids_by_action={str(k): v for k, v in state.xids.items()},
+            events=[
+                pb.HealthEventInfo(
+                    id=e.id, at=e.at, kind=e.kind, code=max(e.code, 0), gi_id=_signed(e.gi_id),
+                    ci_id=_signed(e.ci_id), action=e.action, reset_required=e.reset_required,
+                    detail=e.detail, partitions=list(e.partitions),
+                )
+                for e in gpu.events
+            ],
+        )  # fmt: skip
+        if reading is not None and reading.readable:
+            message.temperature_c = _signed(reading.temperature_c)
+            message.power_w = reading.power_w or 0.0
+            message.ecc_volatile_sbe = _signed(reading.ecc_volatile_sbe)
+            message.ecc_volatile_dbe = _signed(reading.ecc_volatile_dbe)
+            message.ecc_aggregate_dbe = _signed(reading.ecc_aggregate_dbe)
+            message.remapped_uncorrectable = _signed(reading.remapped_uncorrectable)
+            message.remap_pending = bool(reading.remap_pending)
+            message.remap_failure = bool(reading.remap_failure)
+        else:
+            message.temperature_c = -1
+        gpus.append(message)
+    return pb.HealthResponse(
+        monitoring=report.started,
+        last_poll=report.last_poll,
+        gpus=gpus,
+        holds=[
+            pb.PartitionHold(
+                partition_uuid=h.partition_uuid, reason=h.reason, at=h.at, event_id=h.event_id
+            )
+            for h in report.holds
+        ],
+    )

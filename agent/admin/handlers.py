@@ -17,6 +17,7 @@ import structlog
 from agent import __version__
 from agent.admin.convert import (
     gpu_message,
+    health_message,
     layout_result_message,
     layout_targets,
     lease_message,
@@ -24,6 +25,7 @@ from agent.admin.convert import (
 )
 from agent.config import NodeConfig
 from agent.errors import AccelguardError
+from agent.health.monitor import HealthReport
 from agent.hw.devnodes import DeviceNode
 from agent.partitions.inventory import Snapshot
 from agent.partitions.layout import GpuLayoutResult, LayoutTarget
@@ -85,6 +87,12 @@ class LeaseService(Protocol):
     async def certificates(self, partition_uuid: str = "") -> list[dict[str, object]]: ...
 
 
+class HealthSource(Protocol):
+    """The health monitor (agent/health/monitor.py), when it runs."""
+
+    async def report(self, events_per_gpu: int) -> HealthReport: ...
+
+
 # Plan (False) or apply (True) layout targets; the daemon serialises the runs.
 LayoutRunner = Callable[[list[LayoutTarget], bool], Awaitable[list[GpuLayoutResult]]]
 
@@ -99,7 +107,9 @@ class AdminHandlers:
         leases: LeaseService,
         layout: LayoutRunner,
         node_public_key: str,
+        health: HealthSource | None = None,
     ) -> None:
+        self._health = health
         self._node_id = config.node.id
         self._inventory = inventory
         self._leases = leases
@@ -164,6 +174,12 @@ class AdminHandlers:
         return pb.ListCertificatesResponse(
             certificates=[json.dumps(d, sort_keys=True) for d in documents]
         )
+
+    async def health(self, request: pb.HealthRequest) -> pb.HealthResponse:
+        if self._health is None:
+            return pb.HealthResponse(monitoring=False)
+        report = await self._health.report(min(request.events or 10, 200))
+        return health_message(report)
 
     async def clear(self, request: pb.PartitionActionRequest) -> pb.Partition:
         return self.partition_message(

@@ -84,6 +84,9 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     ) -> pb.ListCertificatesResponse:
         return await self._guard("ListCertificates", context, self._handlers.certificates(request))
 
+    async def GetHealth(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
+        return await self._guard("GetHealth", context, self._handlers.health(request))
+
     async def ClearPartition(
         self, request: pb.PartitionActionRequest, context: Any
     ) -> pb.Partition:

@@ -19,6 +19,7 @@ from pathlib import Path
 import agent.cli.attest as attest_verbs
 import agent.cli.bench as bench_verbs
 import agent.cli.controller as controller_verbs
+import agent.cli.health as health_verbs
 import agent.cli.layout as layout_verbs
 import agent.cli.leases as leases_verbs
 import agent.cli.link as link_verbs
@@ -34,7 +35,7 @@ from agent.runtime.inputs import non_utf8_argument
 # In the order `accelguard --help` lists their commands.
 VERB_GROUPS = (
     node_verbs, layout_verbs, leases_verbs, state_verbs, scrub_verbs, link_verbs,
-    controller_verbs, sim_verbs, attest_verbs, bench_verbs,
+    controller_verbs, sim_verbs, attest_verbs, bench_verbs, health_verbs,
 )  # fmt: skip
 
 

@@ -29,6 +29,9 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     from agent.bench.link import add_bench_parser as add_bench_link  # noqa: PLC0415
 
     add_bench_link(bench_verbs)
+    from agent.bench.health import add_bench_parser as add_bench_health  # noqa: PLC0415
+
+    add_bench_health(bench_verbs)
 
 
 def add_bench_attest(bench_verbs: argparse._SubParsersAction[Any]) -> None:
@@ -62,6 +65,11 @@ def add_bench_attest(bench_verbs: argparse._SubParsersAction[Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.verb == "attest":
         print_json(run_bench_attest(args))
+        return 0
+    if args.verb == "health":
+        from agent.bench.health import run_bench as run_bench_health  # noqa: PLC0415
+
+        print_json(run_bench_health(args))
         return 0
     if args.verb == "link":
         from agent.bench.link import run_bench as run_bench_link  # noqa: PLC0415

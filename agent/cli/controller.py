@@ -160,6 +160,8 @@ def _ctl(args: argparse.Namespace) -> int:
                 partitions = ", ".join(f"{p.state}={p.count}" for p in node.partitions) or "-"
                 link = "connected" if node.connected else "offline"
                 trust = node.trust + (",cordoned" if node.cordoned else "")
+                if node.unhealthy_gpus:
+                    partitions += f" ({node.unhealthy_gpus} GPU unhealthy)"
                 print(
                     f"{node.node_id:24} {link:12} {_when(node.last_seen):21} "
                     f"{node.attestation:12} {trust:18} {partitions}"

@@ -42,6 +42,14 @@ def _partitions(node: NodeRecord) -> list[link_pb2.InventoryPartition]:
     return list(snapshot.partitions)
 
 
+def _gpus(node: NodeRecord) -> list[link_pb2.InventoryGpu]:
+    if not node.inventory:
+        return []
+    snapshot = link_pb2.InventorySnapshot()
+    snapshot.ParseFromString(node.inventory)
+    return list(snapshot.gpus)
+
+
 class ControllerAdminHandlers:
     def __init__(
         self,
@@ -65,6 +73,7 @@ class ControllerAdminHandlers:
     def _summary(self, node: NodeRecord, reports: int, trust: TrustRecord) -> pb.NodeSummary:
         states = Counter(p.state for p in _partitions(node))
         return pb.NodeSummary(
+            unhealthy_gpus=sum(1 for g in _gpus(node) if g.health not in ("", "healthy")),
             trust="unattested" if node.attestation != "attested" else trust.trust,
             cordoned=trust.cordoned,
             group=trust.group,

@@ -18,6 +18,7 @@ from agent.errors import LinkProtocolError
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.scrub.certificate import ALGORITHM, canonical_json
 from agent.store import LeaseRecord, PartitionRecord
+from agent.store.health import HealthEventRecord
 
 
 class ReportKind(StrEnum):
@@ -29,6 +30,7 @@ class ReportKind(StrEnum):
     ATTESTATION = "attestation"
     COMMAND_RESULT = "command_result"
     AUDIT_CHECKPOINT = "audit_checkpoint"
+    HEALTH_EVENT = "health_event"
 
     @property
     def droppable(self) -> bool:
@@ -128,8 +130,14 @@ class GpuLike(Protocol):
 
 
 def inventory_snapshot(
-    driver_version: str, gpus: Iterable[GpuLike], partitions: Iterable[PartitionRecord]
+    driver_version: str,
+    gpus: Iterable[GpuLike],
+    partitions: Iterable[PartitionRecord],
+    gpu_health: Mapping[str, tuple[str, bool]] | None = None,
 ) -> pb.Report:
+    """``gpu_health``: GPU UUID -> (state, reset required) from the health monitor; a GPU it does
+    not name is healthy."""
+    health = gpu_health or {}
     return pb.Report(
         inventory=pb.InventorySnapshot(
             driver_version=driver_version,
@@ -142,6 +150,8 @@ def inventory_snapshot(
                     mig_current=bool(gpu.mig_current),
                     mig_pending=bool(gpu.mig_pending),
                     memory_total_bytes=gpu.memory_total_bytes,
+                    health=health.get(gpu.uuid, ("healthy", False))[0],
+                    reset_required=health.get(gpu.uuid, ("healthy", False))[1],
                 )
                 for gpu in gpus
             ],
@@ -161,6 +171,19 @@ def inventory_snapshot(
             ],
         )
     )
+
+
+def health_event(record: HealthEventRecord) -> pb.Report:
+    return pb.Report(
+        health_event=pb.HealthEvent(
+            event_id=record.id, at=record.at, gpu_uuid=record.gpu_uuid,
+            gpu_index=record.gpu_index, kind=record.kind, code=max(record.code, 0),
+            gi_id=-1 if record.gi_id is None else record.gi_id,
+            ci_id=-1 if record.ci_id is None else record.ci_id,
+            action=record.action, reset_required=record.reset_required,
+            detail=record.detail, partitions=list(record.partitions),
+        )
+    )  # fmt: skip
 
 
 def health_sample(uptime_s: float, outbox_depth: int, dropped: int) -> pb.Report:

@@ -88,6 +88,12 @@ class CommandSink(Protocol):
     def submit(self, data: bytes) -> None: ...
 
 
+class HealthView(Protocol):
+    """The health monitor's summary: GPU UUID -> (state, reset required), unhealthy GPUs only."""
+
+    def gpu_summary(self) -> dict[str, tuple[str, bool]]: ...
+
+
 class InventoryView(Protocol):
     """What the link reads of the inventory service: its latest snapshot (no hardware call)."""
 
@@ -140,6 +146,8 @@ class LinkService:
         self._renewal_sent_at = 0.0
         # Set by the daemon once the admin handlers exist: commands from the controller.
         self.commands: CommandSink | None = None
+        # Set by the daemon when the health monitor runs: each GPU's health in the inventory.
+        self.health: HealthView | None = None
         self._renewal_asked = asyncio.Event()
 
     def wake(self) -> None:
@@ -214,7 +222,8 @@ class LinkService:
         snapshot = self._inventory.snapshot
         partitions = await self._executor.call(self._store.partitions)
         gpus: list[GpuLike] = list(snapshot.gpus)
-        report = inventory_snapshot(snapshot.driver_version, gpus, partitions)
+        health = self.health.gpu_summary() if self.health is not None else None
+        report = inventory_snapshot(snapshot.driver_version, gpus, partitions, health)
         digest = hashlib.sha256(report.inventory.SerializeToString(deterministic=True)).digest()
         if force or digest != self._inventory_digest:
             await self.publish(report)

@@ -170,6 +170,17 @@ def validate_report(report: pb.Report) -> None:
               MAX_SCRUB_PAYLOAD_BYTES)  # fmt: skip
         if result.WhichOneof("result") == "attestation":
             _evidence(result.attestation, f"{where}.attestation")
+    elif body == "health_event":
+        fault = report.health_event
+        _text(fault.gpu_uuid, f"{where}.gpu_uuid", required=True)
+        _text(fault.kind, f"{where}.kind", 32, required=True)
+        _text(fault.action, f"{where}.action", 32, required=True)
+        _text(fault.detail, f"{where}.detail", MAX_REASON)
+        _time(fault.at, f"{where}.at")
+        if fault.gpu_index >= MAX_GPUS or len(fault.partitions) > MAX_PARTITIONS:
+            raise LinkProtocolError(f"{where}: GPU index or partition list out of bounds")
+        for uuid in fault.partitions:
+            _text(uuid, f"{where}.partitions")
     elif body == "audit_checkpoint":
         checkpoint = report.audit_checkpoint
         _bytes(checkpoint.chain_hash, f"{where}.chain_hash", 64, required=True)
@@ -270,6 +281,7 @@ def _inventory(snapshot: pb.InventorySnapshot, where: str) -> None:
         _text(gpu.uuid, f"{where}.gpus.uuid", required=True)
         _text(gpu.name, f"{where}.gpus.name")
         _text(gpu.serial, f"{where}.gpus.serial")
+        _text(gpu.health, f"{where}.gpus.health", 32)
     for part in snapshot.partitions:
         _text(part.uuid, f"{where}.partitions.uuid", required=True)
         if part.kind not in _KINDS:

@@ -47,6 +47,7 @@ from agent.isolation.cgroups import resolve_tenant_cgroup
 from agent.isolation.evict import Evictor
 from agent.isolation.survey import SurveyedFence
 from agent.partitions.context import NoEvents, PartitionContext, PartitionEvents
+from agent.partitions.faults import HealthFaults
 from agent.partitions.fencing import TenantFences
 from agent.partitions.inventory import InventoryService
 from agent.partitions.reconcile import Reconciler
@@ -65,6 +66,7 @@ from agent.store import (
     Store,
     SyncResult,
 )
+from agent.store.health import HealthLog
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +109,9 @@ class LeaseManager:
         self._revoker = Revoker(self._ctx, evictor)
         self._sanitizer = Sanitizer(self._ctx, scrubber, node_key)
         self._reconciler = Reconciler(self._ctx, self._fences, self._revoker, self._sanitizer, self)
+        # What GPU health faults do to partitions (the health monitor's FaultSink).
+        self.faults = HealthFaults(self._ctx, self._reconciler, self._sanitizer, self)
+        self._health = HealthLog(store)
         self._grant_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._sanitizing: set[str] = set()
@@ -470,6 +475,9 @@ class LeaseManager:
                 raise ValidationError(
                     f"partition {partition_uuid} is not quarantined ({record.state})"
                 )
+            # The operator's action ends a GPU health hold too (docs/health.md).
+            if await self._ctx.executor.call(self._health.release_hold, partition_uuid):
+                log.warning("health_hold_cleared", partition=partition_uuid, reason=reason)
             # Whoever was using it when it was quarantined (an orphan fence's tenant, a holder
             # from before a lost journal) must be gone before the scrub starts (invariant 2).
             try:

@@ -21,12 +21,14 @@ from agent.scrub.certificate import issue_certificate
 from agent.scrub.model import ScrubTarget
 from agent.scrub.runner import ScrubOutcome, ScrubRunner
 from agent.store import PartitionRecord, PartitionState
+from agent.store.health import HealthLog
 
 log = structlog.get_logger(__name__)
 
 
 class Sanitizer:
     def __init__(self, context: PartitionContext, scrubber: ScrubRunner, node_key: NodeKey) -> None:
+        self._health = HealthLog(context.store)
         self._ctx = context
         self._scrubber = scrubber
         self._node_key = node_key
@@ -109,6 +111,11 @@ class Sanitizer:
         )
         if outcome.failure is not None:
             return await self.quarantine(partition_uuid, f"scrub failed: {outcome.failure}")
+        # A GPU health fault holds the partition until an operator clears it: no scrub frees it
+        # (the scrub's certificate above is kept all the same).
+        hold = await self._ctx.executor.call(self._health.hold, partition_uuid)
+        if hold is not None:
+            return await self.quarantine(partition_uuid, f"held by {hold.reason}")
         cleaned = await self._ctx.executor.call(
             lambda: self._ctx.store.transition(
                 partition_uuid, (PartitionState.SCRUBBING,), PartitionState.FREE, clean=True,

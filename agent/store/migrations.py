@@ -143,6 +143,37 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     );
     """,
+    # 7: GPU health (agent/health, agent/store/health.py): every health event; the holds that
+    # keep a health quarantine until an operator clears the partition; each GPU's last counters.
+    """
+    CREATE TABLE health_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        gpu_uuid TEXT NOT NULL,
+        gpu_index INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        code INTEGER NOT NULL,
+        gi_id INTEGER,
+        ci_id INTEGER,
+        action TEXT NOT NULL,
+        reset_required INTEGER NOT NULL CHECK (reset_required IN (0, 1)),
+        detail TEXT NOT NULL,
+        partitions TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE TABLE health_holds (
+        partition_uuid TEXT PRIMARY KEY,
+        event_id INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE TABLE health_counters (
+        gpu_uuid TEXT PRIMARY KEY,
+        ecc_aggregate_dbe INTEGER NOT NULL,
+        remapped_uncorrectable INTEGER NOT NULL,
+        remap_failure INTEGER NOT NULL CHECK (remap_failure IN (0, 1)),
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 # Bounds a journal check must stay within at start-up (a few thousand rows on a real node).

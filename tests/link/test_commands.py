@@ -472,3 +472,22 @@ def test_command_key_rotation_is_announced_under_the_old_key(
     row = wait_for(refused, "the old key's command refused")
     assert row["result"]["refusal"] == "unknown_key"
     assert not trust(controller, node_b)["summary"]["cordoned"]
+
+
+def test_gpu_health_faults_reach_the_controller(
+    fleet: tuple[Controller, LinkNode, LinkNode],
+) -> None:
+    controller, _, node_b = fleet
+    result = node_b.agent.cli("sim", "inject", "xid", "--gpu", "1", "--xid", "79")
+    assert result.returncode == 0, result.stderr
+
+    def unhealthy() -> dict[str, Any] | None:
+        nodes = {n["node_id"]: n for n in controller.ctl_json("nodes")["nodes"]}
+        return nodes[node_b.node_id] if nodes[node_b.node_id]["unhealthy_gpus"] == 1 else None
+
+    wait_for(unhealthy, "the controller to see B's failed GPU")
+    detail = trust(controller, node_b)
+    assert int(detail["reports_by_kind"].get("health_event", 0)) >= 1  # uint64: a JSON string
+    gpu1 = [p for p in detail["partitions"] if p["gpu_index"] == 1]
+    assert gpu1 and all(p["state"] == "quarantined" for p in gpu1)
+    assert "GPU unhealthy" in controller.ctl("nodes").stdout

@@ -21,6 +21,220 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class HealthRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    events: _builtins.int
+    """last events per GPU; 0: 10"""
+    def __init__(
+        self,
+        *,
+        events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthRequest: _TypeAlias = HealthRequest  # noqa: Y015
+
+@_typing.final
+class HealthEventInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    GI_ID_FIELD_NUMBER: _builtins.int
+    CI_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESET_REQUIRED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    at: _builtins.float
+    kind: _builtins.str
+    code: _builtins.int
+    gi_id: _builtins.int
+    """-1: none"""
+    ci_id: _builtins.int
+    action: _builtins.str
+    reset_required: _builtins.bool
+    detail: _builtins.str
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        at: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        code: _builtins.int = ...,
+        gi_id: _builtins.int = ...,
+        ci_id: _builtins.int = ...,
+        action: _builtins.str = ...,
+        reset_required: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+        partitions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "ci_id", b"ci_id", "code", b"code", "detail", b"detail", "gi_id", b"gi_id", "id", b"id", "kind", b"kind", "partitions", b"partitions", "reset_required", b"reset_required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthEventInfo: _TypeAlias = HealthEventInfo  # noqa: Y015
+
+@_typing.final
+class GpuHealthStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class XidsByActionEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESET_REQUIRED_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_C_FIELD_NUMBER: _builtins.int
+    POWER_W_FIELD_NUMBER: _builtins.int
+    ECC_VOLATILE_SBE_FIELD_NUMBER: _builtins.int
+    ECC_VOLATILE_DBE_FIELD_NUMBER: _builtins.int
+    ECC_AGGREGATE_DBE_FIELD_NUMBER: _builtins.int
+    REMAPPED_UNCORRECTABLE_FIELD_NUMBER: _builtins.int
+    REMAP_PENDING_FIELD_NUMBER: _builtins.int
+    REMAP_FAILURE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    XIDS_BY_ACTION_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    uuid: _builtins.str
+    state: _builtins.str
+    """healthy, failed, lost, unreadable"""
+    reset_required: _builtins.bool
+    temperature_c: _builtins.int
+    """-1: not read"""
+    power_w: _builtins.float
+    ecc_volatile_sbe: _builtins.int
+    """-1: not supported"""
+    ecc_volatile_dbe: _builtins.int
+    ecc_aggregate_dbe: _builtins.int
+    remapped_uncorrectable: _builtins.int
+    remap_pending: _builtins.bool
+    remap_failure: _builtins.bool
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthEventInfo]: ...
+    @_builtins.property
+    def xids_by_action(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        uuid: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reset_required: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        temperature_c: _builtins.int = ...,
+        power_w: _builtins.float = ...,
+        ecc_volatile_sbe: _builtins.int = ...,
+        ecc_volatile_dbe: _builtins.int = ...,
+        ecc_aggregate_dbe: _builtins.int = ...,
+        remapped_uncorrectable: _builtins.int = ...,
+        remap_pending: _builtins.bool = ...,
+        remap_failure: _builtins.bool = ...,
+        events: _abc.Iterable[Global___HealthEventInfo] | None = ...,
+        xids_by_action: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ecc_aggregate_dbe", b"ecc_aggregate_dbe", "ecc_volatile_dbe", b"ecc_volatile_dbe", "ecc_volatile_sbe", b"ecc_volatile_sbe", "events", b"events", "index", b"index", "power_w", b"power_w", "reasons", b"reasons", "remap_failure", b"remap_failure", "remap_pending", b"remap_pending", "remapped_uncorrectable", b"remapped_uncorrectable", "reset_required", b"reset_required", "state", b"state", "temperature_c", b"temperature_c", "uuid", b"uuid", "xids_by_action", b"xids_by_action"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuHealthStatus: _TypeAlias = GpuHealthStatus  # noqa: Y015
+
+@_typing.final
+class PartitionHold(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_UUID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    partition_uuid: _builtins.str
+    reason: _builtins.str
+    at: _builtins.float
+    event_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        partition_uuid: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        at: _builtins.float = ...,
+        event_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "event_id", b"event_id", "partition_uuid", b"partition_uuid", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionHold: _TypeAlias = PartitionHold  # noqa: Y015
+
+@_typing.final
+class HealthResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONITORING_FIELD_NUMBER: _builtins.int
+    LAST_POLL_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    HOLDS_FIELD_NUMBER: _builtins.int
+    monitoring: _builtins.bool
+    """the monitor runs ([health] enabled)"""
+    last_poll: _builtins.float
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuHealthStatus]: ...
+    @_builtins.property
+    def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionHold]: ...
+    def __init__(
+        self,
+        *,
+        monitoring: _builtins.bool = ...,
+        last_poll: _builtins.float = ...,
+        gpus: _abc.Iterable[Global___GpuHealthStatus] | None = ...,
+        holds: _abc.Iterable[Global___PartitionHold] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "holds", b"holds", "last_poll", b"last_poll", "monitoring", b"monitoring"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
+
+@_typing.final
 class PingRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

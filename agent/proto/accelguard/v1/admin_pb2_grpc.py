@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesResponse.FromString,
                 _registered_method=True)
+        self.GetHealth = channel.unary_unary(
+                '/accelguard.v1.Admin/GetHealth',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.HealthRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.HealthResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -164,6 +169,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHealth(self, request, context):
+        """GPU health: per GPU its state and last events, the partitions a health fault holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +233,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListCertificates,
                     request_deserializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_admin__pb2.ListCertificatesResponse.SerializeToString,
+            ),
+            'GetHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHealth,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.HealthRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -520,6 +537,33 @@ class Admin:
             '/accelguard.v1.Admin/ListCertificates',
             accelguard_dot_v1_dot_admin__pb2.ListCertificatesRequest.SerializeToString,
             accelguard_dot_v1_dot_admin__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/GetHealth',
+            accelguard_dot_v1_dot_admin__pb2.HealthRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -447,6 +447,7 @@ class NodeSummary(_message.Message):
     TRUST_FIELD_NUMBER: _builtins.int
     CORDONED_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    UNHEALTHY_GPUS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     connected: _builtins.bool
     last_seen: _builtins.float
@@ -462,6 +463,8 @@ class NodeSummary(_message.Message):
     cordoned: _builtins.bool
     """the controller sends it no grants"""
     group: _builtins.str
+    unhealthy_gpus: _builtins.int
+    """GPUs its latest inventory says are not healthy"""
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionCount]: ...
     def __init__(
@@ -477,10 +480,11 @@ class NodeSummary(_message.Message):
         trust: _builtins.str = ...,
         cordoned: _builtins.bool = ...,
         group: _builtins.str = ...,
+        unhealthy_gpus: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "connected", b"connected", "cordoned", b"cordoned", "group", b"group", "last_seen", b"last_seen", "node_id", b"node_id", "partitions", b"partitions", "reports", b"reports", "trust", b"trust"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "connected", b"connected", "cordoned", b"cordoned", "group", b"group", "last_seen", b"last_seen", "node_id", b"node_id", "partitions", b"partitions", "reports", b"reports", "trust", b"trust", "unhealthy_gpus", b"unhealthy_gpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

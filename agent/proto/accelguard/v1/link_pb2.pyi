@@ -389,6 +389,7 @@ class Report(_message.Message):
     ATTESTATION_FIELD_NUMBER: _builtins.int
     COMMAND_RESULT_FIELD_NUMBER: _builtins.int
     AUDIT_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    HEALTH_EVENT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """1, 2, ... per epoch, assigned when the report enters the outbox"""
     created_at: _builtins.float
@@ -409,6 +410,8 @@ class Report(_message.Message):
     def command_result(self) -> Global___CommandResult: ...
     @_builtins.property
     def audit_checkpoint(self) -> Global___AuditCheckpoint: ...
+    @_builtins.property
+    def health_event(self) -> Global___HealthEvent: ...
     def __init__(
         self,
         *,
@@ -422,16 +425,79 @@ class Report(_message.Message):
         attestation: Global___AttestationEvidence | None = ...,
         command_result: Global___CommandResult | None = ...,
         audit_checkpoint: Global___AuditCheckpoint | None = ...,
+        health_event: Global___HealthEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "audit_checkpoint", b"audit_checkpoint", "body", b"body", "command_result", b"command_result", "health", b"health", "inventory", b"inventory", "lease", b"lease", "partition", b"partition", "scrub_certificate", b"scrub_certificate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "audit_checkpoint", b"audit_checkpoint", "body", b"body", "command_result", b"command_result", "health", b"health", "health_event", b"health_event", "inventory", b"inventory", "lease", b"lease", "partition", b"partition", "scrub_certificate", b"scrub_certificate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "audit_checkpoint", b"audit_checkpoint", "body", b"body", "command_result", b"command_result", "created_at", b"created_at", "health", b"health", "inventory", b"inventory", "lease", b"lease", "partition", b"partition", "scrub_certificate", b"scrub_certificate", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "audit_checkpoint", b"audit_checkpoint", "body", b"body", "command_result", b"command_result", "created_at", b"created_at", "health", b"health", "health_event", b"health_event", "inventory", b"inventory", "lease", b"lease", "partition", b"partition", "scrub_certificate", b"scrub_certificate", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["inventory", "lease", "partition", "scrub_certificate", "health", "attestation", "command_result", "audit_checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["inventory", "lease", "partition", "scrub_certificate", "health", "attestation", "command_result", "audit_checkpoint", "health_event"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___Report: _TypeAlias = Report  # noqa: Y015
+
+@_typing.final
+class HealthEvent(_message.Message):
+    """A GPU health event as the node journaled it (docs/health.md): an XID, an ECC or row-remap
+    fault, a lost GPU; what the node did about it and to which partitions.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    GPU_UUID_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    GI_ID_FIELD_NUMBER: _builtins.int
+    CI_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESET_REQUIRED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """the node's journal id"""
+    at: _builtins.float
+    gpu_uuid: _builtins.str
+    gpu_index: _builtins.int
+    kind: _builtins.str
+    """xid, ecc_dbe, remap_failure, remap_pending, lost, unreadable"""
+    code: _builtins.int
+    """the XID; the new counter value"""
+    gi_id: _builtins.int
+    """-1: not attributed to a GPU instance"""
+    ci_id: _builtins.int
+    action: _builtins.str
+    """quarantine_gpu, quarantine_instance, lease_event, ignore"""
+    reset_required: _builtins.bool
+    detail: _builtins.str
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        at: _builtins.float = ...,
+        gpu_uuid: _builtins.str = ...,
+        gpu_index: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        code: _builtins.int = ...,
+        gi_id: _builtins.int = ...,
+        ci_id: _builtins.int = ...,
+        action: _builtins.str = ...,
+        reset_required: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+        partitions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "ci_id", b"ci_id", "code", b"code", "detail", b"detail", "event_id", b"event_id", "gi_id", b"gi_id", "gpu_index", b"gpu_index", "gpu_uuid", b"gpu_uuid", "kind", b"kind", "partitions", b"partitions", "reset_required", b"reset_required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthEvent: _TypeAlias = HealthEvent  # noqa: Y015
 
 @_typing.final
 class InventoryGpu(_message.Message):
@@ -444,6 +510,8 @@ class InventoryGpu(_message.Message):
     MIG_CURRENT_FIELD_NUMBER: _builtins.int
     MIG_PENDING_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    RESET_REQUIRED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     uuid: _builtins.str
     name: _builtins.str
@@ -451,6 +519,11 @@ class InventoryGpu(_message.Message):
     mig_current: _builtins.bool
     mig_pending: _builtins.bool
     memory_total_bytes: _builtins.int
+    health: _builtins.str
+    """healthy, or failed (a health fault holds partitions of it; reset_required when only a GPU
+    reset can bring it back)
+    """
+    reset_required: _builtins.bool
     def __init__(
         self,
         *,
@@ -461,10 +534,12 @@ class InventoryGpu(_message.Message):
         mig_current: _builtins.bool = ...,
         mig_pending: _builtins.bool = ...,
         memory_total_bytes: _builtins.int = ...,
+        health: _builtins.str = ...,
+        reset_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_total_bytes", b"memory_total_bytes", "mig_current", b"mig_current", "mig_pending", b"mig_pending", "name", b"name", "serial", b"serial", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "index", b"index", "memory_total_bytes", b"memory_total_bytes", "mig_current", b"mig_current", "mig_pending", b"mig_pending", "name", b"name", "reset_required", b"reset_required", "serial", b"serial", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
