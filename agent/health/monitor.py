@@ -244,6 +244,23 @@ class HealthMonitor:
 
         return await self._executor.call(collect)
 
+    def gpu_samples(self) -> list[tuple[str, float, float, int]]:
+        """(UUID, temperature C, power W, XIDs seen) of every GPU last read (the heartbeat)."""
+        samples = []
+        for state in self.gpus.values():
+            reading = state.reading
+            if reading is None or not reading.readable or not state.uuid:
+                continue
+            samples.append(
+                (
+                    state.uuid,
+                    float(reading.temperature_c or 0),
+                    float(reading.power_w or 0.0),
+                    sum(state.xids.values()),
+                )
+            )
+        return samples
+
     def gpu_summary(self) -> dict[str, tuple[str, bool]]:
         """GPU UUID -> (state, reset required), unhealthy GPUs only (for the inventory)."""
         return dict(self._summary)

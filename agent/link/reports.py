@@ -186,9 +186,19 @@ def health_event(record: HealthEventRecord) -> pb.Report:
     )  # fmt: skip
 
 
-def health_sample(uptime_s: float, outbox_depth: int, dropped: int) -> pb.Report:
+def health_sample(
+    uptime_s: float,
+    outbox_depth: int,
+    dropped: int,
+    gpus: Iterable[tuple[str, float, float, int]] = (),
+) -> pb.Report:
+    """``gpus``: (UUID, temperature in C, power in W, XIDs seen) per GPU the monitor read."""
     return pb.Report(
         health=pb.HealthSample(
-            uptime_s=uptime_s, outbox_depth=outbox_depth, dropped_samples=dropped
+            uptime_s=uptime_s, outbox_depth=outbox_depth, dropped_samples=dropped,
+            gpus=[
+                pb.GpuHealth(uuid=uuid, temperature_c=temperature, power_w=power, xid_events=xids)
+                for uuid, temperature, power, xids in gpus
+            ],
         )
-    )
+    )  # fmt: skip

@@ -93,6 +93,8 @@ class HealthView(Protocol):
 
     def gpu_summary(self) -> dict[str, tuple[str, bool]]: ...
 
+    def gpu_samples(self) -> list[tuple[str, float, float, int]]: ...
+
 
 class InventoryView(Protocol):
     """What the link reads of the inventory service: its latest snapshot (no hardware call)."""
@@ -212,8 +214,9 @@ class LinkService:
 
     async def _heartbeat(self) -> None:
         stats = await self._executor.call(self.outbox.stats)
+        gpus = self.health.gpu_samples() if self.health is not None else []
         await self.publish(
-            health_sample(time.monotonic() - self._started, stats.unacked, stats.dropped)
+            health_sample(time.monotonic() - self._started, stats.unacked, stats.dropped, gpus)
         )
 
     async def _inventory_if_changed(self, *, force: bool) -> None:

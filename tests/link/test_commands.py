@@ -491,3 +491,15 @@ def test_gpu_health_faults_reach_the_controller(
     gpu1 = [p for p in detail["partitions"] if p["gpu_index"] == 1]
     assert gpu1 and all(p["state"] == "quarantined" for p in gpu1)
     assert "GPU unhealthy" in controller.ctl("nodes").stdout
+
+    # The heartbeats carry each GPU's readings (droppable samples, beside the never-dropped
+    # health event), as the controller stored them.
+    def samples() -> list[Any] | None:
+        rows = controller.query(
+            "SELECT body FROM reports WHERE node_id = ? AND kind = 'health'", node_b.node_id
+        )
+        found = [pb.Report.FromString(body).health for (body,) in rows]
+        return [s for s in found if len(s.gpus) == 2] or None
+
+    sample = wait_for(samples, "a heartbeat with both GPUs' readings")[-1]
+    assert all(g.temperature_c > 0 and g.uuid.startswith("GPU-") for g in sample.gpus)
