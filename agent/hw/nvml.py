@@ -29,6 +29,7 @@ from agent.runtime.failpoints import CrashPoint
 # that does not run in a MIG instance.
 _NOT_AVAILABLE = 0xFFFFFFFF
 _MAX_INSTANCES = 32
+_GPU_IS_LOST = 15  # NVML_ERROR_GPU_IS_LOST
 
 
 @contextmanager
@@ -68,6 +69,8 @@ class NvmlBackend:
         self._open = False
         # A GPU's MIG profile table is fixed by its model; cache it per GPU UUID.
         self._geometries: dict[str, GpuGeometry] = {}
+        # Indices the last inventory left out because NVML reported them lost.
+        self.lost_gpus: tuple[int, ...] = ()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -117,7 +120,22 @@ class NvmlBackend:
             return pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
 
     def inventory(self) -> list[GpuInfo]:
-        return [self.gpu(index) for index in range(self.gpu_count())]
+        """Every GPU that answers. One that fell off the bus (NVML_ERROR_GPU_IS_LOST) is left
+        out, so the rest of the node stays managed: its partitions are then absent, which the
+        reconciler treats as hardware gone (leases lost, fences revoked), and the health monitor
+        quarantines them. Any other error fails the whole read (unknown means unsafe)."""
+        gpus = []
+        lost = []
+        for index in range(self.gpu_count()):
+            try:
+                gpus.append(self.gpu(index))
+            except HardwareError as error:
+                cause = error.__cause__
+                if getattr(cause, "value", None) != _GPU_IS_LOST:
+                    raise
+                lost.append(index)
+        self.lost_gpus = tuple(lost)
+        return gpus
 
     def gpu(self, gpu_index: int) -> GpuInfo:
         handle = self._handle(gpu_index)
