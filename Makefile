@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .make
 APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-dev libtss2-dev \
-	swtpm swtpm-tools tpm2-tools mosquitto udev
+	swtpm swtpm-tools tpm2-tools mosquitto udev prometheus
 NVML_SIM := native/nvml-sim/build/libnvidia-ml.so.1
 
 .PHONY: demo test deps native proto lint typecheck pytest clean

@@ -251,6 +251,24 @@ class HealthConfig:
     xid_overrides: list[str] = _check(_xid_overrides, [])
 
 
+def _listen_or_empty(value: Any) -> str | None:
+    if value == "":
+        return None
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})", str(value))
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        return "must be HOST:PORT, e.g. '127.0.0.1:9464', or empty for no metrics endpoint"
+    return None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (docs/metrics.md)."""
+
+    # HOST:PORT to serve /metrics on; empty: no endpoint. Keep it on localhost (or a management
+    # network): the numbers describe the node's tenants and faults.
+    listen: str = _check(_listen_or_empty, "")
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -272,6 +290,7 @@ class Config:
     attest: AttestConfig = field(default_factory=AttestConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -29,6 +29,7 @@ from agent.link.commands import CommandKeyring, CommandService
 from agent.link.events import LinkEvents
 from agent.link.reports import health_event
 from agent.link.service import LinkService
+from agent.metrics import CallableSources, LinkState, Metrics, MetricsServer
 from agent.partitions.inventory import InventoryService
 from agent.partitions.layout import LayoutEngine, LayoutService
 from agent.partitions.leases import LeaseManager
@@ -119,6 +120,12 @@ class Daemon:
             )
             if self.link is not None:
                 self.link.health = self.health
+        # The Prometheus endpoint, where [metrics] listen is set (docs/metrics.md).
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics.listen:
+            self.metrics = Metrics(config.node.store_path, self._metric_sources())
+            self.metrics_server = MetricsServer(config.metrics.listen, self.metrics.registry)
         handlers = AdminHandlers(
             config,
             self.inventory,
@@ -126,6 +133,7 @@ class Daemon:
             self.layouts.run,
             self.node_key.public_pem(),
             health=self.health,
+            latencies=self.metrics,
         )
         self.admin = AdminServer(config, handlers)
         # Remote commands run through the same handlers as the admin socket's calls.
@@ -144,6 +152,20 @@ class Daemon:
                 clock_skew_s=config.link.command_clock_skew_s,
             )
             link.commands = self.commands
+
+    def _metric_sources(self) -> CallableSources:
+        """Live numbers for a scrape; each runs on the metrics server's thread and returns a
+        copy, never blocking."""
+        link, health = self.link, self.health
+        return CallableSources(
+            link=(lambda: LinkState(link.connected, "grpc")) if link is not None else None,
+            readings=(
+                (lambda: [s.reading for s in list(health.gpus.values()) if s.reading is not None])
+                if health is not None
+                else None
+            ),
+            health=health.gpu_summary if health is not None else None,
+        )
 
     def _health_events(self) -> Callable[[HealthEventRecord], Awaitable[None]] | None:
         link = self.link
@@ -205,6 +227,8 @@ class Daemon:
                     group.create_task(self.link.run(), name="link")
                 if self.health is not None:
                     group.create_task(self.health.run(), name="health")
+                if self.metrics_server is not None:
+                    group.create_task(self.metrics_server.run(), name="metrics")
                 hotplug = self._hotplug()
                 if hotplug is not None:
                     group.create_task(hotplug, name="hotplug")

@@ -9,6 +9,7 @@ them into status codes (agent/admin/status.py).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -87,6 +88,14 @@ class LeaseService(Protocol):
     async def certificates(self, partition_uuid: str = "") -> list[dict[str, object]]: ...
 
 
+class LatencyObserver(Protocol):
+    """Where grant and release latencies go (agent/metrics ``Metrics``)."""
+
+    def observe_grant(self, seconds: float) -> None: ...
+
+    def observe_release(self, seconds: float) -> None: ...
+
+
 class HealthSource(Protocol):
     """The health monitor (agent/health/monitor.py), when it runs."""
 
@@ -108,8 +117,10 @@ class AdminHandlers:
         layout: LayoutRunner,
         node_public_key: str,
         health: HealthSource | None = None,
+        latencies: LatencyObserver | None = None,
     ) -> None:
         self._health = health
+        self._latencies = latencies
         self._node_id = config.node.id
         self._inventory = inventory
         self._leases = leases
@@ -140,6 +151,7 @@ class AdminHandlers:
         return pb.LayoutResponse(gpus=[layout_result_message(r) for r in results])
 
     async def grant(self, request: pb.GrantLeaseRequest) -> pb.GrantLeaseResponse:
+        started = time.perf_counter()
         grant = await self._leases.grant(
             tenant=request.tenant,
             cgroup=request.cgroup,
@@ -149,10 +161,16 @@ class AdminHandlers:
             scrub_policy=request.scrub_policy,
         )
         partition = partition_message(grant.partition, (str(n.path) for n in grant.device_nodes))
+        if self._latencies is not None:
+            self._latencies.observe_grant(time.perf_counter() - started)
         return pb.GrantLeaseResponse(lease=lease_message(grant.lease), partition=partition)
 
     async def release(self, request: pb.ReleaseLeaseRequest) -> pb.Partition:
-        return self.partition_message(await self._leases.release(request.lease_id))
+        started = time.perf_counter()
+        record = await self._leases.release(request.lease_id)
+        if self._latencies is not None:
+            self._latencies.observe_release(time.perf_counter() - started)
+        return self.partition_message(record)
 
     async def list_leases(self, request: pb.ListLeasesRequest) -> pb.ListLeasesResponse:
         leases = await self._leases.leases(live_only=not request.include_released)
