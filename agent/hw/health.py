@@ -43,6 +43,12 @@ class GpuHealthReading:
     remap_pending: bool | None = None
     remap_failure: bool | None = None
     clocks_event_reasons: int | None = None
+    # Dynamic page retirement (before Ampere; A100/H100 remap rows instead: None there).
+    retired_pages_sbe: int | None = None
+    retired_pages_dbe: int | None = None
+    retired_pages_pending: bool | None = None
+    # Replay, recovery and CRC errors summed over the GPU's active NVLinks (None: no NVLink).
+    nvlink_errors: int | None = None
 
     @property
     def readable(self) -> bool:
@@ -58,13 +64,45 @@ class XidEvent:
     at: float
 
 
+_UNSUPPORTED: Final = frozenset(
+    {pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND}
+)
+_NVLINK_COUNTERS: Final = (
+    pynvml.NVML_NVLINK_ERROR_DL_REPLAY,
+    pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
+    pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
+    pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA,
+)
+
+
 def _optional(call: Any, *args: Any) -> Any:
+    """The call's value, None where this GPU (or this NVML) does not have the feature."""
     try:
         return call(*args)
     except pynvml.NVMLError as error:
-        if getattr(error, "value", None) == pynvml.NVML_ERROR_NOT_SUPPORTED:
+        if getattr(error, "value", None) in _UNSUPPORTED:
             return None
         raise
+
+
+def _nvlink_errors(handle: Any) -> int | None:
+    total, links = 0, 0
+    for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+        try:
+            state = pynvml.nvmlDeviceGetNvLinkState(handle, link)
+        except pynvml.NVMLError as error:
+            code = getattr(error, "value", None)
+            if code in _UNSUPPORTED or code == pynvml.NVML_ERROR_INVALID_ARGUMENT:
+                break  # no NVLink, or past the GPU's last link
+            raise
+        if state != pynvml.NVML_FEATURE_ENABLED:
+            continue
+        links += 1
+        for counter in _NVLINK_COUNTERS:
+            total += int(
+                _optional(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, counter) or 0
+            )
+    return total if links else None
 
 
 def read_gpu_health(gpu_index: int, uuid: str = "") -> GpuHealthReading:
@@ -89,6 +127,15 @@ def read_gpu_health(gpu_index: int, uuid: str = "") -> GpuHealthReading:
         }
         remap = _optional(pynvml.nvmlDeviceGetRemappedRows, handle)
         reasons = _optional(pynvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
+        retired = {
+            cause: _optional(pynvml.nvmlDeviceGetRetiredPages, handle, cause)
+            for cause in (
+                pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
+                pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
+            )
+        }
+        retired_pending = _optional(pynvml.nvmlDeviceGetRetiredPagesPendingStatus, handle)
+        nvlink = _nvlink_errors(handle)
     except pynvml.NVMLError as error:
         code = getattr(error, "value", None)
         if code == _GPU_IS_LOST:
@@ -114,11 +161,21 @@ def read_gpu_health(gpu_index: int, uuid: str = "") -> GpuHealthReading:
         remap_pending=None if remap is None else bool(remap[2]),
         remap_failure=None if remap is None else bool(remap[3]),
         clocks_event_reasons=_int(reasons),
+        retired_pages_sbe=_count(
+            retired[pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS]
+        ),
+        retired_pages_dbe=_count(retired[pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR]),
+        retired_pages_pending=None if retired_pending is None else bool(retired_pending),
+        nvlink_errors=nvlink,
     )
 
 
 def _address(handle: Any) -> int:
     return int(ctypes.cast(handle, ctypes.c_void_p).value or 0)
+
+
+def _count(pages: Any) -> int | None:
+    return None if pages is None else len(pages)
 
 
 def _int(value: Any) -> int | None:

@@ -83,7 +83,7 @@ TRIMMED_REFUSAL: Final = "unknown"
 
 # The health monitor's event kinds and actions (agent/store/health.py, agent/health/monitor.py).
 HEALTH_EVENT_KINDS: Final = ("xid", "ecc_dbe", "remap_failure", "remap_pending", "lost",
-                             "unreadable", "temperature")  # fmt: skip
+                             "unreadable", "temperature", "retired_pages")  # fmt: skip
 HEALTH_ACTIONS: Final = (*(action.value for action in Action), "report")
 GPU_HEALTH_STATES: Final = ("healthy", "failed", "lost", "unreadable")
 
@@ -360,6 +360,14 @@ def _reading_families(readings: Sequence[GpuHealthReading]) -> Iterator[Metric]:
         "accelguard_gpu_remapped_rows", "Memory rows remapped, by the kind of error that caused "
         "it (correctable, uncorrectable).", labels=["gpu", "cause"],
     )  # fmt: skip
+    retired = CounterMetricFamily(
+        "accelguard_gpu_retired_pages", "Memory pages retired (GPUs before Ampere), by cause "
+        "(sbe: multiple single-bit errors, dbe: a double-bit error).", labels=["gpu", "cause"],
+    )  # fmt: skip
+    nvlink = CounterMetricFamily(
+        "accelguard_gpu_nvlink_errors", "NVLink replay, recovery and CRC errors, summed over the "
+        "GPU's active links.", labels=["gpu"],
+    )  # fmt: skip
     for reading in sorted(readings, key=lambda r: r.index):
         gpu = str(reading.index)
         read_at.add_metric([gpu], reading.at)
@@ -378,11 +386,26 @@ def _reading_families(readings: Sequence[GpuHealthReading]) -> Iterator[Metric]:
             (ecc_volatile, "uncorrected", reading.ecc_volatile_dbe),
             (remapped, "correctable", reading.remapped_correctable),
             (remapped, "uncorrectable", reading.remapped_uncorrectable),
+            (retired, "sbe", reading.retired_pages_sbe),
+            (retired, "dbe", reading.retired_pages_dbe),
         )
         for counter, label, count in counters:
             if count is not None:
                 counter.add_metric([gpu, label], count)
-    yield from (temperature, power, ecc, ecc_volatile, remapped, pending, failed, read_at)
+        if reading.nvlink_errors is not None:
+            nvlink.add_metric([gpu], reading.nvlink_errors)
+    yield from (
+        temperature,
+        power,
+        ecc,
+        ecc_volatile,
+        remapped,
+        retired,
+        nvlink,
+        pending,
+        failed,
+        read_at,
+    )
 
 
 def _health_families(

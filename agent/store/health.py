@@ -47,6 +47,7 @@ class GpuCounters:
     remapped_uncorrectable: int
     remap_failure: bool
     updated_at: float
+    retired_dbe: int = 0  # pages retired for double-bit errors (before Ampere)
 
 
 def _event(row: Any) -> HealthEventRecord:
@@ -156,22 +157,25 @@ class HealthLog:
     def counters(self, gpu_uuid: str) -> GpuCounters | None:
         row = self._db.execute(
             "SELECT gpu_uuid, ecc_aggregate_dbe, remapped_uncorrectable, remap_failure, "
-            "updated_at FROM health_counters WHERE gpu_uuid = ?",
+            "updated_at, retired_dbe FROM health_counters WHERE gpu_uuid = ?",
             (gpu_uuid,),
         ).fetchone()
         if row is None:
             return None
-        return GpuCounters(str(row[0]), int(row[1]), int(row[2]), bool(row[3]), float(row[4]))
+        return GpuCounters(
+            str(row[0]), int(row[1]), int(row[2]), bool(row[3]), float(row[4]), int(row[5])
+        )
 
     def save_counters(self, counters: GpuCounters) -> None:
         with self._store.transaction() as db:
             db.execute(
                 "INSERT INTO health_counters (gpu_uuid, ecc_aggregate_dbe, "
-                "remapped_uncorrectable, remap_failure, updated_at) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(gpu_uuid) DO UPDATE SET "
+                "remapped_uncorrectable, remap_failure, updated_at, retired_dbe) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(gpu_uuid) DO UPDATE SET "
                 "ecc_aggregate_dbe = excluded.ecc_aggregate_dbe, "
                 "remapped_uncorrectable = excluded.remapped_uncorrectable, "
-                "remap_failure = excluded.remap_failure, updated_at = excluded.updated_at",
+                "remap_failure = excluded.remap_failure, updated_at = excluded.updated_at, "
+                "retired_dbe = excluded.retired_dbe",
                 (counters.gpu_uuid, counters.ecc_aggregate_dbe, counters.remapped_uncorrectable,
-                 int(counters.remap_failure), counters.updated_at),
+                 int(counters.remap_failure), counters.updated_at, counters.retired_dbe),
             )  # fmt: skip

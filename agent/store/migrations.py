@@ -171,6 +171,7 @@ MIGRATIONS: tuple[str, ...] = (
         ecc_aggregate_dbe INTEGER NOT NULL,
         remapped_uncorrectable INTEGER NOT NULL,
         remap_failure INTEGER NOT NULL CHECK (remap_failure IN (0, 1)),
+        retired_dbe INTEGER NOT NULL DEFAULT 0,
         updated_at REAL NOT NULL
     );
     """,
