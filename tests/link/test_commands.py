@@ -58,6 +58,7 @@ def start(node: LinkNode, controller: Controller, parent: Path) -> None:
             "ima_log": str(node.root / "ima.bin"),
         },
         tenants={"cgroup_parents": [str(parent)]},
+        health={"poll_interval_s": 1.0},
     )
     node.agent.start()
     result = node.enroll(controller.token(node.node_id))
@@ -503,3 +504,20 @@ def test_gpu_health_faults_reach_the_controller(
 
     sample = wait_for(samples, "a heartbeat with both GPUs' readings")[-1]
     assert all(g.temperature_c > 0 and g.uuid.startswith("GPU-") for g in sample.gpus)
+
+    # An application XID on GPU 0 and a DBE on GPU 0 reach the controller as events too, each
+    # with what the node did.
+    for args in (("xid", "--gpu", "0", "--xid", "13"), ("ecc", "--gpu", "0", "--dbe", "1")):
+        assert node_b.agent.cli("sim", "inject", *args).returncode == 0
+
+    def events() -> list[Any] | None:
+        rows = controller.query(
+            "SELECT body FROM reports WHERE node_id = ? AND kind = 'health_event' ORDER BY seq",
+            node_b.node_id,
+        )
+        found = [pb.Report.FromString(body).health_event for (body,) in rows]
+        return found if len(found) >= 3 else None
+
+    seen = {(e.gpu_index, e.kind, e.code, e.action) for e in wait_for(events, "three events")}
+    assert seen >= {(1, "xid", 79, "quarantine_gpu"), (0, "xid", 13, "lease_event"),
+                    (0, "ecc_dbe", 1, "quarantine_gpu")}  # fmt: skip
