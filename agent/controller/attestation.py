@@ -115,20 +115,36 @@ class AttestationLoop:
             return None
         trust = await self._executor.call(self._store.commands.trust, node_id)
         start, boot = self._ima_position(node, trust)
+        selection = await self._executor.call(self._selection_for, trust.group)
         nonce = os.urandom(NONCE_BYTES)
         command = pb.AttestCommand(
             nonce=nonce,
-            selection=[pb.PcrSelection(bank=b, pcrs=p) for b, p in self._selection.items()],
+            selection=[pb.PcrSelection(bank=b, pcrs=p) for b, p in selection.items()],
             ima_start_index=start,
             boot_id=boot,
         )
         context = json.dumps(
-            {"nonce": nonce.hex(), "ima_start_index": start, "boot_id": boot}
-        ).encode()
+            {"nonce": nonce.hex(), "ima_start_index": start, "boot_id": boot,
+             "selection": selection}
+        ).encode()  # fmt: skip
         row = await self._dispatcher.issue(node_id, "attest", command, ATTEST_TTL_S, context)
         self._in_flight[node_id] = (row.command_id, time.time())
         self._next_due[node_id] = time.time() + self._settings.attest_interval_s
         return row
+
+    def _selection_for(self, group: str) -> dict[str, list[int]]:
+        """``attest_pcrs`` and every bank and PCR the group's policy judges: a policy is never
+        left without the values it needs (executor thread)."""
+        wanted = {bank: set(pcrs) for bank, pcrs in self._selection.items()}
+        policy = self._policy(self._store, group, [])
+        if policy is not None:
+            for bank, values in policy.golden_pcrs.items():
+                wanted.setdefault(bank, set()).update(values)
+            for pcr, by_type in policy.reference_events.items():
+                for by_bank in by_type.values():
+                    for bank in by_bank:
+                        wanted.setdefault(bank, set()).add(pcr)
+        return {bank: sorted(pcrs) for bank, pcrs in sorted(wanted.items())}
 
     @staticmethod
     def _ima_position(node: NodeRecord, trust: TrustRecord) -> tuple[int, str]:
@@ -236,7 +252,7 @@ class AttestationLoop:
             bytes.fromhex(context["nonce"]),
             policy,
             previous,
-            self._selection,
+            context.get("selection") or self._selection,
             enrolled_ak_name=node.ak_name,
             ima_progress=progress,
         )
