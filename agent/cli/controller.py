@@ -183,6 +183,9 @@ def _ctl(args: argparse.Namespace) -> int:
                 print(f"  untrusted: {reason}")
             for refusal in detail.refusals:
                 print(f"  refused {_when(refusal.at)} {refusal.reason}: {refusal.detail}")
+            for event in detail.health_events:
+                print(f"  gpu {event.gpu_index} {_when(event.at)} {event.kind} {event.code} -> "
+                      f"{event.action}: {event.detail}")  # fmt: skip
             print(f"certificate: serial {detail.certificate_serial}, "
                   f"expires {_when(detail.certificate_not_after)}")  # fmt: skip
             print(f"reports: {summary.reports} " + json.dumps(dict(detail.reports_by_kind)))

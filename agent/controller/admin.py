@@ -117,10 +117,14 @@ class ControllerAdminHandlers:
         counts = await self._executor.call(self._store.report_counts, node.node_id)
         trust = await self._executor.call(self._store.commands.trust, node.node_id)
         refusals = await self._executor.call(self._store.commands.refusals, node.node_id)
+        health = await self._executor.call(
+            self._store.recent_reports, node.node_id, "health_event", 20
+        )
         return pb.NodeDetail(
             summary=self._summary(node, sum(counts.values()), trust),
             trust_reasons=list(trust.reasons),
             command_key_id=trust.command_key_id,
+            health_events=[link_pb2.Report.FromString(body).health_event for body in health],
             last_attested_at=trust.last_attested_at,
             refusals=[
                 pb.CommandRefusal(

@@ -108,6 +108,7 @@ class ControllerStore(Protocol):
     def commit_reports(self, reports: Sequence[IncomingReport]) -> None: ...
     def certificates(self, node_id: str) -> list[StoredCertificate]: ...
     def report_counts(self, node_id: str) -> dict[str, int]: ...
+    def recent_reports(self, node_id: str, kind: str, limit: int) -> list[bytes]: ...
     @property
     def commands(self) -> CommandStore: ...
     def close(self) -> None: ...
@@ -347,6 +348,15 @@ class SqliteControllerStore:
             )
             for r in rows
         ]
+
+    def recent_reports(self, node_id: str, kind: str, limit: int) -> list[bytes]:
+        """The bodies of ``node_id``'s newest reports of ``kind`` (serialized Reports)."""
+        rows = self._db.execute(
+            "SELECT body FROM reports WHERE node_id = ? AND kind = ? "
+            "ORDER BY received_at DESC, seq DESC LIMIT ?",
+            (node_id, kind, limit),
+        )
+        return [bytes(row[0]) for row in rows]
 
     def report_counts(self, node_id: str) -> dict[str, int]:
         rows = self._db.execute(

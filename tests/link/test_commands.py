@@ -521,3 +521,12 @@ def test_gpu_health_faults_reach_the_controller(
     seen = {(e.gpu_index, e.kind, e.code, e.action) for e in wait_for(events, "three events")}
     assert seen >= {(1, "xid", 79, "quarantine_gpu"), (0, "xid", 13, "lease_event"),
                     (0, "ecc_dbe", 1, "quarantine_gpu")}  # fmt: skip
+    # The operator sees them at the controller: `ctl node show`.
+    shown = trust(controller, node_b)["health_events"]
+    assert {(e["gpu_index"], e["kind"], e["action"]) for e in shown} >= {
+        (1, "xid", "quarantine_gpu"),
+        (0, "xid", "lease_event"),
+        (0, "ecc_dbe", "quarantine_gpu"),
+    }
+    text = controller.ctl("node", "show", node_b.node_id).stdout
+    assert "ecc_dbe 1 -> quarantine_gpu" in text

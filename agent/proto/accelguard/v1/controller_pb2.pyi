@@ -607,6 +607,7 @@ class NodeDetail(_message.Message):
     LAST_ATTESTED_AT_FIELD_NUMBER: _builtins.int
     REFUSALS_FIELD_NUMBER: _builtins.int
     COMMAND_KEY_ID_FIELD_NUMBER: _builtins.int
+    HEALTH_EVENTS_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
     enrolled_at: _builtins.float
     ak_name_hex: _builtins.str
@@ -632,6 +633,10 @@ class NodeDetail(_message.Message):
     def refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandRefusal]:
         """Refusals the node reported (newest first, at most 20): reason code and detail."""
 
+    @_builtins.property
+    def health_events(self) -> _containers.RepeatedCompositeFieldContainer[_link_pb2.HealthEvent]:
+        """GPU health events the node reported, newest first (at most 20)."""
+
     def __init__(
         self,
         *,
@@ -652,10 +657,11 @@ class NodeDetail(_message.Message):
         last_attested_at: _builtins.float = ...,
         refusals: _abc.Iterable[Global___CommandRefusal] | None = ...,
         command_key_id: _builtins.str = ...,
+        health_events: _abc.Iterable[_link_pb2.HealthEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name_hex", b"ak_name_hex", "boot_id", b"boot_id", "certificate_not_after", b"certificate_not_after", "certificate_serial", b"certificate_serial", "command_key_id", b"command_key_id", "ek_public_sha256", b"ek_public_sha256", "enrolled_at", b"enrolled_at", "epoch", b"epoch", "last_attested_at", b"last_attested_at", "last_seq", b"last_seq", "partitions", b"partitions", "refusals", b"refusals", "reports_by_kind", b"reports_by_kind", "scrub_key_fingerprint", b"scrub_key_fingerprint", "spiffe_id", b"spiffe_id", "summary", b"summary", "trust_reasons", b"trust_reasons"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name_hex", b"ak_name_hex", "boot_id", b"boot_id", "certificate_not_after", b"certificate_not_after", "certificate_serial", b"certificate_serial", "command_key_id", b"command_key_id", "ek_public_sha256", b"ek_public_sha256", "enrolled_at", b"enrolled_at", "epoch", b"epoch", "health_events", b"health_events", "last_attested_at", b"last_attested_at", "last_seq", b"last_seq", "partitions", b"partitions", "refusals", b"refusals", "reports_by_kind", b"reports_by_kind", "scrub_key_fingerprint", b"scrub_key_fingerprint", "spiffe_id", b"spiffe_id", "summary", b"summary", "trust_reasons", b"trust_reasons"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
