@@ -69,6 +69,10 @@ class HardwareError(AccelguardError):
     """An accelerator management call failed (translated from NVML or the driver)."""
 
 
+class GpuLostError(HardwareError):
+    """NVML says the GPU fell off the bus (NVML_ERROR_GPU_IS_LOST)."""
+
+
 class InsufficientResourcesError(HardwareError):
     """The device refused an allocation (NVML_ERROR_INSUFFICIENT_RESOURCES)."""
 

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Final
 
-from agent.bench.common import latency
+from agent.bench.common import latency, start_agent, wait_all_clean, wait_for_agent
 from agent.errors import LinkError, ValidationError
 
 AIM_EXTRA_MS: Final = 15.0
@@ -90,6 +90,7 @@ def _run(stack: contextlib.ExitStack, directory: Path, rounds: int) -> dict[str,
     from agent.link.attestation import TpmAttester  # noqa: PLC0415
     from agent.proto.accelguard.v1 import admin_pb2, controller_pb2, link_pb2  # noqa: PLC0415
     from agent.runtime.executor import BlockingExecutor  # noqa: PLC0415
+    from agent.runtime.process import stop_process  # noqa: PLC0415
     from agent.sim.node import init_sim_node  # noqa: PLC0415
     from agent.sim.swtpm import Swtpm  # noqa: PLC0415
 
@@ -116,21 +117,10 @@ def _run(stack: contextlib.ExitStack, directory: Path, rounds: int) -> dict[str,
     config = parse_config(document)
     node.config_path.write_text(to_toml(config))
     cli = [sys.executable, "-m", "agent.cli", "--config", str(node.config_path)]
-    log = (node.root / "agent.log").open("ab")
-    stack.callback(log.close)
-    agent = subprocess.Popen([*cli, "agent"], stdout=log, stderr=subprocess.STDOUT)
-
-    def stop_agent() -> None:
-        agent.terminate()
-        try:
-            agent.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-
-    stack.callback(stop_agent)
+    agent = start_agent(node.config_path, node.root / "agent.log")
+    stack.callback(stop_process, agent)
     admin = stack.enter_context(AdminClient(config.admin.socket))
-    _wait(lambda: _pings(admin), "the agent's admin socket")
+    wait_for_agent(admin, agent)
     ctl = stack.enter_context(ControllerClient(controller.admin_socket, timeout_s=60))
     token = ctl.create_token(config.node.id, 600).token
     fingerprint = ControllerPki(controller.pki_dir, "bench.fleet").fingerprint
@@ -150,7 +140,7 @@ def _run(stack: contextlib.ExitStack, directory: Path, rounds: int) -> dict[str,
         return bool(summary.connected and summary.trust == "trusted")
 
     _wait(trusted, "the node to connect and pass attestation", timeout=120)
-    _wait(lambda: _all_clean(admin), "the node's partitions to be clean")
+    wait_all_clean(admin)
     tenant = parent / "tenant"
     tenant.mkdir()
     executor = BlockingExecutor()
@@ -217,21 +207,6 @@ def _run(stack: contextlib.ExitStack, directory: Path, rounds: int) -> dict[str,
     return result
 
 
-def _pings(admin: Any) -> bool:
-    from agent.errors import AccelguardError  # noqa: PLC0415
-
-    try:
-        admin.ping()
-    except AccelguardError:
-        return False
-    return True
-
-
-def _all_clean(admin: Any) -> bool:
-    partitions = admin.list_partitions().partitions
-    return bool(partitions) and all(p.state == "free" and p.clean for p in partitions)
-
-
 def _release(admin: Any, lease_id: str) -> None:
     admin.release_lease(lease_id)
-    _wait(lambda: _all_clean(admin), "the released partition to be clean")
+    wait_all_clean(admin)

@@ -16,14 +16,14 @@ import argparse
 import contextlib
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Final
 
-from agent.bench.common import latency
+from agent.bench.common import cpu_seconds, latency, start_agent, wait_all_clean, wait_for_agent
 from agent.errors import AccelguardError, ValidationError
+from agent.runtime.process import stop_process
 
 AIM_CPU_PERCENT: Final = 0.5
 DEFAULT_WINDOW_S: Final = 20.0
@@ -32,13 +32,6 @@ QUICK_WINDOW_S: Final = 2.0
 QUICK_ROUNDS: Final = 3
 SETTLE_S: Final = 2.0
 XID: Final = 154
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os  # noqa: PLC0415
-
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Agent:
@@ -51,41 +44,23 @@ class _Agent:
         from agent.admin.client import AdminClient  # noqa: PLC0415
         from agent.config import load_config  # noqa: PLC0415
 
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "--config", str(self.config_path), "agent"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        socket = load_config(self.config_path).admin.socket
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AccelguardError(f"bench health: the agent exited; see {self.log}")
-            with contextlib.suppress(AccelguardError), AdminClient(socket, timeout_s=2) as client:
-                client.ping()
-                return
-            time.sleep(0.05)
-        raise AccelguardError("bench health: the agent did not start")
+        self.process = start_agent(self.config_path, self.log)
+        with AdminClient(load_config(self.config_path).admin.socket, timeout_s=2) as client:
+            wait_for_agent(client, self.process)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
 
     def cpu_per_second(self, window_s: float) -> float:
         if self.process is None:
             raise AccelguardError("bench health: the agent is not running")
         time.sleep(SETTLE_S)
         pid = self.process.pid
-        cpu, wall = _cpu_seconds(pid), time.monotonic()
+        cpu, wall = cpu_seconds(pid), time.monotonic()
         time.sleep(window_s)
-        return (_cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
+        return (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
 
 
 def _configure(config_path: Path, *, health: bool) -> None:
@@ -126,7 +101,7 @@ def bench_health(window_s: float, rounds: int, directory: Path) -> dict[str, Any
             status = client.status()
             gpu0 = next(g for g in status.gpus if g.index == 0)
             instance = gpu0.instances[0]
-            _wait_clean(client, instance.uuid)
+            wait_all_clean(client)
             samples = []
             for _ in range(rounds):
                 started = time.perf_counter()
@@ -137,7 +112,7 @@ def bench_health(window_s: float, rounds: int, directory: Path) -> dict[str, Any
                 _wait_state(config.node.store_path, instance.uuid, "quarantined")
                 samples.append(time.perf_counter() - started)
                 client.clear(instance.uuid, "bench: next round")
-                _wait_clean(client, instance.uuid)
+                wait_all_clean(client)
     finally:
         agent.stop()
     extra = (idle["with_monitor"] - idle["without_monitor"]) * 100
@@ -168,16 +143,6 @@ def _wait_state(store: Path, uuid: str, state: str, timeout: float = 60.0) -> No
                 return
             time.sleep(0.001)
     raise AccelguardError(f"bench health: {uuid} not {state} after {timeout:.0f} s")
-
-
-def _wait_clean(client: Any, uuid: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for partition in client.list_partitions().partitions:
-            if partition.uuid == uuid and partition.state == "free" and partition.clean:
-                return
-        time.sleep(0.05)
-    raise AccelguardError(f"bench health: {uuid} not clean after {timeout:.0f} s")
 
 
 def add_bench_parser(bench_subparsers: argparse._SubParsersAction[Any]) -> None:

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.bench.common import elapsed, latency
+from agent.bench.common import elapsed, latency, start_agent, wait_all_clean, wait_for_agent
 from agent.config import load_config
 from agent.errors import ValidationError
+from agent.runtime.process import stop_process
 from agent.sim.node import init_sim_node
 
 # A busy node: training jobs, data loaders and exporters hold 10^5-10^6 descriptors.
@@ -63,13 +64,10 @@ def bench_lease(
         tenant.mkdir()
         node = init_sim_node(root / "node", "h100x1", cgroup_parents=[parent], slice_bytes=1 << 20)
         config = load_config(node.config_path)
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--config", str(node.config_path), "agent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        agent = start_agent(node.config_path)
         try:
             with AdminClient(config.admin.socket, timeout_s=60) as client:
-                _wait_for_agent(client, agent)
+                wait_for_agent(client, agent)
                 client.apply_layout(
                     pb.LayoutRequest(
                         targets=[
@@ -79,7 +77,7 @@ def bench_lease(
                         ]
                     )
                 )
-                _wait_clean(client)
+                wait_all_clean(client)
                 grants: list[float] = []
                 releases: list[float] = []
                 pings: list[float] = []
@@ -110,8 +108,7 @@ def bench_lease(
                 finally:
                     opened = _stop_descriptor_holders(helpers)
         finally:
-            agent.terminate()
-            agent.wait(timeout=30)
+            stop_process(agent)
             tenant.rmdir()
             parent.rmdir()
     grant, release, ping = latency(grants), latency(releases), latency(pings)
@@ -217,27 +214,3 @@ def _release_while_pinging(client: Any, socket: Path, lease: str) -> tuple[float
     if not released.clean:
         raise ValidationError(f"release on the busy node did not end clean: {released.reason}")
     return release_s, samples
-
-
-def _wait_for_agent(client: Any, agent: subprocess.Popen[bytes]) -> None:
-    from agent.errors import AccelguardError  # noqa: PLC0415
-
-    for _ in range(600):
-        if agent.poll() is not None:
-            raise ValidationError(f"the agent exited with {agent.returncode}")
-        try:
-            client.ping()
-        except AccelguardError:
-            time.sleep(0.05)
-        else:
-            return
-    raise ValidationError("the agent did not start within 30 s")
-
-
-def _wait_clean(client: Any) -> None:
-    for _ in range(600):
-        partitions = client.list_partitions().partitions
-        if partitions and all(p.state == "free" and p.clean for p in partitions):
-            return
-        time.sleep(0.05)
-    raise ValidationError("partitions did not become clean within 30 s")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from agent.bench.common import latency
+from agent.bench.common import cpu_seconds, latency
 from agent.errors import LinkError, ValidationError
 
 if TYPE_CHECKING:
@@ -172,16 +172,6 @@ def pinned_self(cpus: set[int]) -> Iterator[None]:
                 os.sched_setaffinity(tid, mask)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the command: state is field 3, utime and stime fields 14 and 15 (1-based).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class BenchController:
     """A controller process (``python -m agent.cli controller serve``) with its state in
     ``directory``, listening on kernel-chosen ports, pinned to ``cpu`` when given."""
@@ -281,17 +271,11 @@ class BenchController:
         return ""
 
     def stop(self) -> int:
-        import subprocess  # noqa: PLC0415
+        from agent.runtime.process import stop_process  # noqa: PLC0415
 
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            code = int(self.process.wait(timeout=30))
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = int(self.process.wait())
+        code = stop_process(self.process)
         self.process = None
         return code
 

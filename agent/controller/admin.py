@@ -34,20 +34,9 @@ from agent.scrub.certificate import key_fingerprint
 log = structlog.get_logger(__name__)
 
 
-def _partitions(node: NodeRecord) -> list[link_pb2.InventoryPartition]:
-    if not node.inventory:
-        return []
-    snapshot = link_pb2.InventorySnapshot()
-    snapshot.ParseFromString(node.inventory)
-    return list(snapshot.partitions)
-
-
-def _gpus(node: NodeRecord) -> list[link_pb2.InventoryGpu]:
-    if not node.inventory:
-        return []
-    snapshot = link_pb2.InventorySnapshot()
-    snapshot.ParseFromString(node.inventory)
-    return list(snapshot.gpus)
+def _inventory(node: NodeRecord) -> link_pb2.InventorySnapshot:
+    """The node's latest inventory (empty before its first)."""
+    return link_pb2.InventorySnapshot.FromString(node.inventory)
 
 
 class ControllerAdminHandlers:
@@ -71,9 +60,10 @@ class ControllerAdminHandlers:
         dispatcher.result_hooks.append(self._cordon_result)
 
     def _summary(self, node: NodeRecord, reports: int, trust: TrustRecord) -> pb.NodeSummary:
-        states = Counter(p.state for p in _partitions(node))
+        inventory = _inventory(node)
+        states = Counter(p.state for p in inventory.partitions)
         return pb.NodeSummary(
-            unhealthy_gpus=sum(1 for g in _gpus(node) if g.health not in ("", "healthy")),
+            unhealthy_gpus=sum(1 for g in inventory.gpus if g.health not in ("", "healthy")),
             trust="unattested" if node.attestation != "attested" else trust.trust,
             cordoned=trust.cordoned,
             group=trust.group,
@@ -152,7 +142,7 @@ class ControllerAdminHandlers:
                     clean=p.clean,
                     lease_id=p.lease_id,
                 )
-                for p in _partitions(node)
+                for p in _inventory(node).partitions
             ],
             reports_by_kind=counts,
         )
@@ -252,7 +242,7 @@ class ControllerAdminHandlers:
         previous_key = self._pki.previous_command_key
         previous = command_key_id(previous_key.public_key()) if previous_key else ""
         lagging = [node for node, key in pinned.items() if key and key != current]
-        unreachable = [node for node in lagging if key_of(pinned, node) != previous]
+        unreachable = [node for node in lagging if pinned[node] != previous]
         created = not lagging
         if created:
             await self._executor.call(self._pki.rotate_command_key)
@@ -297,10 +287,6 @@ class ControllerAdminHandlers:
         await self._executor.call(self._store.commands.set_group, request.node_id, request.group)
         log.info("node_group_set", node=request.node_id, group=request.group)
         return pb.SetNodeGroupResponse()
-
-
-def key_of(pinned: dict[str, str], node: str) -> str:
-    return pinned.get(node, "")
 
 
 def _check_group(group: str) -> None:

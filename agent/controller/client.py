@@ -39,9 +39,15 @@ class ControllerClient:
     def __exit__(self, *exc: object) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Any, response: type[T]) -> T:
+    def _call(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        response: type[T],
+        timeout_s: float | None = None,
+    ) -> T:
         try:
-            result = method(request, timeout=self._timeout_s)
+            result = method(request, timeout=timeout_s or self._timeout_s)
         except grpc.RpcError as error:
             code = error.code()
             if code == grpc.StatusCode.UNAVAILABLE and not self._socket.exists():
@@ -71,19 +77,7 @@ class ControllerClient:
     def run_command(self, request: pb.RunCommandRequest) -> pb.CommandStatus:
         # The controller waits up to the request's timeout for the node: wait a little longer.
         wait = (request.timeout_s or 3600.0) + 30.0
-        try:
-            result = self._stub.RunCommand(request, timeout=wait)
-        except grpc.RpcError as error:
-            code = error.code()
-            if code == grpc.StatusCode.UNAVAILABLE and not self._socket.exists():
-                raise DaemonUnavailableError(
-                    f"cannot reach the controller at {self._socket}: is "
-                    "`accelguard controller serve` running?"
-                ) from None
-            raise _ERROR_FOR.get(code, LinkError)(error.details() or code.name) from None
-        if not isinstance(result, pb.CommandStatus):
-            raise LinkError(f"the controller answered {type(result).__name__}")
-        return result
+        return self._call(self._stub.RunCommand, request, pb.CommandStatus, timeout_s=wait)
 
     def list_commands(self, node_id: str, limit: int) -> pb.ListCommandsResponse:
         request = pb.ListCommandsRequest(node_id=node_id, limit=limit)

@@ -193,10 +193,13 @@ class HealthMonitor:
     # -- counters and state ----------------------------------------------------------------------
 
     async def poll(self, *, at_start: bool) -> None:
+        # Which partitions each GPU has, read once per poll (only their ids and GPUs are used).
+        records = await self._executor.call(self._store.partitions)
         for index in sorted(self.gpus):
             state = self.gpus[index]
             reading = await self._executor.call(read_gpu_health, index, state.uuid)
-            await self._check(state, reading, at_start)
+            partitions = [p for p in records if p.gpu_index == index]
+            await self._check(state, reading, partitions, at_start)
         self.last_poll = time.time()
         await self.refresh_summary()
 
@@ -265,9 +268,14 @@ class HealthMonitor:
         """GPU UUID -> (state, reset required), unhealthy GPUs only (for the inventory)."""
         return dict(self._summary)
 
-    async def _check(self, state: GpuState, reading: GpuHealthReading, at_start: bool) -> None:
+    async def _check(
+        self,
+        state: GpuState,
+        reading: GpuHealthReading,
+        partitions: list[PartitionRecord],
+        at_start: bool,
+    ) -> None:
         state.reading = reading
-        partitions = await self._gpu_partitions(state.index)
         state.uuid = reading.uuid or state.uuid or await self._gpu_uuid(state.index, partitions)
         targets = [p.uuid for p in partitions]
 

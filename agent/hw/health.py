@@ -22,7 +22,6 @@ from agent.hw.nvml import nvml_errors
 
 # nvml.h: gpuInstanceId / computeInstanceId are 0xFFFFFFFF when the event is not MIG-specific.
 _NO_INSTANCE: Final = 0xFFFFFFFF
-_GPU_IS_LOST: Final = 15  # NVML_ERROR_GPU_IS_LOST
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ def read_gpu_health(gpu_index: int, uuid: str = "") -> GpuHealthReading:
         nvlink = _nvlink_errors(handle)
     except pynvml.NVMLError as error:
         code = getattr(error, "value", None)
-        if code == _GPU_IS_LOST:
+        if code == pynvml.NVML_ERROR_GPU_IS_LOST:
             return GpuHealthReading(gpu_index, uuid, now, lost=True, error=str(error))
         return GpuHealthReading(gpu_index, uuid, now, error=f"{error} (NVML error {code})")
     corrected, uncorrected = (
@@ -226,7 +225,7 @@ class XidWatcher:
             code = getattr(error, "value", None)
             if code == pynvml.NVML_ERROR_TIMEOUT:
                 return None
-            if code == _GPU_IS_LOST:
+            if code == pynvml.NVML_ERROR_GPU_IS_LOST:
                 # A registered GPU fell off the bus: the set answers this at once from now on.
                 # Watch the others with a new set; the poll reports the lost one.
                 self.close()

@@ -11,6 +11,7 @@ A partition on a MIG GPU is a GPU instance with one compute instance spanning al
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Iterator
@@ -19,7 +20,13 @@ from typing import Any
 
 import pynvml
 
-from agent.errors import HardwareError, InsufficientResourcesError, InUseError, NotFoundError
+from agent.errors import (
+    GpuLostError,
+    HardwareError,
+    InsufficientResourcesError,
+    InUseError,
+    NotFoundError,
+)
 from agent.hw.mig.geometry import GiProfile, GpuGeometry, Instance, Placement
 from agent.hw.model import GpuInfo, MigInstanceInfo
 from agent.runtime import failpoints
@@ -29,7 +36,6 @@ from agent.runtime.failpoints import CrashPoint
 # that does not run in a MIG instance.
 _NOT_AVAILABLE = 0xFFFFFFFF
 _MAX_INSTANCES = 32
-_GPU_IS_LOST = 15  # NVML_ERROR_GPU_IS_LOST
 
 
 @contextmanager
@@ -44,6 +50,8 @@ def nvml_errors(what: str) -> Iterator[None]:
             raise InsufficientResourcesError(message) from error
         if code == pynvml.NVML_ERROR_IN_USE:
             raise InUseError(message) from error
+        if code == pynvml.NVML_ERROR_GPU_IS_LOST:
+            raise GpuLostError(message) from error
         # NVML_ERROR_NOT_FOUND stays a HardwareError: what the agent asks NVML for is what it
         # found or made itself (a handle, a GPU instance it created), so its absence is a device
         # fault, not rejected input. Names an operator gives (a GPU index, a profile) are checked
@@ -69,8 +77,6 @@ class NvmlBackend:
         self._open = False
         # A GPU's MIG profile table is fixed by its model; cache it per GPU UUID.
         self._geometries: dict[str, GpuGeometry] = {}
-        # Indices the last inventory left out because NVML reported them lost.
-        self.lost_gpus: tuple[int, ...] = ()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -125,16 +131,9 @@ class NvmlBackend:
         reconciler treats as hardware gone (leases lost, fences revoked), and the health monitor
         quarantines them. Any other error fails the whole read (unknown means unsafe)."""
         gpus = []
-        lost = []
         for index in range(self.gpu_count()):
-            try:
+            with contextlib.suppress(GpuLostError):
                 gpus.append(self.gpu(index))
-            except HardwareError as error:
-                cause = error.__cause__
-                if getattr(cause, "value", None) != _GPU_IS_LOST:
-                    raise
-                lost.append(index)
-        self.lost_gpus = tuple(lost)
         return gpus
 
     def gpu(self, gpu_index: int) -> GpuInfo:

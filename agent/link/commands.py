@@ -131,8 +131,6 @@ class CommandService:
         self._running = asyncio.Semaphore(MAX_RUNNING)
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_purge = 0.0
-        self.refused = 0
-        self.ran = 0
 
     def submit(self, data: bytes) -> None:
         """Handle a command from the stream in its own task: a disconnect does not interrupt a
@@ -140,11 +138,6 @@ class CommandService:
         task = asyncio.get_running_loop().create_task(self.handle(data), name="link-command")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def drain(self) -> None:
-        """Wait for the commands running now (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def handle(self, data: bytes) -> None:
         try:
@@ -189,10 +182,6 @@ class CommandService:
         await self._executor.call(
             self._log.finish, command_id, stored, report, result.refusal, result.error
         )
-        if result.refusal:
-            self.refused += 1
-        else:
-            self.ran += 1
         self._wake()
         log.info(
             "command_ran", command=command_id.hex(), kind=checked.kind, ok=result.ok,
@@ -228,7 +217,6 @@ class CommandService:
         refusal: CommandRefusedError,
         result: pb.CommandResult | None = None,
     ) -> None:
-        self.refused += 1
         if result is None:
             result = pb.CommandResult(
                 command_id=command_id,
@@ -343,6 +331,3 @@ class CommandService:
             if payload.get("previous_lease_id") == lease_id:
                 return text
         return ""
-
-    def cached(self) -> int:
-        return self._log.cached()

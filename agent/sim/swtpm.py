@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from agent.runtime.process import stop_process
+
 SWTPM_START_LIMIT_S = 20.0
 
 
@@ -89,10 +91,5 @@ class Swtpm:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout=10)
         self.process = None

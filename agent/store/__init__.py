@@ -65,6 +65,15 @@ def write_transaction(db: sqlite3.Connection, what: str) -> Iterator[sqlite3.Con
         raise StoreError(f"{what} write failed: {error}") from error
 
 
+def put_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+    """Set a meta key inside the caller's journal transaction."""
+    db.execute(
+        "INSERT INTO meta(key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
 class Store:
     """One SQLite connection, used from one thread at a time (the daemon's blocking executor)."""
 
@@ -150,11 +159,7 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO meta(key, value) VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
+            put_meta(db, key, value)
 
     # -- partitions -----------------------------------------------------------------------------
 

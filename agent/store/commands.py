@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from agent.store import Store
+from agent.store import Store, put_meta
 from agent.store.outbox import Outbox
 
 # Refusals kept in the journal (oldest go first): an attacker who can reach the stream can make
@@ -133,12 +133,5 @@ class CommandLog:
 
     def set_cordoned(self, cordoned: bool, reason: str) -> None:
         with self._store.transaction() as db:
-            for key, value in (
-                (_CORDON_KEY, "1" if cordoned else "0"),
-                (_CORDON_REASON_KEY, reason),
-            ):
-                db.execute(
-                    "INSERT INTO meta(key, value) VALUES (?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (key, value),
-                )
+            put_meta(db, _CORDON_KEY, "1" if cordoned else "0")
+            put_meta(db, _CORDON_REASON_KEY, reason)

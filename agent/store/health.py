@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.store import Store
+from agent.store import Store, put_meta
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,7 @@ class HealthLog:
                         (uuid, event_id, detail, now),
                     )
             if reset_required:
-                db.execute(
-                    "INSERT INTO meta(key, value) VALUES (?, '1') ON CONFLICT(key) DO UPDATE "
-                    "SET value = '1'",
-                    (f"health_reset_required:{gpu_uuid}",),
-                )
+                put_meta(db, f"health_reset_required:{gpu_uuid}", "1")
             row = db.execute("SELECT * FROM health_events WHERE id = ?", (event_id,)).fetchone()
         return _event(row)
 
