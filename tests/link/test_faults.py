@@ -31,6 +31,12 @@ def _stored(controller: Controller, node: LinkNode) -> int:
     return len(controller.report_seqs(node.node_id))
 
 
+def _attests(controller: Controller, node: LinkNode) -> int:
+    return int(controller.query(
+        "SELECT COUNT(*) FROM commands WHERE node_id = ? AND kind = 'attest'", node.node_id
+    )[0][0])  # fmt: skip
+
+
 def _producing(controller: Controller, node: LinkNode, more_than: int) -> None:
     wait_for(lambda: _stored(controller, node) > more_than, f"over {more_than} reports stored")
 
@@ -41,10 +47,24 @@ def _settle_and_count(controller: Controller, node: LinkNode) -> list[int]:
     if node.agent.process is not None:
         assert node.agent.stop(signal.SIGTERM) == 0
     node.configure({**FAST, "heartbeat_s": 3600.0})
+    attests = _attests(controller, node)
     node.agent.start()
-    wait_for(lambda: node.unacked() == 0 and _stored(controller, node) > 0, "outbox drained",
-             timeout=90)  # fmt: skip
-    time.sleep(0.5)
+
+    def settled() -> bool:
+        # The controller attests the node on every connect, and the node's answer is a report of
+        # its own: settled means that answer is in too, then nothing unacked and all stored.
+        open_ = controller.query(
+            "SELECT COUNT(*) FROM commands WHERE node_id = ? AND state IN ('queued', 'sent')",
+            node.node_id,
+        )[0][0]
+        return (
+            _attests(controller, node) > attests
+            and open_ == 0
+            and node.unacked() == 0
+            and _stored(controller, node) == node.last_seq()
+        )
+
+    wait_for(settled, "the reconnect's attestation answered and the outbox drained", timeout=90)
     assert node.unacked() == 0
     last = node.last_seq()
     assert node.meta("link_dropped") == 0
