@@ -212,6 +212,24 @@ class LinkConfig:
     # issued further in the future is refused) and behind (an expired one is accepted this
     # much longer). Keep the node's clock in sync (NTP): commands live 10 minutes at most.
     command_clock_skew_s: float = _check(_positive, 30.0)
+    # The MQTT fallback (docs/edge.md): the broker, HOST:PORT (TLS with the node's enrolled
+    # certificate; the broker's certificate must name HOST); empty: none.
+    mqtt_broker: str = _check(_host_port, "")
+    # "auto": fall back on an edge node (node.profile = "edge") only; "on"/"off": always/never.
+    mqtt_fallback: Literal["auto", "on", "off"] = "auto"
+    # Switch to MQTT once gRPC has been unreachable this long; back once it has been healthy
+    # (probed) this long.
+    fallback_after_s: float = _check(_positive, 30.0)
+    failback_after_s: float = _check(_positive, 60.0)
+    # The broker keeps the node's session (its subscription and the commands queued on it)
+    # this long after the node went away.
+    mqtt_session_expiry_s: int = _check(_positive, 24 * 3600)
+    mqtt_keepalive_s: int = _check(_positive, 20)
+
+    def fallback_enabled(self, profile: str) -> bool:
+        if not self.mqtt_broker or self.mqtt_fallback == "off":
+            return False
+        return self.mqtt_fallback == "on" or profile == "edge"
 
     def __post_init__(self) -> None:
         if self.outbox_grant_reserve >= self.outbox_max_reports:
@@ -222,6 +240,8 @@ class LinkConfig:
             )
         if self.backoff_base_s > self.backoff_cap_s:
             raise ConfigError("link.backoff_base_s: must not exceed link.backoff_cap_s")
+        if self.mqtt_fallback == "on" and not self.mqtt_broker:
+            raise ConfigError("link.mqtt_fallback: 'on' needs link.mqtt_broker")
 
 
 _XID_OVERRIDE = re.compile(

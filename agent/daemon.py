@@ -134,6 +134,7 @@ class Daemon:
             self.node_key.public_pem(),
             health=self.health,
             latencies=self.metrics,
+            link=self.link,
         )
         self.admin = AdminServer(config, handlers)
         # Remote commands run through the same handlers as the admin socket's calls.
@@ -158,7 +159,7 @@ class Daemon:
         copy, never blocking."""
         link, health = self.link, self.health
         return CallableSources(
-            link=(lambda: LinkState(link.connected, "grpc")) if link is not None else None,
+            link=(lambda: LinkState(link.connected, link.transport)) if link is not None else None,
             readings=(
                 (lambda: [s.reading for s in list(health.gpus.values()) if s.reading is not None])
                 if health is not None

@@ -106,6 +106,12 @@ class HealthSource(Protocol):
 LayoutRunner = Callable[[list[LayoutTarget], bool], Awaitable[list[GpuLayoutResult]]]
 
 
+class LinkStatusSource(Protocol):
+    """The link service's state for `accelguard status` (agent/link/service.py)."""
+
+    async def link_status(self) -> pb.LinkStatus: ...
+
+
 class AdminHandlers:
     """What the admin API can do; the daemon supplies the services."""
 
@@ -118,7 +124,9 @@ class AdminHandlers:
         node_public_key: str,
         health: HealthSource | None = None,
         latencies: LatencyObserver | None = None,
+        link: LinkStatusSource | None = None,
     ) -> None:
+        self._link = link
         self._health = health
         self._latencies = latencies
         self._node_id = config.node.id
@@ -144,6 +152,7 @@ class AdminHandlers:
             gpus=[gpu_message(g) for g in snapshot.gpus],
             partitions=[self.partition_message(p) for p in await self._leases.partitions()],
             node_public_key=self._node_public_key,
+            link=await self._link.link_status() if self._link is not None else None,
         )
 
     async def layout(self, request: pb.LayoutRequest, apply: bool) -> pb.LayoutResponse:

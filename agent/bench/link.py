@@ -488,6 +488,7 @@ class LightNode:
             seq += 1
             report = health_sample(seq * interval_s, 0, 0)
             report.seq = seq
+            report.after_seq = seq - 1
             report.created_at = time.time()
             self._pending[seq] = time.perf_counter()
             self.samples.sent += 1

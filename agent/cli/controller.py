@@ -34,6 +34,17 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument("--config", dest="controller_config", type=Path, required=True)
     check = verbs.add_parser("check-config", help="validate controller.toml, print it")
     check.add_argument("--config", dest="controller_config", type=Path, required=True)
+    broker = verbs.add_parser(
+        "broker-certificate",
+        help="issue the MQTT broker's TLS certificate from the controller CA (docs/edge.md)",
+    )
+    broker.add_argument("--config", dest="controller_config", type=Path, required=True)
+    broker.add_argument(
+        "--name", action="append", required=True,
+        help="DNS name or IP the nodes dial the broker by (repeatable)",
+    )  # fmt: skip
+    broker.add_argument("--out", type=Path, required=True,
+                        help="directory for broker.key, broker.pem and ca.pem")  # fmt: skip
 
     ctl = commands.add_parser("ctl", help="operate the fleet through the controller")
     ctl.add_argument(
@@ -80,6 +91,31 @@ def run(args: argparse.Namespace) -> int:
     return _ctl(args)
 
 
+def _broker_certificate(settings: Any, names: list[str], out: Path) -> int:
+    from agent.controller.pki import (  # noqa: PLC0415
+        ControllerPki,
+        bridge_identity,
+        issue_service_certificate,
+    )
+    from agent.identity.files import write_private  # noqa: PLC0415
+
+    pki = ControllerPki(settings.pki_dir, settings.trust_domain)
+    for name in names:
+        if not name or any(not (c.isascii() and (c.isalnum() or c in ".:-")) for c in name):
+            raise ConfigError(f"--name {name[:80]!r}: not a DNS name or an IP address")
+    key, chain = issue_service_certificate(pki, names[0], names, server=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(out / "broker.key", key)
+    write_private(out / "broker.pem", chain)
+    write_private(out / "ca.pem", pki.ca_pem)
+    print(f"broker certificate: {out / 'broker.pem'}")
+    print(f"broker key: {out / 'broker.key'}")
+    print(f"ca: {out / 'ca.pem'}")
+    # What the ACL's `user` line names (docs/edge/acl).
+    print(f"controller identity: {bridge_identity(pki.trust_domain)}")
+    return 0
+
+
 def _controller(args: argparse.Namespace) -> int:
     from agent.controller import config as controller_config  # noqa: PLC0415
 
@@ -110,6 +146,8 @@ def _controller(args: argparse.Namespace) -> int:
         print(f"config: {config_path}")
         return 0
     config = controller_config.load_controller_config(args.controller_config)
+    if args.verb == "broker-certificate":
+        return _broker_certificate(config.controller, args.name, args.out)
     if args.verb == "check-config":
         print(controller_config.controller_config_toml(config), end="")
         return 0
@@ -154,16 +192,16 @@ def _ctl(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(message_dict(nodes))
                 return 0
-            print(f"{'NODE':24} {'LINK':12} {'LAST SEEN':21} {'ATTESTATION':12} {'TRUST':18} "
+            print(f"{'NODE':24} {'LINK':15} {'LAST SEEN':21} {'ATTESTATION':12} {'TRUST':18} "
                   "PARTITIONS")  # fmt: skip
             for node in nodes.nodes:
                 partitions = ", ".join(f"{p.state}={p.count}" for p in node.partitions) or "-"
-                link = "connected" if node.connected else "offline"
+                link = f"connected/{node.transport}" if node.connected else "offline"
                 trust = node.trust + (",cordoned" if node.cordoned else "")
                 if node.unhealthy_gpus:
                     partitions += f" ({node.unhealthy_gpus} GPU unhealthy)"
                 print(
-                    f"{node.node_id:24} {link:12} {_when(node.last_seen):21} "
+                    f"{node.node_id:24} {link:15} {_when(node.last_seen):21} "
                     f"{node.attestation:12} {trust:18} {partitions}"
                 )
             return 0
@@ -174,7 +212,10 @@ def _ctl(args: argparse.Namespace) -> int:
                 return 0
             summary = detail.summary
             print(f"node: {summary.node_id} ({detail.spiffe_id})")
-            print(f"link: {'connected' if summary.connected else 'offline'}, last seen "
+            link = f"connected over {summary.transport}" if summary.connected else "offline"
+            if summary.broker_state:
+                link += f" (MQTT state: {summary.broker_state})"
+            print(f"link: {link}, last seen "
                   f"{_when(summary.last_seen)}, agent {summary.agent_version or '-'}")  # fmt: skip
             print(f"attestation: {summary.attestation}, AK name {detail.ak_name_hex or '-'}")
             print(f"trust: {summary.trust}{', CORDONED' if summary.cordoned else ''}, group "

@@ -60,6 +60,16 @@ def _print_status(status: Any) -> None:
     print(f"node {status.node_id}  agent {status.agent_version}  driver {status.driver_version}")
     key = "".join(status.node_public_key.splitlines()[1:-1])
     print(f"node key (Ed25519, signs scrub certificates): {key}")
+    link = status.link
+    if not link.configured:
+        print("link: none (link.controller is empty)")
+    else:
+        state = f"connected over {link.transport}" if link.connected else "disconnected"
+        if link.fallback_enabled:
+            state += f", MQTT fallback on ({link.failovers} failovers, {link.failbacks} failbacks)"
+        print(f"link: {state}, {link.unacked} reports unacked")
+        if not link.connected and link.last_error:
+            print(f"  last error: {link.last_error}")
     states = {p.uuid: p for p in status.partitions}
     for gpu in status.gpus:
         mig = "on" if gpu.mig_mode.current else "off"

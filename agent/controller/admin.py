@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from agent.controller.command_store import CommandRow, CommandState, TrustRecord
 from agent.controller.commands import CommandDispatcher
 from agent.controller.config import ControllerSection
 from agent.controller.link import NodeLinkHandler
+from agent.controller.mqtt_bridge import BrokerState
 from agent.controller.pki import ControllerPki
 from agent.controller.store import ControllerStore, NodeRecord
 from agent.controller.tokens import create_token
@@ -58,8 +60,17 @@ class ControllerAdminHandlers:
         self._dispatcher = dispatcher
         self._attestation = attestation
         dispatcher.result_hooks.append(self._cordon_result)
+        # The MQTT bridge's view of each node's state topic (agent/controller/mqtt_bridge.py).
+        self.broker_states: Mapping[str, BrokerState] = {}
+
+    def _broker_state(self, node_id: str) -> str:
+        state = self.broker_states.get(node_id)
+        if state is None:
+            return ""
+        return state.state if state.state == "offline" else f"{state.state} {state.transport}"
 
     def _summary(self, node: NodeRecord, reports: int, trust: TrustRecord) -> pb.NodeSummary:
+        session = self._link.sessions.get(node.node_id)
         inventory = _inventory(node)
         states = Counter(p.state for p in inventory.partitions)
         return pb.NodeSummary(
@@ -68,7 +79,9 @@ class ControllerAdminHandlers:
             cordoned=trust.cordoned,
             group=trust.group,
             node_id=node.node_id,
-            connected=node.node_id in self._link.sessions,
+            connected=session is not None,
+            transport=session.transport if session is not None else "",
+            broker_state=self._broker_state(node.node_id),
             last_seen=node.last_seen,
             attestation=node.attestation,
             partitions=[pb.PartitionCount(state=s, count=c) for s, c in sorted(states.items())],

@@ -34,6 +34,10 @@ def _listen(value: Any) -> str | None:
     return None
 
 
+def _optional_listen(value: Any) -> str | None:
+    return None if value == "" else _listen(value)
+
+
 def _command_ttl(value: Any) -> str | None:
     return None if 0 < value <= 600 else "must be more than 0 and at most 600 (seconds)"
 
@@ -70,6 +74,11 @@ class ControllerSection:
     # Attestation in the loop: a fresh quote on each connect and this often; the PCRs asked for.
     attest_interval_s: float = _check(_positive, 600.0)
     attest_pcrs: str = "sha256:0,1,2,3,4,5,6,7,8,9,10,14"
+    # The MQTT bridge for edge nodes (docs/edge.md): the broker, HOST:PORT (its certificate must
+    # name HOST); empty: no bridge. The bridge's client certificate is <pki>/bridge.pem.
+    mqtt_broker: str = _check(_optional_listen, "")
+    mqtt_session_expiry_s: int = _check(_positive, 24 * 3600)
+    mqtt_keepalive_s: int = _check(_positive, 20)
 
     @property
     def pki_dir(self) -> Path:

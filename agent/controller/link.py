@@ -17,7 +17,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -63,6 +63,7 @@ class Session:
     node_id: str
     task: asyncio.Task[Any]
     started_at: float
+    transport: str = "grpc"
 
 
 class NodeLinkHandler:
@@ -102,31 +103,60 @@ class NodeLinkHandler:
         return node_id_of(certificate, self._pki.trust_domain)
 
     async def connect(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        """The gRPC stream: the node is who its client certificate says."""
+        try:
+            node_id = self.identity(context)
+        except IdentityClaimError as error:
+            log.warning("link_refused", reason=str(error))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+            return
+
+        async def send(message: pb.Downlink) -> None:
+            await context.write(message)
+
+        closed = await self.serve(node_id, requests, send, "grpc")
+        if closed is not None:
+            await context.abort(*closed)
+
+    async def serve(
+        self,
+        node_id: str,
+        requests: AsyncIterator[bytes],
+        send: Callable[[pb.Downlink], Awaitable[None]],
+        transport: str,
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """One session of an authenticated node, whichever transport carries it (the gRPC
+        stream, or the MQTT bridge where the broker authenticated the node): None when the
+        node ended it, otherwise the status it is ended with and why."""
         self.streams_opened += 1
         try:
-            await self._connect(requests, context)
+            await self._serve(node_id, requests, send, transport)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or not self._replaced.pop(task, False):
                 raise
             task.uncancel()
-            await context.abort(
-                grpc.StatusCode.ABORTED, "replaced: this node opened a newer stream"
-            )
+            return grpc.StatusCode.ABORTED, "replaced: this node opened a newer session"
         except IdentityClaimError as error:
-            log.warning("link_refused", reason=str(error))
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+            log.warning("link_refused", node=node_id, reason=str(error))
+            return grpc.StatusCode.PERMISSION_DENIED, str(error)
         except LinkProtocolError as error:
-            log.warning("link_protocol_error", reason=str(error))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            log.warning("link_protocol_error", node=node_id, reason=str(error))
+            return grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except AccelguardError as error:
-            log.error("link_failed", error=str(error))  # noqa: TRY400
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+            log.error("link_failed", node=node_id, error=str(error))  # noqa: TRY400
+            return grpc.StatusCode.UNAVAILABLE, str(error)
         finally:
             self.streams_closed += 1
+        return None
 
-    async def _connect(self, requests: AsyncIterator[bytes], context: Any) -> None:
-        node_id = self.identity(context)
+    async def _serve(
+        self,
+        node_id: str,
+        requests: AsyncIterator[bytes],
+        send: Callable[[pb.Downlink], Awaitable[None]],
+        transport: str,
+    ) -> None:
         node = await self._executor.call(self._store.node, node_id)
         if node is None:
             raise IdentityClaimError(f"node {node_id} is not enrolled at this controller")
@@ -150,14 +180,14 @@ class NodeLinkHandler:
             # The node dialled again: its old stream is half-dead (NAT, a stalled path).
             self._replaced[previous.task] = True
             previous.task.cancel()
-        self.sessions[node_id] = Session(node_id, current, time.time())
+        self.sessions[node_id] = Session(node_id, current, time.time(), transport)
         log.info("node_connected", node=node_id, epoch=hello.epoch, resume_after=resume,
-                 node_last_seq=hello.last_seq)  # fmt: skip
+                 node_last_seq=hello.last_seq, transport=transport)  # fmt: skip
         writing = asyncio.Lock()
 
         async def write(message: pb.Downlink) -> None:
             async with writing:
-                await context.write(message)
+                await send(message)
 
         acker: asyncio.Task[None] | None = None
         try:
@@ -174,7 +204,9 @@ class NodeLinkHandler:
             )
             acker = asyncio.create_task(self._ack(in_flight, write), name=f"ack-{node_id}")
             async with contextlib.aclosing(_until_done(iterator, acker)) as messages:
-                await self._receive(node_id, hello.epoch, messages, verifier, in_flight, write)
+                await self._receive(
+                    node_id, hello.epoch, resume, messages, verifier, in_flight, write
+                )
             await in_flight.put((0, _done_future()))
             await acker
         finally:
@@ -192,12 +224,13 @@ class NodeLinkHandler:
         self,
         node_id: str,
         epoch: int,
+        resume: int,
         messages: AsyncIterator[bytes],
         verifier: _NodeVerifier,
         in_flight: asyncio.Queue[tuple[int, asyncio.Future[None]]],
         write: Any,
     ) -> None:
-        last_seq = 0
+        last_seq = resume
         async for data in messages:
             message = decode_uplink(data)
             which = message.WhichOneof("message")
@@ -206,6 +239,13 @@ class NodeLinkHandler:
                 if report.seq <= last_seq:
                     raise LinkProtocolError(
                         f"report seq {report.seq} after {last_seq}: seqs must increase"
+                    )
+                if report.after_seq != last_seq:
+                    # The outbox may skip seqs (dropped reports), a transport may not lose one:
+                    # end the session, the node resumes after what is stored.
+                    raise LinkProtocolError(
+                        f"report {report.seq} follows {report.after_seq}, but the last report "
+                        f"of this session was {last_seq}: a report went missing in transit"
                     )
                 last_seq = report.seq
                 incoming = verifier.incoming(report, epoch)

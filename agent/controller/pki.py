@@ -191,6 +191,7 @@ class ControllerPki:
                 raise PkiError(f"{previous} is not an Ed25519 key")
             self.previous_command_key = loaded
         self.ca_pem = self.ca.public_bytes(serialization.Encoding.PEM)
+        self.ca_key = self._ca_key
         self.ca_der = self.ca.public_bytes(serialization.Encoding.DER)
         self.fingerprint = fingerprint(self.ca)
 
@@ -273,3 +274,40 @@ class ControllerPki:
 
 def random_id(size: int = 16) -> bytes:
     return os.urandom(size)
+
+
+def bridge_identity(trust_domain: str) -> str:
+    """The controller's name at the MQTT broker (its certificate's CN, the broker's user name
+    for the ACL). The '@' is outside the node id alphabet: no node can ever be issued it."""
+    return f"controller@{trust_domain}"
+
+
+def issue_service_certificate(
+    pki: ControllerPki, common_name: str, names: list[str], *, server: bool
+) -> tuple[bytes, bytes]:
+    """A key and certificate (PEM, the chain with the CA) for a service beside the controller:
+    the MQTT broker (``server``: names in the SAN, serverAuth) or the controller's own MQTT
+    client (clientAuth, no SPIFFE SAN: it cannot open a node's gRPC link)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = pki.ca_key
+    now = _now()
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(pki.ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + SERVER_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(_san_entries(names)), False)
+    certificate = builder.sign(ca_key, hashes.SHA256())
+    chain = certificate.public_bytes(serialization.Encoding.PEM) + pki.ca_pem
+    return _private_pem(key), chain

@@ -24,6 +24,7 @@ from agent.controller.committer import ReportCommitter
 from agent.controller.config import ControllerConfig
 from agent.controller.enrollment import EnrollmentAuthority
 from agent.controller.link import NodeLinkHandler
+from agent.controller.mqtt_bridge import MqttBridge
 from agent.controller.pki import ControllerPki
 from agent.controller.store import SqliteControllerStore
 from agent.errors import AccelguardError, EnrollmentRefusedError, LinkError, LinkProtocolError
@@ -53,18 +54,20 @@ class ControllerServer:
             self.dispatcher,
         )  # fmt: skip
         self.link.connect_hooks.append(self.attestation.node_connected)
-        self.admin = ControllerAdminServer(
-            settings,
-            ControllerAdminHandlers(
-                settings,
-                self.store,
-                self.executor,
-                self.link,
-                self.dispatcher,
-                self.attestation,
-                self.pki,
-            ),
-        )
+        self.bridge: MqttBridge | None = None
+        if settings.mqtt_broker:
+            self.bridge = MqttBridge(
+                self.link, self.pki, settings.mqtt_broker,
+                session_expiry_s=settings.mqtt_session_expiry_s,
+                keepalive_s=settings.mqtt_keepalive_s,
+            )  # fmt: skip
+        handlers = ControllerAdminHandlers(
+            settings, self.store, self.executor, self.link, self.dispatcher, self.attestation,
+            self.pki,
+        )  # fmt: skip
+        self.admin = ControllerAdminServer(settings, handlers)
+        if self.bridge is not None:
+            handlers.broker_states = self.bridge.states
         self.enroll_port = 0
         self.link_port = 0
 
@@ -166,6 +169,8 @@ class ControllerServer:
                 group.create_task(self.attestation.run(), name="attestation")
                 group.create_task(self.admin.run(), name="admin")
                 group.create_task(server.wait_for_termination(), name="grpc")
+                if self.bridge is not None:
+                    group.create_task(self.bridge.run(), name="mqtt-bridge")
         except asyncio.CancelledError:
             log.info("controller_stopping")
         finally:

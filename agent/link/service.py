@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -43,6 +43,7 @@ from agent.identity.tls import (
 )
 from agent.link.backoff import Backoff
 from agent.link.channel import NODE_LINK_METHOD, client_options
+from agent.link.mqtt import connected as mqtt_connected
 from agent.link.reports import (
     GpuLike,
     health_sample,
@@ -52,6 +53,7 @@ from agent.link.reports import (
     scrub_certificate,
 )
 from agent.link.wire import decode_downlink
+from agent.proto.accelguard.v1 import admin_pb2 as admin_pb
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
 from agent.store import Store
@@ -73,6 +75,11 @@ CERTIFICATE_POLL_S: Final = 0.5
 PURGE_EVERY_S: Final = 3600.0
 RENEWAL_RETRY_S: Final = 60.0
 NOT_ENROLLED_POLL_S: Final = 1.0
+# The controller's HelloReply must come this soon (over MQTT nothing else says it is away).
+HELLO_REPLY_TIMEOUT_S: Final = 15.0
+# While on MQTT, gRPC is probed this often once it answers (with backoff while it does not).
+PROBE_INTERVAL_S: Final = 1.0
+PROBE_TIMEOUT_S: Final = 5.0
 
 
 class SnapshotLike(Protocol):
@@ -145,6 +152,10 @@ class LinkService:
         self.connected = False
         self.connections = 0
         self.last_error = ""
+        # The transport in use ("grpc" or "mqtt", docs/edge.md) and how often each was taken.
+        self.transport = "grpc"
+        self.failovers = 0
+        self.failbacks = 0
         self._renewal_sent_at = 0.0
         # Set by the daemon once the admin handlers exist: commands from the controller.
         self.commands: CommandSink | None = None
@@ -155,6 +166,19 @@ class LinkService:
     def wake(self) -> None:
         """Something new is in the outbox (written by another service): send it now."""
         self._wake.set()
+
+    async def link_status(self) -> admin_pb.LinkStatus:
+        stats = await self._executor.call(self.outbox.stats)
+        return admin_pb.LinkStatus(
+            configured=True,
+            connected=self.connected,
+            transport=self.transport,
+            fallback_enabled=self._settings.fallback_enabled(self._config.node.profile),
+            unacked=stats.unacked,
+            failovers=self.failovers,
+            failbacks=self.failbacks,
+            last_error=self.last_error[:1024],
+        )
 
     def request_renewal(self) -> None:
         """Ask the controller for a new certificate now (the rotate-certificate command)."""
@@ -233,31 +257,115 @@ class LinkService:
             self._inventory_digest = digest
 
     async def _connect_forever(self) -> None:
+        if not self._settings.fallback_enabled(self._config.node.profile):
+            await self._grpc_until_unreachable(None)
+            return
+        while True:
+            self.transport = "grpc"
+            await self._grpc_until_unreachable(self._settings.fallback_after_s)
+            self.failovers += 1
+            self.transport = "mqtt"
+            log.warning("link_fallback", transport="mqtt", broker=self._settings.mqtt_broker,
+                        after_s=self._settings.fallback_after_s)  # fmt: skip
+            await self._mqtt_until_grpc_healthy()
+            self.failbacks += 1
+            log.info("link_failback", transport="grpc")
+
+    async def _grpc_until_unreachable(self, fallback_after_s: float | None) -> None:
+        """Dial gRPC with backoff, forever or until it has been unreachable this long."""
+        backoff = Backoff(self._settings.backoff_base_s, self._settings.backoff_cap_s)
+        down_since: float | None = None
+        while True:
+            started = time.monotonic()
+            connections = self.connections
+            enrolled = await self._attempt(self._session)
+            now = time.monotonic()
+            if self.connections != connections:
+                down_since = now  # it was up: unreachable from now on
+            elif down_since is None:
+                down_since = started
+            if not enrolled:
+                await asyncio.sleep(NOT_ENROLLED_POLL_S)
+                continue
+            if now - started >= STABLE_AFTER_S:
+                backoff.reset()
+            delay = backoff.next_delay()
+            if fallback_after_s is not None:
+                left = down_since + fallback_after_s - now
+                if left <= 0:
+                    return
+                delay = min(delay, left)
+            await asyncio.sleep(delay)
+
+    async def _mqtt_until_grpc_healthy(self) -> None:
+        """Carry the link over MQTT while probing gRPC; return once gRPC has answered every
+        probe for failback_after_s (the MQTT session is then ended cleanly)."""
+        mqtt = asyncio.create_task(self._mqtt_forever(), name="link-mqtt")
+        try:
+            await self._probe_until_healthy()
+        finally:
+            mqtt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await mqtt
+
+    async def _mqtt_forever(self) -> None:
         backoff = Backoff(self._settings.backoff_base_s, self._settings.backoff_cap_s)
         while True:
             started = time.monotonic()
-            enrolled = True
-            try:
-                await self._session()
-            except* IdentityError as group:
-                # Not enrolled (yet): nothing to dial with. Looking for the files is cheap, so
-                # look often: the link comes up right after `accelguard enroll`.
-                self._note_failure("link_not_enrolled", _first(group))
-                enrolled = False
-            except* _LINK_FAILURES as group:
-                self._note_failure("link_disconnected", _first(group))
-            except* Exception as group:
-                # A bug in the link must not stop the daemon (leases, scrubs, fences): log it
-                # with its traceback and dial again after the backoff.
-                log.exception("link_internal_error", exc_info=_first(group))
-            finally:
-                self.connected = False
-            if not enrolled:
+            if not await self._attempt(self._mqtt_session):
                 await asyncio.sleep(NOT_ENROLLED_POLL_S)
                 continue
             if time.monotonic() - started >= STABLE_AFTER_S:
                 backoff.reset()
             await asyncio.sleep(backoff.next_delay())
+
+    async def _probe_until_healthy(self) -> None:
+        backoff = Backoff(self._settings.backoff_base_s, self._settings.backoff_cap_s)
+        healthy_since: float | None = None
+        while True:
+            if await self._probe_grpc():
+                backoff.reset()
+                now = time.monotonic()
+                healthy_since = now if healthy_since is None else healthy_since
+                if now - healthy_since >= self._settings.failback_after_s:
+                    return
+                await asyncio.sleep(min(PROBE_INTERVAL_S, self._settings.failback_after_s))
+            else:
+                healthy_since = None
+                await asyncio.sleep(backoff.next_delay())
+
+    async def _probe_grpc(self) -> bool:
+        """Whether the controller's gRPC endpoint completes a mutual-TLS HTTP/2 handshake."""
+        try:
+            credentials = await self._credentials()
+        except (IdentityError, OSError):
+            return False
+        async with grpc.aio.secure_channel(self._settings.controller, credentials) as channel:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), PROBE_TIMEOUT_S)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _attempt(self, session: Callable[[], Awaitable[None]]) -> bool:
+        """One session on one transport, its failure logged; False when not enrolled."""
+        enrolled = True
+        try:
+            await session()
+        except* IdentityError as group:
+            # Not enrolled (yet): nothing to dial with. Looking for the files is cheap, so
+            # look often: the link comes up right after `accelguard enroll`.
+            self._note_failure("link_not_enrolled", _first(group))
+            enrolled = False
+        except* _LINK_FAILURES as group:
+            self._note_failure("link_disconnected", _first(group))
+        except* Exception as group:
+            # A bug in the link must not stop the daemon (leases, scrubs, fences): log it
+            # with its traceback and dial again after the backoff.
+            log.exception("link_internal_error", exc_info=_first(group))
+        finally:
+            self.connected = False
+        return enrolled
 
     def _note_failure(self, event: str, error: BaseException) -> None:
         text = _describe(error)
@@ -265,13 +373,16 @@ class LinkService:
             log.warning(event, error=text)
         self.last_error = text
 
-    async def _session(self) -> None:
+    async def _credentials(self) -> grpc.ChannelCredentials:
         identity = await self._executor.call(load_identity, self._paths)
-        credentials = grpc.ssl_channel_credentials(
+        return grpc.ssl_channel_credentials(
             root_certificates=identity.ca_pem,
             private_key=identity.key_pem,
             certificate_chain=identity.certificate_pem,
         )
+
+    async def _session(self) -> None:
+        credentials = await self._credentials()
         options = client_options(
             self._settings.keepalive_time_s, self._settings.keepalive_timeout_s
         )
@@ -283,6 +394,21 @@ class LinkService:
                 await self._converse(call)
             finally:
                 call.cancel()
+
+    async def _mqtt_session(self) -> None:
+        await self._executor.call(load_identity, self._paths)  # IdentityError: not enrolled
+        async with mqtt_connected(
+            node_id=self._config.node.id,
+            broker=self._settings.mqtt_broker,
+            paths=self._paths,
+            session_expiry_s=self._settings.mqtt_session_expiry_s,
+            keepalive_s=self._settings.mqtt_keepalive_s,
+        ) as call:
+            try:
+                await self._converse(call)
+            except asyncio.CancelledError:
+                call.leaving_for = "grpc"  # failback (or shutdown, which ends the state anyway)
+                raise
 
     async def _converse(self, call: Any) -> None:
         epoch = await self._executor.call(self.outbox.epoch)
@@ -296,10 +422,15 @@ class LinkService:
             )
         )
         await call.write(hello.SerializeToString())
-        first = await call.read()
+        try:
+            first = await asyncio.wait_for(call.read(), HELLO_REPLY_TIMEOUT_S)
+        except TimeoutError:
+            raise LinkError(f"no HelloReply within {HELLO_REPLY_TIMEOUT_S:.0f} s") from None
         if first is grpc.aio.EOF:
             raise LinkError(f"the controller closed the link: {await _status(call)}")
         reply = decode_downlink(first)
+        if reply.WhichOneof("message") == "closed":
+            raise LinkError(f"the controller ended the session: {_closed(reply.closed)}")
         if reply.WhichOneof("message") != "hello":
             raise LinkProtocolError("the controller's first message is not a HelloReply")
         resume_after = reply.hello.resume_after
@@ -344,7 +475,9 @@ class LinkService:
                 # concatenated encodings, so the header fields are appended without re-encoding.
                 report = pb.Report()
                 report.ParseFromString(
-                    pb.Report(seq=entry.seq, created_at=entry.created_at).SerializeToString()
+                    pb.Report(
+                        seq=entry.seq, created_at=entry.created_at, after_seq=cursor
+                    ).SerializeToString()
                     + entry.body
                 )
                 await call.write(pb.Uplink(report=report).SerializeToString())
@@ -363,6 +496,8 @@ class LinkService:
                     await self._executor.call(self.outbox.ack_through, seq)
                     state["acked"] = seq
                     acked.set()
+            elif which == "closed":
+                raise LinkError(f"the controller ended the session: {_closed(message.closed)}")
             elif which == "certificate":
                 await self._executor.call(self._install_certificate, message.certificate)
             elif which == "command":
@@ -408,6 +543,10 @@ async def _status(call: Any) -> str:
         details = await call.details()
         return f"{code.name}: {details}"
     return "no status"
+
+
+def _closed(closed: pb.Closed) -> str:
+    return f"{closed.code}: {closed.detail}" if closed.detail else closed.code
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

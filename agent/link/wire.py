@@ -97,7 +97,11 @@ def decode_uplink(data: bytes) -> pb.Uplink:
     return message
 
 
+MAX_SESSION_BYTES: Final = 32
+
+
 def validate_uplink(message: pb.Uplink) -> None:
+    _bytes(message.session, "uplink.session", MAX_SESSION_BYTES)
     which = message.WhichOneof("message")
     if which == "hello":
         hello = message.hello
@@ -116,6 +120,10 @@ def validate_uplink(message: pb.Uplink) -> None:
 def validate_report(report: pb.Report) -> None:
     if report.seq == 0:
         raise LinkProtocolError("report.seq: must be 1 or more")
+    if report.after_seq >= report.seq:
+        raise LinkProtocolError(
+            f"report.after_seq: {report.after_seq} is not below the report's seq {report.seq}"
+        )
     _time(report.created_at, "report.created_at")
     body = report.WhichOneof("body")
     if body is None:
@@ -322,8 +330,12 @@ def decode_enroll_request(data: bytes) -> pb.EnrollRequest:
 
 def decode_downlink(data: bytes) -> pb.Downlink:
     message = parse(data, pb.Downlink, "downlink")
+    _bytes(message.session, "downlink.session", MAX_SESSION_BYTES)
     which = message.WhichOneof("message")
-    if which == "hello":
+    if which == "closed":
+        _text(message.closed.code, "closed.code", 64, required=True)
+        _text(message.closed.detail, "closed.detail", MAX_REASON)
+    elif which == "hello":
         _time(message.hello.server_time, "hello.server_time", optional=True)
     elif which == "certificate":
         _bytes(message.certificate.certificate, "certificate", MAX_CERTIFICATE_BYTES, required=True)

@@ -317,10 +317,11 @@ def _journal_families(tallies: JournalTallies, refusals: Mapping[str, int]) -> I
 
 def _link_families(link: LinkState) -> Iterator[Metric]:
     family = GaugeMetricFamily(
-        "accelguard_link_connected", "Whether the controller link is connected (1) or not (0).",
-        labels=["transport"],
+        "accelguard_link_connected", "Whether the controller link is connected (1) or not (0) "
+        "over each transport (MQTT: the edge fallback, docs/edge.md).", labels=["transport"],
     )  # fmt: skip
-    family.add_metric([link.transport], int(link.connected))
+    for transport in ("grpc", "mqtt"):
+        family.add_metric([transport], int(link.connected and link.transport == transport))
     yield family
 
 

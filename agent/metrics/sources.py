@@ -19,7 +19,7 @@ from agent.hw.health import GpuHealthReading
 
 class LinkState(NamedTuple):
     connected: bool
-    # The link's transport, a constant of the daemon's ("grpc"): a label, so never free text.
+    # The transport in use, "grpc" or "mqtt" (a constant of the daemon's, never free text).
     transport: str
 
 

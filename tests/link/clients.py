@@ -105,6 +105,7 @@ def hello(epoch: int = 7) -> bytes:
 
 def report(seq: int, body: pb.Report) -> bytes:
     body.seq = seq
+    body.after_seq = seq - 1
     body.created_at = 1.8e9
     return pb.Uplink(report=body).SerializeToString()
 

@@ -85,14 +85,17 @@ class Controller:
         assert result.returncode == 0, result.stderr
         self.fingerprint = result.stdout.split("ca_fingerprint: ")[1].split()[0]
         if settings:
-            document = tomllib.loads(self.config_path.read_text())
-            document["controller"].update(settings)
-            from agent.controller.config import (  # noqa: PLC0415
-                controller_config_toml,
-                parse_controller_config,
-            )
+            self.update_settings(**settings)
 
-            self.config_path.write_text(controller_config_toml(parse_controller_config(document)))
+    def update_settings(self, **settings: Any) -> None:
+        document = tomllib.loads(self.config_path.read_text())
+        document["controller"].update(settings)
+        from agent.controller.config import (  # noqa: PLC0415
+            controller_config_toml,
+            parse_controller_config,
+        )
+
+        self.config_path.write_text(controller_config_toml(parse_controller_config(document)))
 
     def start(self) -> None:
         self.log_path = self.root / f"controller-{time.monotonic_ns()}.log"

@@ -281,6 +281,7 @@ class Worker:
     def report(seq: int, body: pb.Report | None = None) -> bytes:
         report = body or health_sample(1.0, 0, 0)
         report.seq = seq
+        report.after_seq = seq - 1
         report.created_at = time.time()
         return pb.Uplink(report=report).SerializeToString()
 

@@ -101,6 +101,7 @@ def test_a_scrape_reports_the_journal_and_the_live_state(journal: Journal) -> No
     assert value(text, "accelguard_command_refusals_journaled_total") == 3
 
     assert value(text, "accelguard_link_connected", transport="grpc") == 0
+    assert value(text, "accelguard_link_connected", transport="mqtt") == 0
     assert value(text, "accelguard_gpu_info", gpu="0", uuid="GPU-0") == 1
     assert value(text, "accelguard_gpu_info", gpu="1", uuid="GPU-1") == 1
     assert value(text, "accelguard_gpu_temperature_celsius", gpu="0") == 41

@@ -448,6 +448,7 @@ class StatusResponse(_message.Message):
     GPUS_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
     NODE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     agent_version: _builtins.str
     driver_version: _builtins.str
@@ -457,6 +458,8 @@ class StatusResponse(_message.Message):
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]: ...
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Partition]: ...
+    @_builtins.property
+    def link(self) -> Global___LinkStatus: ...
     def __init__(
         self,
         *,
@@ -466,14 +469,62 @@ class StatusResponse(_message.Message):
         gpus: _abc.Iterable[Global___Gpu] | None = ...,
         partitions: _abc.Iterable[Global___Partition] | None = ...,
         node_public_key: _builtins.str = ...,
+        link: Global___LinkStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["link", b"link"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "driver_version", b"driver_version", "gpus", b"gpus", "node_id", b"node_id", "node_public_key", b"node_public_key", "partitions", b"partitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "driver_version", b"driver_version", "gpus", b"gpus", "link", b"link", "node_id", b"node_id", "node_public_key", b"node_public_key", "partitions", b"partitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class LinkStatus(_message.Message):
+    """The controller link as this agent sees it (docs/link.md, docs/edge.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    TRANSPORT_FIELD_NUMBER: _builtins.int
+    FALLBACK_ENABLED_FIELD_NUMBER: _builtins.int
+    UNACKED_FIELD_NUMBER: _builtins.int
+    FAILOVERS_FIELD_NUMBER: _builtins.int
+    FAILBACKS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    configured: _builtins.bool
+    """link.controller is set"""
+    connected: _builtins.bool
+    """a session is up (HelloReply received)"""
+    transport: _builtins.str
+    """"grpc", or "mqtt" while fallen back"""
+    fallback_enabled: _builtins.bool
+    unacked: _builtins.int
+    """reports in the outbox the controller has not acked"""
+    failovers: _builtins.int
+    """switches to MQTT since the agent started"""
+    failbacks: _builtins.int
+    last_error: _builtins.str
+    def __init__(
+        self,
+        *,
+        configured: _builtins.bool = ...,
+        connected: _builtins.bool = ...,
+        transport: _builtins.str = ...,
+        fallback_enabled: _builtins.bool = ...,
+        unacked: _builtins.int = ...,
+        failovers: _builtins.int = ...,
+        failbacks: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["configured", b"configured", "connected", b"connected", "failbacks", b"failbacks", "failovers", b"failovers", "fallback_enabled", b"fallback_enabled", "last_error", b"last_error", "transport", b"transport", "unacked", b"unacked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStatus: _TypeAlias = LinkStatus  # noqa: Y015
 
 @_typing.final
 class LayoutTarget(_message.Message):

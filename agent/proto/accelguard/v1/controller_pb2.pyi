@@ -448,6 +448,8 @@ class NodeSummary(_message.Message):
     CORDONED_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     UNHEALTHY_GPUS_FIELD_NUMBER: _builtins.int
+    TRANSPORT_FIELD_NUMBER: _builtins.int
+    BROKER_STATE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     connected: _builtins.bool
     last_seen: _builtins.float
@@ -465,6 +467,12 @@ class NodeSummary(_message.Message):
     group: _builtins.str
     unhealthy_gpus: _builtins.int
     """GPUs its latest inventory says are not healthy"""
+    transport: _builtins.str
+    """the connected session's: "grpc" or "mqtt" (docs/edge.md)"""
+    broker_state: _builtins.str
+    """What the node's retained MQTT state topic (or its Will) last said: "online mqtt",
+    "online grpc", "offline"; empty without a bridge or before anything was heard.
+    """
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionCount]: ...
     def __init__(
@@ -481,10 +489,12 @@ class NodeSummary(_message.Message):
         cordoned: _builtins.bool = ...,
         group: _builtins.str = ...,
         unhealthy_gpus: _builtins.int = ...,
+        transport: _builtins.str = ...,
+        broker_state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "connected", b"connected", "cordoned", b"cordoned", "group", b"group", "last_seen", b"last_seen", "node_id", b"node_id", "partitions", b"partitions", "reports", b"reports", "trust", b"trust", "unhealthy_gpus", b"unhealthy_gpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "attestation", b"attestation", "broker_state", b"broker_state", "connected", b"connected", "cordoned", b"cordoned", "group", b"group", "last_seen", b"last_seen", "node_id", b"node_id", "partitions", b"partitions", "reports", b"reports", "transport", b"transport", "trust", b"trust", "unhealthy_gpus", b"unhealthy_gpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -218,6 +218,12 @@ class Uplink(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
     RENEW_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.bytes
+    """MQTT only (docs/edge.md): the node's session, a new random value for each Hello. The broker
+    may deliver a message late, after a reconnect: the controller routes by it and drops what
+    belongs to a session that has ended. Empty on the gRPC stream, which is the session.
+    """
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -230,10 +236,11 @@ class Uplink(_message.Message):
         hello: Global___Hello | None = ...,
         report: Global___Report | None = ...,
         renew: Global___RenewCertificate | None = ...,
+        session: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "message", b"message", "renew", b"renew", "report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "message", b"message", "renew", b"renew", "report", b"report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "message", b"message", "renew", b"renew", "report", b"report", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "report", "renew"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
@@ -249,6 +256,12 @@ class Downlink(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.bytes
+    """MQTT only: the Uplink.session this answers. A node drops acks, hello replies and closes of
+    any other session; commands are taken whatever their session (each is signed and checked).
+    """
     @_builtins.property
     def hello(self) -> Global___HelloReply: ...
     @_builtins.property
@@ -261,6 +274,10 @@ class Downlink(_message.Message):
         report.
         """
 
+    @_builtins.property
+    def closed(self) -> Global___Closed:
+        """MQTT only: the controller ends the session (as a gRPC status would end the stream)."""
+
     def __init__(
         self,
         *,
@@ -268,16 +285,43 @@ class Downlink(_message.Message):
         ack: Global___Ack | None = ...,
         certificate: Global___EnrolledCertificate | None = ...,
         command: Global___SignedCommand | None = ...,
+        closed: Global___Closed | None = ...,
+        session: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "command", b"command", "hello", b"hello", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "closed", b"closed", "command", b"command", "hello", b"hello", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "command", b"command", "hello", b"hello", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "certificate", b"certificate", "closed", b"closed", "command", b"command", "hello", b"hello", "message", b"message", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "certificate", "command"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ack", "certificate", "command", "closed"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___Downlink: _TypeAlias = Downlink  # noqa: Y015
+
+@_typing.final
+class Closed(_message.Message):
+    """Why the controller ended an MQTT session; the node says Hello again after its backoff."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """a gRPC status code name: UNAVAILABLE, INVALID_ARGUMENT, ABORTED, ..."""
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "detail", b"detail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Closed: _TypeAlias = Closed  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -381,6 +425,7 @@ class Report(_message.Message):
 
     SEQ_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
     INVENTORY_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
@@ -394,6 +439,12 @@ class Report(_message.Message):
     """1, 2, ... per epoch, assigned when the report enters the outbox"""
     created_at: _builtins.float
     """Unix time on the node"""
+    after_seq: _builtins.int
+    """The seq of the report sent before this one in the same session (the HelloReply's
+    resume_after for the first). Seqs may skip (the outbox drops droppable reports when full),
+    but a report that went missing in transit may not: the controller ends the session when
+    this does not match what it received last, and the node resumes from what is stored.
+    """
     @_builtins.property
     def inventory(self) -> Global___InventorySnapshot: ...
     @_builtins.property
@@ -417,6 +468,7 @@ class Report(_message.Message):
         *,
         seq: _builtins.int = ...,
         created_at: _builtins.float = ...,
+        after_seq: _builtins.int = ...,
         inventory: Global___InventorySnapshot | None = ...,
         lease: Global___LeaseEvent | None = ...,
         partition: Global___PartitionEvent | None = ...,
@@ -429,7 +481,7 @@ class Report(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "audit_checkpoint", b"audit_checkpoint", "body", b"body", "command_result", b"command_result", "health", b"health", "health_event", b"health_event", "inventory", b"inventory", "lease", b"lease", "partition", b"partition", "scrub_certificate", b"scrub_certificate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "audit_checkpoint", b"audit_checkpoint", "body", b"body", "command_result", b"command_result", "created_at", b"created_at", "health", b"health", "health_event", b"health_event", "inventory", b"inventory", "lease", b"lease", "partition", b"partition", "scrub_certificate", b"scrub_certificate", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "attestation", b"attestation", "audit_checkpoint", b"audit_checkpoint", "body", b"body", "command_result", b"command_result", "created_at", b"created_at", "health", b"health", "health_event", b"health_event", "inventory", b"inventory", "lease", b"lease", "partition", b"partition", "scrub_certificate", b"scrub_certificate", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["inventory", "lease", "partition", "scrub_certificate", "health", "attestation", "command_result", "audit_checkpoint", "health_event"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

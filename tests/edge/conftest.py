@@ -1,0 +1,110 @@
+"""An edge fleet as real processes: a controller with its MQTT bridge, a real mosquitto
+configured from docs/edge/, and two edge agents (own swtpm each, booted) whose gRPC goes
+through a TCP proxy the test can block."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.isolation.cgroups import hierarchy_mounts
+from tests.edge.support import Mosquitto
+from tests.link.support import Controller, LinkNode, TcpProxy, wait_for
+from tests.link.test_commands import PARENT, boot, wait_trust
+
+# A report every 100 ms (the heartbeat), fast fallback and failback.
+EDGE_LINK = {
+    "heartbeat_s": 0.1, "backoff_base_s": 0.1, "backoff_cap_s": 1.0,
+    "keepalive_time_s": 1.0, "keepalive_timeout_s": 1.0,
+    "fallback_after_s": 1.0, "failback_after_s": 1.0, "mqtt_keepalive_s": 2,
+}  # fmt: skip
+
+
+@dataclass
+class EdgeFleet:
+    controller: Controller
+    broker: Mosquitto
+    proxy: TcpProxy
+    nodes: list[LinkNode]
+    parent: Path
+
+    def block_grpc(self) -> None:
+        self.proxy.refusing.set()
+        self.proxy.cut(reset=True)
+
+    def unblock_grpc(self) -> None:
+        self.proxy.refusing.clear()
+
+    def summary(self, node: LinkNode) -> dict[str, Any]:
+        return self.controller.ctl_json("node", "show", node.node_id)["summary"]  # type: ignore[no-any-return]
+
+    def wait_transport(self, transport: str, timeout: float = 60) -> None:
+        for node in self.nodes:
+            wait_for(
+                lambda node=node: self.summary(node).get("transport") == transport,
+                f"{node.node_id} connected over {transport}", timeout=timeout, interval=0.3,
+            )  # fmt: skip
+
+
+def edge_start(node: LinkNode, fleet_proxy: TcpProxy, broker: Mosquitto, parent: Path,
+               **link: Any) -> None:  # fmt: skip
+    node.configure(
+        {"controller": fleet_proxy.address, "mqtt_broker": broker.address, **EDGE_LINK, **link},
+        node={"profile": "edge"},
+        attest={
+            "event_log": str(node.root / "eventlog.bin"),
+            "ima_log": str(node.root / "ima.bin"),
+        },
+        tenants={"cgroup_parents": [str(parent)]},
+        health={"poll_interval_s": 1.0},
+    )
+    node.agent.start()
+
+
+@pytest.fixture
+def edge(tmp_path: Path) -> Iterator[EdgeFleet]:
+    mounts = hierarchy_mounts("v2") or hierarchy_mounts("v1-devices")
+    if not mounts:
+        pytest.skip("this machine has no cgroup v2 or v1 devices hierarchy mounted")
+    parent = mounts[0] / f"accelguard-edge-{uuid.uuid4().hex[:8]}"
+    parent.mkdir()
+    PARENT[:] = [parent]
+    controller = Controller(tmp_path / "controller")
+    controller.init(attest_interval_s=3600.0, command_timeout_s=60.0)
+    broker = Mosquitto(tmp_path, controller)
+    broker.prepare()
+    broker.start()
+    controller.update_settings(mqtt_broker=broker.address)
+    controller.start()
+    proxy = TcpProxy(controller.link_port)
+    nodes: list[LinkNode] = []
+    try:
+        for name in ("edgeA", "edgeB"):
+            node = LinkNode(tmp_path / name, controller)
+            nodes.append(node)
+            boot(node)
+            edge_start(node, proxy, broker, parent)
+            result = node.enroll(controller.token(node.node_id))
+            assert result.returncode == 0, result.stderr
+        fleet = EdgeFleet(controller, broker, proxy, nodes, parent)
+        for node in nodes:
+            wait_trust(controller, node, "trusted")
+        yield fleet
+    finally:
+        for node in nodes:
+            node.close()
+        controller.stop()
+        broker.remove()
+        proxy.close()
+        for child in parent.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()
