@@ -194,24 +194,29 @@ class BenchController:
         return f"127.0.0.1:{self.link_port}"
 
     def init(self) -> None:
+        from agent.controller.pki import init_pki  # noqa: PLC0415
+
+        init_pki(self.pki_dir, TRUST_DOMAIN, ["127.0.0.1", "localhost"])
+        self.configure()
+
+    def configure(self, **settings: Any) -> None:
+        """Write controller.toml, with ``settings`` over the bench's own (next start)."""
         from agent.controller.config import (  # noqa: PLC0415
             controller_config_toml,
             parse_controller_config,
         )
-        from agent.controller.pki import init_pki  # noqa: PLC0415
 
-        settings = parse_controller_config(
+        parsed = parse_controller_config(
             {
                 "controller": {
                     "state_dir": str(self.directory), "trust_domain": TRUST_DOMAIN,
                     "enroll_listen": "127.0.0.1:0", "link_listen": "127.0.0.1:0",
-                    "admin_socket": str(self.admin_socket),
+                    "admin_socket": str(self.admin_socket), **settings,
                 },
                 "logging": {"level": self.log_level},
             }
         )  # fmt: skip
-        init_pki(self.pki_dir, TRUST_DOMAIN, ["127.0.0.1", "localhost"])
-        self.config_path.write_text(controller_config_toml(settings))
+        self.config_path.write_text(controller_config_toml(parsed))
 
     def provision(self, node_ids: Sequence[str]) -> list[NodeCredentials]:
         return provision_nodes(self.pki_dir, TRUST_DOMAIN, self.database, node_ids)
@@ -788,6 +793,12 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction[Any]) -> None:
     add("--command-rounds", type=int, help="remote command samples (default 30)")
     add("--cpu", type=int, help="the controller's core (default: the last this process may use)")
     add("--dir", type=Path, help="scratch directory (default: a temp dir)")
+    add("--transport", choices=("grpc", "mqtt"), default="grpc",
+        help="mqtt: the edge link's round trip beside gRPC, failover and failback "
+        "(agent/bench/edge.py)")  # fmt: skip
+    add("--cycles", type=int, help="mqtt: failover/failback cycles (default 3)")
+    add("--fallback-after-s", type=float, help="mqtt: the node's link.fallback_after_s (5)")
+    add("--failback-after-s", type=float, help="mqtt: the node's link.failback_after_s (5)")
     add(
         "--quick", action="store_true",
         help=f"small and short ({','.join(map(str, QUICK_FAN_IN))} nodes, "
@@ -797,6 +808,19 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(args.quick)
+    if args.transport == "mqtt":
+        from agent.bench import edge  # noqa: PLC0415
+
+        switch_s = edge.QUICK_SWITCH_S if quick else None
+        document = edge.bench_edge(
+            rounds=args.rounds or (edge.QUICK_ROUNDS if quick else edge.DEFAULT_ROUNDS),
+            cycles=args.cycles or (edge.QUICK_CYCLES if quick else edge.DEFAULT_CYCLES),
+            fallback_after_s=args.fallback_after_s or switch_s or edge.DEFAULT_FALLBACK_AFTER_S,
+            failback_after_s=args.failback_after_s or switch_s or edge.DEFAULT_FAILBACK_AFTER_S,
+            directory=args.dir,
+        )
+        document["quick"] = quick
+        return document
     result = bench_link(
         fan_in=args.nodes or (QUICK_FAN_IN if quick else DEFAULT_FAN_IN),
         heartbeat_s=args.heartbeat_s or (QUICK_HEARTBEAT_S if quick else DEFAULT_HEARTBEAT_S),

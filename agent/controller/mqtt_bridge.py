@@ -35,6 +35,7 @@ from agent.identity.files import write_private
 from agent.link.backoff import Backoff
 from agent.link.mqtt import (
     BROKER_TIMEOUT_S,
+    NO_DELAY,
     TOPIC_ROOT,
     client_tls,
     connect_properties,
@@ -127,6 +128,7 @@ class MqttBridge:
                         properties=connect_properties(self._session_expiry_s),
                         keepalive=self._keepalive_s,
                         timeout=BROKER_TIMEOUT_S,
+                        socket_options=NO_DELAY,
                     )
                 )
             except (aiomqtt.MqttError, LinkError, OSError) as error:

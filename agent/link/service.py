@@ -80,6 +80,10 @@ HELLO_REPLY_TIMEOUT_S: Final = 15.0
 # While on MQTT, gRPC is probed this often once it answers (with backoff while it does not).
 PROBE_INTERVAL_S: Final = 1.0
 PROBE_TIMEOUT_S: Final = 5.0
+# While gRPC does not answer, probes back off (full jitter) up to this, not to backoff_cap_s:
+# failback must follow within about failback_after_s of gRPC coming back. A probe is one TLS
+# handshake, refused at the firewall or answered by the controller's gRPC server.
+PROBE_BACKOFF_CAP_S: Final = 1.0
 
 
 class SnapshotLike(Protocol):
@@ -320,7 +324,8 @@ class LinkService:
             await asyncio.sleep(backoff.next_delay())
 
     async def _probe_until_healthy(self) -> None:
-        backoff = Backoff(self._settings.backoff_base_s, self._settings.backoff_cap_s)
+        cap = min(self._settings.backoff_cap_s, PROBE_BACKOFF_CAP_S)
+        backoff = Backoff(min(self._settings.backoff_base_s, cap), cap)
         healthy_since: float | None = None
         while True:
             if await self._probe_grpc():

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from agent.bench.broker import Broker
 from agent.isolation.cgroups import hierarchy_mounts
-from tests.edge.support import Mosquitto
 from tests.link.support import Controller, LinkNode, TcpProxy, wait_for
 from tests.link.test_commands import PARENT, boot, wait_trust
 
@@ -29,7 +29,7 @@ EDGE_LINK = {
 @dataclass
 class EdgeFleet:
     controller: Controller
-    broker: Mosquitto
+    broker: Broker
     proxy: TcpProxy
     nodes: list[LinkNode]
     parent: Path
@@ -52,7 +52,7 @@ class EdgeFleet:
             )  # fmt: skip
 
 
-def edge_start(node: LinkNode, fleet_proxy: TcpProxy, broker: Mosquitto, parent: Path,
+def edge_start(node: LinkNode, fleet_proxy: TcpProxy, broker: Broker, parent: Path,
                **link: Any) -> None:  # fmt: skip
     node.configure(
         {"controller": fleet_proxy.address, "mqtt_broker": broker.address, **EDGE_LINK, **link},
@@ -77,7 +77,8 @@ def edge(tmp_path: Path) -> Iterator[EdgeFleet]:
     PARENT[:] = [parent]
     controller = Controller(tmp_path / "controller")
     controller.init(attest_interval_s=3600.0, command_timeout_s=60.0)
-    broker = Mosquitto(tmp_path, controller)
+    # mosquitto configured from docs/edge/ as shipped (agent/bench/broker.py).
+    broker = Broker(controller.root / "pki", "test.fleet")
     broker.prepare()
     broker.start()
     controller.update_settings(mqtt_broker=broker.address)
