@@ -93,8 +93,10 @@ class MqttBridge:
         *,
         session_expiry_s: int,
         keepalive_s: int,
-        backoff_base_s: float = 0.5,
-        backoff_cap_s: float = 15.0,
+        # One connection to one broker: retrying it often costs nothing, and every second the
+        # bridge is away the edge nodes' reports wait.
+        backoff_base_s: float = 0.2,
+        backoff_cap_s: float = 2.0,
     ) -> None:
         self._handler = handler
         self._pki = pki

@@ -33,7 +33,7 @@ def _consistent(fleet: EdgeFleet, node: LinkNode) -> int:
     return int(count)
 
 
-def _flowing(fleet: EdgeFleet, more: int = 15) -> None:
+def _flowing(fleet: EdgeFleet, more: int = 10) -> None:
     """Every node's reports reach the controller again, and what it holds is consistent."""
     for node in fleet.nodes:
         held = _consistent(fleet, node)

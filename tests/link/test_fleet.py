@@ -66,14 +66,14 @@ def test_two_nodes_enroll_with_their_tpms_and_report(
 
 def test_certificate_is_renewed_over_the_link(tmp_path: Path) -> None:
     controller = Controller(tmp_path / "controller")
-    controller.init(node_cert_lifetime_s=24.0)
+    controller.init(node_cert_lifetime_s=12.0)
     controller.start()
     try:
         with link_nodes(tmp_path, controller, 1) as (node,):
             _enroll_and_connect(node, controller)
             first = node.root.joinpath("link", "node.pem").read_bytes()
             serial = controller.ctl_json("node", "show", node.node_id)["certificate_serial"]
-            # Two thirds of 24 s (plus the 1.2 s it is backdated): renewed within ~16 s.
+            # Two thirds of 12 s (plus the 0.6 s it is backdated): renewed within ~8 s.
             wait_for(
                 lambda: node.root.joinpath("link", "node.pem").read_bytes() != first,
                 "a renewed certificate", timeout=60, interval=0.5,

@@ -53,13 +53,13 @@ def _verify_refuses_or_accepts(document: Any, trusted: str = TRUSTED) -> None:
         verify_certificate(document, trusted)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(json_values)
 def test_any_json_value(document: Any) -> None:
     _verify_refuses_or_accepts(document)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     st.fixed_dictionaries(
         {
@@ -98,7 +98,7 @@ def _replaced(document: Any, path: tuple[Any, ...], value: Any) -> Any:
     return changed
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(PATHS), json_values)
 def test_one_field_replaced_by_anything(path: tuple[Any, ...], value: Any) -> None:
     """A changed field is refused unless it is the same value (JSON-wise) as before."""
