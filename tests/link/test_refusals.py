@@ -226,3 +226,28 @@ def test_malformed_enrollment_request_is_refused(controller: Controller) -> None
         with pytest.raises(LinkProtocolError, match="token"):
             client.call(pb.EnrollRequest(begin=pb.EnrollBegin(csr=b"x", scrub_key_pem="x")))
     _nothing_stored(controller)
+
+
+def test_a_report_lost_in_transit_ends_the_session_and_the_node_resumes_before_it(
+    controller: Controller, tpms: list[TpmClient]
+) -> None:
+    """Seqs may skip where the node dropped reports (it says so in after_seq); a report that
+    went missing on the way (a broker queue that overflowed) may not be acked over."""
+    node = enroll(controller, "node-a", tpms[0])
+
+    def sample(seq: int, after_seq: int) -> bytes:
+        body = pb.Report(health=pb.HealthSample(uptime_s=float(seq)))
+        body.seq, body.after_seq, body.created_at = seq, after_seq, 1.8e9
+        return pb.Uplink(report=body).SerializeToString()
+
+    # 3 and 4 dropped by the node (after_seq says 2), then 6 missing in transit before 7.
+    stream = [hello(), sample(1, 0), sample(2, 1), sample(5, 2), sample(7, 6)]
+    with pytest.raises(grpc.RpcError) as refused:
+        list(link_stream(controller, node.credentials(), stream))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "report 7 follows 6, but the last report of this session was 5" in (
+        refused.value.details() or ""
+    )
+    assert [row[0] for row in controller.query("SELECT seq FROM reports ORDER BY seq")] == [1, 2, 5]
+    replies = list(link_stream(controller, node.credentials(), [hello()]))
+    assert replies[0].hello.resume_after == 5
