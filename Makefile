@@ -42,9 +42,10 @@ typecheck: deps
 	@$(VENV)/bin/mypy
 
 # Two workers (pytest-xdist): most tests wait on real processes (agents, controllers, mosquitto,
-# swtpm), so two at a time on two cores take about 10 minutes where one at a time took 16.
+# swtpm), so two at a time on two cores take about 10 minutes where one at a time took 16. Each
+# worker runs in a PID namespace of its own (tools/xdist-python): see there why.
 pytest: deps native
-	@$(VENV)/bin/pytest -q -n 2
+	@$(VENV)/bin/pytest -q -d --tx 2*popen//python=tools/xdist-python
 
 test: lint typecheck pytest
 

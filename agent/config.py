@@ -71,7 +71,12 @@ class AdminConfig:
     socket: Path = _check(_absolute, Path("/run/accelguard/admin.sock"))
     # 0660 to an admin group: the admin API can move tenants' GPUs, so it is not world-writable.
     socket_mode: str = _check(_socket_mode, "0660")
+    # Calls that change anything (grant, release, layout apply, quarantine, clear) are taken
+    # from root and members of this group only; the socket's group unless read_group is set.
     group: str = ""
+    # Set to let a wider group connect (the socket's group then) for the read-only calls:
+    # status, lists, plans, health. Its members who are not in `group` are refused changes.
+    read_group: str = ""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,10 @@ class NotFoundError(ValidationError):
     exit_code = ExitCode.NOT_FOUND
 
 
+class PermissionDeniedError(ValidationError):
+    """The caller may not do this (not root, not in the admin group); nothing was changed."""
+
+
 class RetryLaterError(AccelguardError):
     """Not possible yet, possible soon: no clean partition while scrubs run, or a step failed
     transiently and the agent retries it on its own. Nothing unsafe was done."""

@@ -1,14 +1,18 @@
 """The admin API's gRPC server: a local Unix socket, the only way the CLI reaches the daemon.
 
-The socket is created 0660 (group = ``admin.group`` when set; agent/admin/unix_socket.py):
-whoever can write it can move tenants' GPUs. Each call runs its handler (agent/admin/handlers.py);
-an error leaves as the gRPC status code of agent/admin/status.py with accelguard's one-line
-message, and the CLI turns it back into an exit code.
+The socket is created 0660 (group = ``admin.read_group`` or else ``admin.group``;
+agent/admin/unix_socket.py), and every call's caller is known from the kernel (``SO_PEERCRED``,
+agent/admin/peers.py). Calls that change anything are taken from root and members of
+``admin.group`` only; a refused call is logged with who made it, and so is every call that
+changes something. Each call runs its handler (agent/admin/handlers.py); an error leaves as the
+gRPC status code of agent/admin/status.py with accelguard's one-line message, and the CLI turns
+it back into an exit code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import grp
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -16,10 +20,11 @@ import structlog
 
 from agent import __version__
 from agent.admin.handlers import AdminHandlers
+from agent.admin.peers import Caller, CallerGate
 from agent.admin.status import status_code_for
 from agent.admin.unix_socket import serve_on_unix_socket
 from agent.config import Config
-from agent.errors import AccelguardError
+from agent.errors import AccelguardError, AdminApiError, PermissionDeniedError
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.proto.accelguard.v1 import admin_pb2_grpc as pb_grpc
 
@@ -29,10 +34,38 @@ T = TypeVar("T")
 
 
 class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, handlers: AdminHandlers) -> None:
+    def __init__(self, handlers: AdminHandlers, gate: CallerGate, admin_gid: int | None) -> None:
         self._handlers = handlers
+        self._gate = gate
+        self._admin_gid = admin_gid
 
-    async def _guard(self, call: str, context: Any, work: Awaitable[T]) -> T:
+    def _authorize(self, call: str, context: Any, changes: bool) -> Caller:
+        caller = self._gate.caller(context.peer())
+        if caller is None:
+            raise PermissionDeniedError(
+                f"{call}: the caller is unknown (calls must come through {self._gate.public})"
+            )
+        if changes:
+            if caller.uid != 0 and (
+                self._admin_gid is None or not caller.in_group(self._admin_gid)
+            ):
+                raise PermissionDeniedError(
+                    f"{call} changes the node: only root and members of the admin group "
+                    f"(admin.group) may call it, not {caller.describe()}"
+                )
+            log.info("admin_call", call=call, uid=caller.uid, gid=caller.gid, pid=caller.pid)
+        return caller
+
+    async def _guard(
+        self, call: str, context: Any, work: Coroutine[Any, Any, T], *, changes: bool = False
+    ) -> T:
+        try:
+            self._authorize(call, context, changes)
+        except PermissionDeniedError as error:
+            work.close()  # never started
+            log.warning("admin_call_refused", call=call, peer=context.peer(), error=str(error))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+            raise  # unreachable: abort raises
         try:
             return await work
         except AccelguardError as error:
@@ -45,7 +78,7 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             raise
 
     async def Ping(self, request: pb.PingRequest, context: Any) -> pb.PingResponse:
-        return pb.PingResponse(agent_version=__version__)
+        return await self._guard("Ping", context, _version())
 
     async def GetStatus(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
         return await self._guard("GetStatus", context, self._handlers.status())
@@ -54,15 +87,19 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         return await self._guard("PlanLayout", context, self._handlers.layout(request, False))
 
     async def ApplyLayout(self, request: pb.LayoutRequest, context: Any) -> pb.LayoutResponse:
-        return await self._guard("ApplyLayout", context, self._handlers.layout(request, True))
+        return await self._guard(
+            "ApplyLayout", context, self._handlers.layout(request, True), changes=True
+        )
 
     async def GrantLease(
         self, request: pb.GrantLeaseRequest, context: Any
     ) -> pb.GrantLeaseResponse:
-        return await self._guard("GrantLease", context, self._handlers.grant(request))
+        return await self._guard("GrantLease", context, self._handlers.grant(request), changes=True)
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any) -> pb.Partition:
-        return await self._guard("ReleaseLease", context, self._handlers.release(request))
+        return await self._guard(
+            "ReleaseLease", context, self._handlers.release(request), changes=True
+        )
 
     async def ListLeases(
         self, request: pb.ListLeasesRequest, context: Any
@@ -77,7 +114,9 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     async def QuarantinePartition(
         self, request: pb.PartitionActionRequest, context: Any
     ) -> pb.Partition:
-        return await self._guard("QuarantinePartition", context, self._handlers.quarantine(request))
+        return await self._guard(
+            "QuarantinePartition", context, self._handlers.quarantine(request), changes=True
+        )
 
     async def ListCertificates(
         self, request: pb.ListCertificatesRequest, context: Any
@@ -90,7 +129,13 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     async def ClearPartition(
         self, request: pb.PartitionActionRequest, context: Any
     ) -> pb.Partition:
-        return await self._guard("ClearPartition", context, self._handlers.clear(request))
+        return await self._guard(
+            "ClearPartition", context, self._handlers.clear(request), changes=True
+        )
+
+
+async def _version() -> pb.PingResponse:
+    return pb.PingResponse(agent_version=__version__)
 
 
 class AdminServer:
@@ -102,13 +147,19 @@ class AdminServer:
 
     async def run(self) -> None:
         settings = self._config.admin
+        try:
+            admin_gid = grp.getgrnam(settings.group).gr_gid if settings.group else None
+        except KeyError:
+            raise AdminApiError(f"admin.group: no group named {settings.group!r}") from None
+        gate = CallerGate(settings.socket)
         server = grpc.aio.server()
-        pb_grpc.add_AdminServicer_to_server(_Servicer(self._handlers), server)
+        pb_grpc.add_AdminServicer_to_server(_Servicer(self._handlers, gate, admin_gid), server)
         await serve_on_unix_socket(
             server,
             settings.socket,
             mode=settings.socket_mode,
-            group=settings.group,
+            group=settings.read_group or settings.group,
             what="admin socket",
             listening_event="admin_listening",
+            gate=gate,
         )

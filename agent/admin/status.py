@@ -20,6 +20,7 @@ from agent.errors import (
     InsufficientResourcesError,
     InUseError,
     NotFoundError,
+    PermissionDeniedError,
     RetryLaterError,
     ValidationError,
 )
@@ -36,6 +37,7 @@ class StatusRow:
 
 STATUS_TABLE: Final = (
     StatusRow(NotFoundError, grpc.StatusCode.NOT_FOUND),
+    StatusRow(PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     StatusRow(RetryLaterError, grpc.StatusCode.ABORTED),
     StatusRow(ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     StatusRow(InsufficientResourcesError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -15,33 +15,49 @@ from pathlib import Path
 import grpc
 import structlog
 
+from agent.admin.peers import CallerGate
 from agent.errors import AdminApiError
 
 log = structlog.get_logger(__name__)
 
 
 async def serve_on_unix_socket(
-    server: grpc.aio.Server, path: Path, *, mode: str, group: str, what: str, listening_event: str
+    server: grpc.aio.Server,
+    path: Path,
+    *,
+    mode: str,
+    group: str,
+    what: str,
+    listening_event: str,
+    gate: CallerGate | None = None,
 ) -> None:
     """Serve ``server`` on ``path`` until cancelled. ``mode`` is octal text (config-checked),
-    ``group`` a group name or empty, ``what`` names the socket in errors ("admin socket")."""
+    ``group`` a group name or empty, ``what`` names the socket in errors ("admin socket").
+    With ``gate``, the public socket is the gate's and gRPC listens behind it, so that each
+    call's caller is known (agent/admin/peers.py)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket():
             path.unlink()  # left by a previous run that was killed
+        if gate is not None:
+            gate.prepare()
     except OSError as error:
         raise AdminApiError(f"cannot prepare {what} {path}: {error}") from error
     old_umask = os.umask(0o177)
     try:
-        server.add_insecure_port(f"unix:{path}")
+        server.add_insecure_port(f"unix:{gate.backend if gate is not None else path}")
         await server.start()
+        if gate is not None:
+            await gate.start()
     finally:
         os.umask(old_umask)
     try:
         _secure(path, mode, group, what)
-        log.info(listening_event, socket=str(path))
+        log.info(listening_event, socket=str(path), callers_identified=gate is not None)
         await server.wait_for_termination()
     finally:
+        if gate is not None:
+            await asyncio.shield(gate.close())
         await asyncio.shield(server.stop(grace=1.0))
         path.unlink(missing_ok=True)
 

@@ -65,12 +65,19 @@ def test_descriptor_matches_by_device_number_not_by_file(tmp_path: Path) -> None
     # Another node file with the same device number: a private mknod copy opens the same device.
     copy = _char_node(tmp_path / "nvidia-cap-copy")
     targets = NodeTargets.of([node], [node])
-    with child(HOLD_DESCRIPTOR, str(copy.path)) as holder:
-        assert process_nodes(holder.pid, targets) == {node}
-        census = take_census(targets)
-        assert census.holders[holder.pid].nodes == {node}
-        assert os.getpid() not in census.holders
-        assert census.descriptors > 0 and census.processes > 1
+    # A bystander: the census scans every process (the test may run in a PID namespace of its
+    # own, tools/xdist-python, where little else runs), and finds only the holder.
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        with child(HOLD_DESCRIPTOR, str(copy.path)) as holder:
+            assert process_nodes(holder.pid, targets) == {node}
+            census = take_census(targets)
+            assert census.holders[holder.pid].nodes == {node}
+            assert os.getpid() not in census.holders and bystander.pid not in census.holders
+            assert census.descriptors > 0 and census.processes > 1
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=30)
 
 
 def test_mapping_matches_by_node_file_after_the_descriptor_is_closed(tmp_path: Path) -> None:
