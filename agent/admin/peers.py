@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import shutil
 import socket
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -30,6 +30,8 @@ log = structlog.get_logger(__name__)
 
 # sun_path holds 108 bytes with its terminating NUL.
 MAX_SOCKET_PATH: Final = 107
+# Connections at once, at most (each has a private socket named by the lowest free number).
+MAX_CONNECTIONS: Final = 9999
 _UCRED: Final = struct.Struct("3i")
 
 
@@ -69,30 +71,39 @@ class CallerGate:
 
     def __init__(self, public: Path) -> None:
         self.public = public
-        # Beside the public socket, the same name each start (a killed run's is replaced).
+        # Beside the public socket, the same name each start (a killed run's is replaced); in a
+        # fresh temporary directory instead where that path would be too long for a socket.
         self.private = public.parent / f".{public.name}.d"
-        self.backend = self.private / "g"
+        self._temporary = len(os.fsencode(self.private / f"c{MAX_CONNECTIONS}")) > MAX_SOCKET_PATH
         self._callers: dict[str, Caller] = {}
-        self._numbers = itertools.count(1)
+        self._numbers: set[int] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        if len(os.fsencode(self.private / f"c{10**9}")) > MAX_SOCKET_PATH:
-            raise AdminApiError(
-                f"the admin socket {public} is too deep: its private sockets would not fit a "
-                f"Unix socket path ({MAX_SOCKET_PATH} bytes)"
-            )
+
+    @property
+    def backend(self) -> Path:
+        """gRPC's own socket."""
+        return self.private / "g"
 
     def prepare(self) -> None:
         """The private directory, new and root's only (0700)."""
         try:
-            if self.private.is_dir() and not self.private.is_symlink():
-                shutil.rmtree(self.private)
-            # Fails if anything (a symlink, a file someone planted) is still there: refused.
-            self.private.mkdir(mode=0o700)
+            if self._temporary:
+                self.private = Path(tempfile.mkdtemp(prefix="accelguard-admin-"))
+            else:
+                if self.private.is_dir() and not self.private.is_symlink():
+                    shutil.rmtree(self.private)
+                # Fails if anything (a symlink, a file someone planted) is still there: refused.
+                self.private.mkdir(mode=0o700)
         except OSError as error:
             raise AdminApiError(
                 f"cannot create the admin socket's private directory: {error}"
             ) from None
+        if len(os.fsencode(self.private / f"c{MAX_CONNECTIONS}")) > MAX_SOCKET_PATH:
+            raise AdminApiError(
+                f"no directory for the admin socket's private sockets fits a Unix socket path "
+                f"({MAX_SOCKET_PATH} bytes): {self.private}"
+            )
 
     def caller(self, peer: str) -> Caller | None:
         """The caller behind a gRPC call whose ``context.peer()`` is ``peer``."""
@@ -115,7 +126,13 @@ class CallerGate:
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        path = str(self.private / f"c{next(self._numbers)}")
+        number = min(set(range(1, len(self._numbers) + 2)) - self._numbers)
+        if number > MAX_CONNECTIONS:
+            log.warning("admin_gate_refused", error=f"over {MAX_CONNECTIONS} connections at once")
+            writer.transport.abort()
+            return
+        self._numbers.add(number)
+        path = str(self.private / f"c{number}")
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             caller = peer_caller(writer.get_extra_info("socket"))
@@ -126,20 +143,22 @@ class CallerGate:
             up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
         except OSError as error:
             log.warning("admin_gate_refused", error=str(error))
+            self._forget(number, path)
             upstream.close()
-            self._forget(path)
             writer.transport.abort()
             return
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
+            # The caller is forgotten before its socket's name is released.
+            self._forget(number, path)
             up_writer.transport.abort()
             writer.transport.abort()
-            self._forget(path)
 
-    def _forget(self, path: str) -> None:
+    def _forget(self, number: int, path: str) -> None:
         self._callers.pop(path, None)
         Path(path).unlink(missing_ok=True)
+        self._numbers.discard(number)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

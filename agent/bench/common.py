@@ -8,6 +8,7 @@ drift on a shared machine hits both alike too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -120,3 +121,16 @@ def wait_all_clean(client: Any, timeout: float = 120.0) -> None:
             return
         time.sleep(0.05)
     raise ValidationError(f"partitions did not become clean within {timeout:.0f} s")
+
+
+def bench_scratch(stack: contextlib.ExitStack, directory: Path | None, prefix: str) -> Path:
+    """The bench's working directory (a short temp dir unless given: admin sockets must fit
+    sun_path) and stdout kept for the JSON document (the node side logs to stdout unless
+    configured), both undone when ``stack`` closes."""
+    import tempfile  # noqa: PLC0415
+
+    stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+    if directory is None:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

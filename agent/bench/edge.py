@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from agent.bench.common import latency
+from agent.bench.common import bench_scratch, latency
 from agent.bench.link import (
     START_TIMEOUT_S,
     TRUST_DOMAIN,
@@ -242,19 +241,19 @@ async def _switches(
     try:
         await _until(lambda: service.connected and service.transport == "grpc",
                      "the edge node on gRPC", task, START_TIMEOUT_S)  # fmt: skip
+
+        async def switch(action: Any, transport: str, delay_s: float) -> float:
+            """Seconds from ``action`` to the first report acked over ``transport``."""
+            first_ack.clear()
+            started = time.monotonic()
+            action()
+            await _until(lambda: transport in first_ack, f"a report acked over {transport}",
+                         task, delay_s + START_TIMEOUT_S)  # fmt: skip
+            return first_ack[transport] - started
+
         for _ in range(cycles):
-            first_ack.clear()
-            cut_at = time.monotonic()
-            proxy.block()
-            await _until(lambda: "mqtt" in first_ack, "a report acked over MQTT", task,
-                         fallback_after_s + START_TIMEOUT_S)  # fmt: skip
-            failover.append(first_ack["mqtt"] - cut_at)
-            first_ack.clear()
-            restored_at = time.monotonic()
-            proxy.unblock()
-            await _until(lambda: "grpc" in first_ack, "a report acked over gRPC again", task,
-                         failback_after_s + START_TIMEOUT_S)  # fmt: skip
-            failback.append(first_ack["grpc"] - restored_at)
+            failover.append(await switch(proxy.block, "mqtt", fallback_after_s))
+            failback.append(await switch(proxy.unblock, "grpc", failback_after_s))
     finally:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -286,17 +285,13 @@ def bench_edge(
     directory: Path | None = None,
 ) -> dict[str, Any]:
     import asyncio  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
     from agent.bench.broker import Broker  # noqa: PLC0415
 
     if rounds < 1 or cycles < 1 or fallback_after_s <= 0 or failback_after_s <= 0:
         raise ValidationError("rounds, cycles and the switch delays must be positive")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
-        if directory is None:
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agbe-")))
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = bench_scratch(stack, directory, "agbe-")
         controller = BenchController(directory / "controller", None)
         controller.init()
         nodes = controller.provision(["edge-grpc", "edge-mqtt", "edge-switch"])

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from agent.bench.common import cpu_seconds, latency
+from agent.bench.common import bench_scratch, cpu_seconds, latency
 from agent.errors import LinkError, ValidationError
 
 if TYPE_CHECKING:
@@ -679,7 +679,6 @@ def bench_link(
 ) -> dict[str, Any]:
     """Run the link benchmark; a JSON-ready document (see the module docstring)."""
     import asyncio  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
     import grpc  # noqa: PLC0415
 
@@ -701,12 +700,7 @@ def bench_link(
         raise ValidationError(f"--cpu {core}: this process may use CPUs {sorted(allowed)}")
     client_cpus = (allowed - {core}) or allowed
     with contextlib.ExitStack() as stack:
-        # The node side logs (structlog prints to stdout unless configured): stdout is the JSON.
-        stack.enter_context(contextlib.redirect_stdout(sys.stderr))
-        if directory is None:
-            # Short: the admin socket path must fit in sun_path.
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="agbl-")))
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = bench_scratch(stack, directory, "agbl-")
         controller = BenchController(directory / "controller", core)
         controller.init()
         credentials = controller.provision(

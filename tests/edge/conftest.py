@@ -4,8 +4,6 @@ through a TCP proxy the test can block."""
 
 from __future__ import annotations
 
-import contextlib
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +12,8 @@ from typing import Any
 import pytest
 
 from agent.bench.broker import Broker
-from agent.isolation.cgroups import hierarchy_mounts
 from tests.link.support import Controller, LinkNode, TcpProxy, wait_for
-from tests.link.test_commands import PARENT, boot, wait_trust
+from tests.link.test_commands import boot, configure_booted, tenants_parent, wait_trust
 
 # A report every 100 ms (the heartbeat), fast fallback and failback.
 EDGE_LINK = {
@@ -52,60 +49,40 @@ class EdgeFleet:
             )  # fmt: skip
 
 
-def edge_start(node: LinkNode, fleet_proxy: TcpProxy, broker: Broker, parent: Path,
-               **link: Any) -> None:  # fmt: skip
-    node.configure(
-        {"controller": fleet_proxy.address, "mqtt_broker": broker.address, **EDGE_LINK, **link},
-        node={"profile": "edge"},
-        attest={
-            "event_log": str(node.root / "eventlog.bin"),
-            "ima_log": str(node.root / "ima.bin"),
-        },
-        tenants={"cgroup_parents": [str(parent)]},
-        health={"poll_interval_s": 1.0},
-    )
+def edge_start(node: LinkNode, fleet_proxy: TcpProxy, broker: Broker, parent: Path) -> None:
+    link = {"controller": fleet_proxy.address, "mqtt_broker": broker.address, **EDGE_LINK}
+    configure_booted(node, parent, link, node={"profile": "edge"})
     node.agent.start()
 
 
 @pytest.fixture
 def edge(tmp_path: Path) -> Iterator[EdgeFleet]:
-    mounts = hierarchy_mounts("v2") or hierarchy_mounts("v1-devices")
-    if not mounts:
-        pytest.skip("this machine has no cgroup v2 or v1 devices hierarchy mounted")
-    parent = mounts[0] / f"accelguard-edge-{uuid.uuid4().hex[:8]}"
-    parent.mkdir()
-    PARENT[:] = [parent]
-    controller = Controller(tmp_path / "controller")
-    controller.init(attest_interval_s=3600.0, command_timeout_s=60.0)
-    # mosquitto configured from docs/edge/ as shipped (agent/bench/broker.py).
-    broker = Broker(controller.root / "pki", "test.fleet")
-    broker.prepare()
-    broker.start()
-    controller.update_settings(mqtt_broker=broker.address)
-    controller.start()
-    proxy = TcpProxy(controller.link_port)
-    nodes: list[LinkNode] = []
-    try:
-        for name in ("edgeA", "edgeB"):
-            node = LinkNode(tmp_path / name, controller)
-            nodes.append(node)
-            boot(node)
-            edge_start(node, proxy, broker, parent)
-            result = node.enroll(controller.token(node.node_id))
-            assert result.returncode == 0, result.stderr
-        fleet = EdgeFleet(controller, broker, proxy, nodes, parent)
-        for node in nodes:
-            wait_trust(controller, node, "trusted")
-        yield fleet
-    finally:
-        for node in nodes:
-            node.close()
-        controller.stop()
-        broker.remove()
-        proxy.close()
-        for child in parent.iterdir():
-            if child.is_dir():
-                with contextlib.suppress(OSError):
-                    child.rmdir()
-        with contextlib.suppress(OSError):
-            parent.rmdir()
+    with tenants_parent("accelguard-edge") as parent:
+        controller = Controller(tmp_path / "controller")
+        controller.init(attest_interval_s=3600.0, command_timeout_s=60.0)
+        # mosquitto configured from docs/edge/ as shipped (agent/bench/broker.py).
+        broker = Broker(controller.root / "pki", "test.fleet")
+        broker.prepare()
+        broker.start()
+        controller.update_settings(mqtt_broker=broker.address)
+        controller.start()
+        proxy = TcpProxy(controller.link_port)
+        nodes: list[LinkNode] = []
+        try:
+            for name in ("edgeA", "edgeB"):
+                node = LinkNode(tmp_path / name, controller)
+                nodes.append(node)
+                boot(node)
+                edge_start(node, proxy, broker, parent)
+                result = node.enroll(controller.token(node.node_id))
+                assert result.returncode == 0, result.stderr
+            fleet = EdgeFleet(controller, broker, proxy, nodes, parent)
+            for node in nodes:
+                wait_trust(controller, node, "trusted")
+            yield fleet
+        finally:
+            for node in nodes:
+                node.close()
+            controller.stop()
+            broker.remove()
+            proxy.close()

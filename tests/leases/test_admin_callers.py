@@ -5,6 +5,7 @@ and is logged with who made it, as is every call that changes something."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from agent.admin.client import AdminClient
+from agent.admin.peers import MAX_CONNECTIONS, MAX_SOCKET_PATH, CallerGate
 from agent.config import config_as_dict, load_config, parse_config, to_toml
 from agent.errors import PermissionDeniedError
 from agent.sim.node import init_sim_node
@@ -132,3 +134,16 @@ def test_a_call_that_bypasses_the_gate_has_no_caller(shared_agent: RunningAgent)
     with AdminClient(private / "g") as client, pytest.raises(PermissionDeniedError) as refused:
         client.status()
     assert "the caller is unknown" in str(refused.value)
+
+
+def test_a_deep_socket_keeps_its_private_sockets_in_a_temporary_directory(tmp_path: Path) -> None:
+    public = tmp_path / ("d" * max(1, 100 - len(str(tmp_path)))) / "admin.sock"
+    gate = CallerGate(public)
+    gate.prepare()
+    try:
+        assert gate.private.parent == Path(tempfile.gettempdir())
+        assert gate.private.stat().st_mode & 0o777 == 0o700
+        assert len(os.fsencode(gate.private / f"c{MAX_CONNECTIONS}")) <= MAX_SOCKET_PATH
+    finally:
+        asyncio.run(gate.close())
+    assert not gate.private.exists()

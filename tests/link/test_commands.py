@@ -50,16 +50,22 @@ def boot(node: LinkNode) -> None:
     (node.root / "ima.bin").write_bytes(ima_list(measurements))
 
 
-def start(node: LinkNode, controller: Controller, parent: Path) -> None:
+def configure_booted(node: LinkNode, parent: Path, link: dict[str, Any], **sections: Any) -> None:
+    """The [link] given, [attest] at the files boot() wrote, tenants under ``parent``."""
     node.configure(
-        {"controller": controller.link_address, "heartbeat_s": 1.0},
+        link,
         attest={
             "event_log": str(node.root / "eventlog.bin"),
             "ima_log": str(node.root / "ima.bin"),
         },
         tenants={"cgroup_parents": [str(parent)]},
         health={"poll_interval_s": 1.0},
+        **sections,
     )
+
+
+def start(node: LinkNode, controller: Controller, parent: Path) -> None:
+    configure_booted(node, parent, {"controller": controller.link_address, "heartbeat_s": 1.0})
     node.agent.start()
     result = node.enroll(controller.token(node.node_id))
     assert result.returncode == 0, result.stderr
@@ -108,38 +114,48 @@ def tenant_cgroup() -> Iterator[Path]:
             path.rmdir()
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[tuple[Controller, LinkNode, LinkNode]]:
+@contextlib.contextmanager
+def tenants_parent(prefix: str) -> Iterator[Path]:
+    """A parent cgroup for the fleet's tenants (PARENT; skipped without a device hierarchy),
+    removed with what the tests left in it."""
     mounts = hierarchy_mounts("v2") or hierarchy_mounts("v1-devices")
     if not mounts:
         pytest.skip("this machine has no cgroup v2 or v1 devices hierarchy mounted")
-    parent = mounts[0] / f"accelguard-remote-{uuid.uuid4().hex[:8]}"
+    parent = mounts[0] / f"{prefix}-{uuid.uuid4().hex[:8]}"
     parent.mkdir()
     PARENT[:] = [parent]
-    controller = Controller(tmp_path / "controller")
-    controller.init(attest_interval_s=3.0, command_timeout_s=60.0)
-    controller.start()
-    nodes: list[LinkNode] = []
     try:
-        nodes.append(LinkNode(tmp_path / "nodeA", controller, mig_enabled=True))
-        nodes.append(LinkNode(tmp_path / "nodeB", controller))
-        for node in nodes:
-            boot(node)
-            start(node, controller, parent)
-        for node in nodes:
-            wait_trust(controller, node, "trusted")
-            wait_all_clean(node.agent)
-        yield controller, nodes[0], nodes[1]
+        yield parent
     finally:
-        for node in nodes:
-            node.close()
-        controller.stop()
         for child in parent.iterdir():
             if child.is_dir():
                 with contextlib.suppress(OSError):
                     child.rmdir()
         with contextlib.suppress(OSError):
             parent.rmdir()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[Controller, LinkNode, LinkNode]]:
+    with tenants_parent("accelguard-remote") as parent:
+        controller = Controller(tmp_path / "controller")
+        controller.init(attest_interval_s=3.0, command_timeout_s=60.0)
+        controller.start()
+        nodes: list[LinkNode] = []
+        try:
+            nodes.append(LinkNode(tmp_path / "nodeA", controller, mig_enabled=True))
+            nodes.append(LinkNode(tmp_path / "nodeB", controller))
+            for node in nodes:
+                boot(node)
+                start(node, controller, parent)
+            for node in nodes:
+                wait_trust(controller, node, "trusted")
+                wait_all_clean(node.agent)
+            yield controller, nodes[0], nodes[1]
+        finally:
+            for node in nodes:
+                node.close()
+            controller.stop()
 
 
 def local_partitions(node: LinkNode) -> list[dict[str, Any]]:
