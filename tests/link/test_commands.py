@@ -50,13 +50,14 @@ def boot(node: LinkNode) -> None:
     (node.root / "ima.bin").write_bytes(ima_list(measurements))
 
 
-def configure_booted(node: LinkNode, parent: Path, link: dict[str, Any], **sections: Any) -> None:
-    """The [link] given, [attest] at the files boot() wrote, tenants under ``parent``."""
-    node.configure(
+def configure_booted(booted: LinkNode, parent: Path, link: dict[str, Any], **sections: Any) -> None:
+    """The [link] given, [attest] at the files boot() wrote, tenants under ``parent``; other
+    sections (``node={...}``) as given."""
+    booted.configure(
         link,
         attest={
-            "event_log": str(node.root / "eventlog.bin"),
-            "ima_log": str(node.root / "ima.bin"),
+            "event_log": str(booted.root / "eventlog.bin"),
+            "ima_log": str(booted.root / "ima.bin"),
         },
         tenants={"cgroup_parents": [str(parent)]},
         health={"poll_interval_s": 1.0},
