@@ -181,6 +181,18 @@ def _host_port(value: Any) -> str | None:
     return None
 
 
+def split_host_port(value: str, setting: str) -> tuple[str, int]:
+    """``host:port`` or ``[ipv6]:port`` -> (host, port); ConfigError naming ``setting``."""
+    host, colon, port_text = value.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(
+            f'{setting}: {value!r} is not HOST:PORT (e.g. "127.0.0.1:9464", "[::1]:9464")'
+        )
+    return host, int(port_text)
+
+
 def _optional_absolute(value: Any) -> str | None:
     return None if value == "" or Path(value).is_absolute() else "must be empty or absolute"
 

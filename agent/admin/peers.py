@@ -25,6 +25,7 @@ from typing import Final
 import structlog
 
 from agent.errors import AdminApiError
+from agent.runtime.net import pipe
 
 log = structlog.get_logger(__name__)
 
@@ -148,7 +149,7 @@ class CallerGate:
             writer.transport.abort()
             return
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         finally:
             # The caller is forgotten before its socket's name is released.
             self._forget(number, path)
@@ -159,12 +160,3 @@ class CallerGate:
         self._callers.pop(path, None)
         Path(path).unlink(missing_ok=True)
         self._numbers.discard(number)
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    with contextlib.suppress(OSError, RuntimeError):
-        writer.write_eof()

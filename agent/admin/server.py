@@ -20,7 +20,7 @@ import structlog
 
 from agent import __version__
 from agent.admin.handlers import AdminHandlers
-from agent.admin.peers import Caller, CallerGate
+from agent.admin.peers import CallerGate
 from agent.admin.status import status_code_for
 from agent.admin.unix_socket import serve_on_unix_socket
 from agent.config import Config
@@ -39,7 +39,7 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         self._gate = gate
         self._admin_gid = admin_gid
 
-    def _authorize(self, call: str, context: Any, changes: bool) -> Caller:
+    def _authorize(self, call: str, context: Any, changes: bool) -> None:
         caller = self._gate.caller(context.peer())
         if caller is None:
             raise PermissionDeniedError(
@@ -54,7 +54,6 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
                     f"(admin.group) may call it, not {caller.describe()}"
                 )
             log.info("admin_call", call=call, uid=caller.uid, gid=caller.gid, pid=caller.pid)
-        return caller
 
     async def _guard(
         self, call: str, context: Any, work: Coroutine[Any, Any, T], *, changes: bool = False

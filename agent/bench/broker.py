@@ -18,16 +18,12 @@ from pathlib import Path
 from typing import Final
 
 from agent.errors import LinkError
+from agent.runtime.net import free_port
+from agent.runtime.process import stop_process
 
 EXAMPLES: Final = Path(__file__).resolve().parents[2] / "docs" / "edge"
 EXAMPLE_CONTROLLER: Final = "user controller@accelguard.local\n"
 START_TIMEOUT_S: Final = 20.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Broker:
@@ -117,9 +113,11 @@ class Broker:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
+        if sig == signal.SIGTERM:
+            stop_process(self.process)
+        else:
             self.process.send_signal(sig)
-        self.process.wait(timeout=30)
+            self.process.wait(timeout=30)
         self.process = None
 
     def remove(self) -> None:

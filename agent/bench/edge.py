@@ -33,6 +33,7 @@ from agent.bench.link import (
     _observed_link_service,
 )
 from agent.errors import LinkError, ValidationError
+from agent.runtime.net import pipe
 
 if TYPE_CHECKING:
     import asyncio
@@ -89,9 +90,11 @@ class CutProxy:
             return
         self._writers |= {writer, up_writer}
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         finally:
             self._writers -= {writer, up_writer}
+            up_writer.transport.abort()
+            writer.transport.abort()
 
     def block(self) -> None:
         self.cut = True
@@ -110,14 +113,6 @@ class CutProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.transport.abort()
 
 
 async def _node(

@@ -28,6 +28,7 @@ import aiomqtt
 import grpc
 import structlog
 
+from agent.config import split_host_port
 from agent.controller.link import NodeLinkHandler
 from agent.controller.pki import ControllerPki, bridge_identity, issue_service_certificate
 from agent.errors import LinkError, LinkProtocolError
@@ -42,7 +43,6 @@ from agent.link.mqtt import (
     parse_state,
     parse_topic,
     reason_failed,
-    split_host_port,
     topics,
 )
 from agent.link.wire import decode_uplink
@@ -109,12 +109,10 @@ class MqttBridge:
         # The session each node was last told is unknown: told once, not for every message.
         self._told: dict[str, bytes] = {}
         self.states: dict[str, BrokerState] = {}
-        self.connected = False
-        self.dropped = 0
 
     async def run(self) -> None:
         key, certificate = bridge_credentials(self._pki, self._pki.directory)
-        host, port = split_host_port(self._broker)
+        host, port = split_host_port(self._broker, "controller.mqtt_broker")
         identity = bridge_identity(self._pki.trust_domain)
         while True:
             started = time.monotonic()
@@ -137,7 +135,6 @@ class MqttBridge:
                 log.warning("mqtt_bridge_disconnected", broker=self._broker, error=str(error))
             finally:
                 self._client = None
-                self.connected = False
                 self._end_all()
             if time.monotonic() - started >= 10.0:
                 self._backoff.reset()
@@ -152,7 +149,6 @@ class MqttBridge:
             if reason_failed(codes):
                 raise LinkError(f"the broker refused the bridge's subscriptions: {codes}")
             self._client = client
-            self.connected = True
             log.info("mqtt_bridge_connected", broker=self._broker)
             async for message in client.messages:
                 await self._dispatch(message)
@@ -176,7 +172,6 @@ class MqttBridge:
                 uplink = decode_uplink(payload)
             except LinkProtocolError as error:
                 # Nothing in it can be trusted, not even its session: drop it.
-                self.dropped += 1
                 log.warning("mqtt_bridge_bad_uplink", node=node_id, reason=str(error))
                 return
             await self._uplink(node_id, uplink, payload)
@@ -246,8 +241,7 @@ class MqttBridge:
         try:
             closed = await self._handler.serve(node_id, requests(), send, "mqtt")
             if closed is not None:
-                with contextlib.suppress(LinkError):
-                    await self._close(node_id, route.session, *closed)
+                await self._close(node_id, route.session, *closed)
         finally:
             if self._routes.get(node_id) is route:
                 del self._routes[node_id]

@@ -33,7 +33,9 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.config import split_host_port
 from agent.errors import LinkError, LinkProtocolError
+from agent.identity.spiffe import NODE_ID
 from agent.identity.tls import IdentityPaths
 from agent.link.wire import decode_downlink
 from agent.proto.accelguard.v1 import link_pb2 as pb
@@ -64,9 +66,7 @@ def topics(node_id: str) -> Topics:
     return Topics(up=f"{base}/up", down=f"{base}/down", state=f"{base}/state")
 
 
-_NODE_TOPIC: Final = re.compile(
-    re.escape(TOPIC_ROOT) + r"/([A-Za-z0-9][A-Za-z0-9._-]{0,62})/(up|down|state)"
-)
+_NODE_TOPIC: Final = re.compile(re.escape(TOPIC_ROOT) + rf"/({NODE_ID.pattern})/(up|down|state)")
 
 
 def parse_topic(topic: str) -> tuple[str, str] | None:
@@ -93,11 +93,6 @@ def parse_state(payload: bytes) -> tuple[str, str]:
     if state not in ("online", "offline") or transport not in ("", "grpc", "mqtt"):
         raise LinkProtocolError(f"state message {document!r:.120}: unknown state or transport")
     return str(state), str(transport)
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def client_tls(
@@ -137,7 +132,6 @@ class MqttCall:
         # is added without decoding what the conversation wrote.
         self._suffix = pb.Uplink(session=session).SerializeToString()
         self._inbox: asyncio.Queue[bytes | BaseException] = asyncio.Queue(INBOX_LIMIT)
-        self.stale = 0
         # Where the node goes when this session ends cleanly ("grpc": failback); the retained
         # state says so.
         self.leaving_for = ""
@@ -174,8 +168,7 @@ class MqttCall:
                     log.warning("link_mqtt_bad_downlink", error=str(error))
                     continue
                 if downlink.session != self.session and downlink.WhichOneof("message") != "command":
-                    self.stale += 1  # an earlier session's ack, reply or close
-                    continue
+                    continue  # an earlier session's ack, reply or close
                 await self._inbox.put(data)
         except aiomqtt.MqttError as error:
             await self._inbox.put(LinkError(f"MQTT broker: connection lost: {error}"))
@@ -195,7 +188,7 @@ async def connected(
     """A broker connection as the node: TLS with its enrolled certificate, a persistent session,
     the state retained as online (the Will says offline), its ``down`` topic subscribed; yields
     the session's call and, on the way out, says which transport it leaves for."""
-    host, port = split_host_port(broker)
+    host, port = split_host_port(broker, "link.mqtt_broker")
     node_topics = topics(node_id)
     try:
         context = client_tls(paths.ca, paths.certificate, paths.key)

@@ -160,6 +160,8 @@ class LinkService:
         self.transport = "grpc"
         self.failovers = 0
         self.failbacks = 0
+        # Set while the MQTT session is being ended for gRPC (not for a shutdown).
+        self._failing_back = False
         self._renewal_sent_at = 0.0
         # Set by the daemon once the admin handlers exist: commands from the controller.
         self.commands: CommandSink | None = None
@@ -307,10 +309,12 @@ class LinkService:
         mqtt = asyncio.create_task(self._mqtt_forever(), name="link-mqtt")
         try:
             await self._probe_until_healthy()
+            self._failing_back = True
         finally:
             mqtt.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await mqtt
+            self._failing_back = False
 
     async def _mqtt_forever(self) -> None:
         backoff = Backoff(self._settings.backoff_base_s, self._settings.backoff_cap_s)
@@ -412,7 +416,8 @@ class LinkService:
             try:
                 await self._converse(call)
             except asyncio.CancelledError:
-                call.leaving_for = "grpc"  # failback (or shutdown, which ends the state anyway)
+                if self._failing_back:
+                    call.leaving_for = "grpc"
                 raise
 
     async def _converse(self, call: Any) -> None:

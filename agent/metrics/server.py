@@ -25,6 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 import structlog
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from agent.config import split_host_port
 from agent.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -40,14 +41,7 @@ _App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """``host:port`` or ``[ipv6]:port`` -> (host, port); ConfigError naming the setting."""
-    host, colon, port_text = listen.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(
-            f'{SETTING}: {listen!r} is not HOST:PORT (e.g. "127.0.0.1:9464", "[::1]:9464")'
-        )
-    return host, int(port_text)
+    return split_host_port(listen, SETTING)
 
 
 class _Handler(WSGIRequestHandler):

@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import config_as_dict, load_config, parse_config, to_toml
+from agent.runtime.net import free_port
 from agent.sim.node import init_sim_node
 from agent.sim.swtpm import Swtpm
 from tests.support import REPO, RunningAgent
 
 CONTROLLER = [sys.executable, "-m", "agent.cli"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 import subprocess
 import threading
 import urllib.request
@@ -28,12 +27,6 @@ from agent.store.outbox import Outbox, OutboxLimits
 # Small enough that the tests can fill it.
 OUTBOX_LIMITS = OutboxLimits(max_reports=4, max_bytes=1 << 20, grant_reserve=0, retention_s=3600)
 _ids = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def partition(

@@ -11,10 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import config_as_dict, load_config, parse_config, to_toml
+from agent.runtime.net import free_port
 from agent.sim.node import init_sim_node
 from tests.leases.conftest import cgroup_parents  # noqa: F401 - the fixture
 from tests.leases.helpers import any_tenant_cgroup, grant
-from tests.metrics.support import free_port, promtool
+from tests.metrics.support import promtool
 from tests.support import RunningAgent, running_agent, wait_all_clean
 
 

@@ -23,7 +23,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import Metrics
-from tests.metrics.support import SOURCES, Journal, fetch, free_port, populate, promtool, serve
+from agent.runtime.net import free_port
+from tests.metrics.support import SOURCES, Journal, fetch, populate, promtool, serve
 from tests.support import REPO
 
 DOCS = REPO / "docs" / "metrics.md"

@@ -13,7 +13,8 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.metrics import Metrics, MetricsServer, parse_listen
-from tests.metrics.support import Journal, fetch, free_port, serve, value
+from agent.runtime.net import free_port
+from tests.metrics.support import Journal, fetch, serve, value
 
 
 def _metrics_threads() -> list[threading.Thread]:
