@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .make
 APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-dev libtss2-dev \
-	swtpm swtpm-tools tpm2-tools mosquitto udev prometheus
+	libssl-dev swtpm swtpm-tools tpm2-tools mosquitto udev prometheus systemd libcap2-bin
 NVML_SIM := native/nvml-sim/build/libnvidia-ml.so.1
 
 .PHONY: demo test deps native proto lint typecheck pytest clean
@@ -30,6 +30,7 @@ deps: $(STAMPS)/venv
 
 native: $(STAMPS)/apt
 	@$(MAKE) -s -C native/nvml-sim
+	@$(MAKE) -s -C native/imafast
 
 proto: deps
 	@$(PY) tools/gen_proto.py
@@ -54,4 +55,5 @@ demo: deps native
 
 clean:
 	@$(MAKE) -s -C native/nvml-sim clean
+	@$(MAKE) -s -C native/imafast clean
 	@rm -rf $(STAMPS) .pytest_cache .mypy_cache .ruff_cache

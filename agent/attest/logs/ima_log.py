@@ -24,7 +24,8 @@ in every list and extend all ``0xFF`` of the bank's size (``ima_add_violation``,
 
 Why entries are rows: a busy server's list holds 100 000+ entries, replayed in several banks.
 The parser keeps each entry as a plain tuple (:data:`EntryRow`) that replay and the template
-hash check read; the :class:`ImaEntry` objects are built on first use of :attr:`ImaLog.entries`.
+hash check read; the :class:`ImaEntry` objects are built on first use of :attr:`ImaLog.entries`
+(and the rows too, in a list the native fast path parsed: ``ima_native.NativeImaLog``).
 """
 
 from __future__ import annotations
@@ -327,7 +328,10 @@ class ImaLog:
         self._entries: tuple[ImaEntry, ...] | None = None
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._table())
+
+    def _table(self) -> tuple[EntryRow, ...]:
+        return self._rows
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImaLog):
@@ -336,27 +340,26 @@ class ImaLog:
             self.source_format,
             self.first_index,
             self.template_hash_bank,
-            self._rows,
-        ) == (other.source_format, other.first_index, other.template_hash_bank, other._rows)
+            self._table(),
+        ) == (other.source_format, other.first_index, other.template_hash_bank, other._table())
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (
-            f"ImaLog({len(self._rows)} {self.source_format} entries from {self.first_index}, "
+            f"ImaLog({len(self)} {self.source_format} entries from {self.first_index}, "
             f"template hashes in {self.template_hash_bank})"
         )
 
     @property
     def entries(self) -> tuple[ImaEntry, ...]:
         if self._entries is None:
-            self._entries = tuple(self._entry(position) for position in range(len(self._rows)))
+            self._entries = tuple(self._entry(position) for position in range(len(self)))
         return self._entries
 
     def _entry(self, position: int) -> ImaEntry:
-        offset, pcr, template_hash, name, hash_input, fields, field_ids, known = self._rows[
-            position
-        ]
+        row = self._table()[position]
+        offset, pcr, template_hash, name, hash_input, fields, field_ids, known = row
         if fields is None:
             fields = split_fields(hash_input or b"")
         return ImaEntry(
@@ -374,16 +377,16 @@ class ImaLog:
     @property
     def violations(self) -> int:
         zero = bytes(bank(self.template_hash_bank).digest_size)
-        return sum(1 for row in self._rows if row[2] == zero)
+        return sum(1 for row in self._table() if row[2] == zero)
 
     @property
     def pcrs(self) -> frozenset[int]:
-        return frozenset(row[1] for row in self._rows)
+        return frozenset(row[1] for row in self._table())
 
     def replayable_banks(self) -> tuple[str, ...]:
         """The banks this list can be replayed in: every bank when each entry's template data
         is known, else only the bank of its listed template hashes."""
-        if all(row[4] is not None or row[2] == bytes(len(row[2])) for row in self._rows):
+        if all(row[4] is not None or row[2] == bytes(len(row[2])) for row in self._table()):
             return tuple(BANKS)
         return (self.template_hash_bank,)
 
@@ -394,7 +397,7 @@ class ImaLog:
         compute = hasher(listed_bank)
         zero = bytes(listed_bank.digest_size)
         bad: list[tuple[ImaEntry, bytes]] = []
-        for position, row in enumerate(self._rows):
+        for position, row in enumerate(self._table()):
             template_hash, hash_input = row[2], row[4]
             if hash_input is None or template_hash == zero:
                 continue
@@ -414,7 +417,7 @@ class ImaLog:
     ) -> bytes:
         """PCR ``pcr``'s value in ``bank_name`` after these entries; see :func:`replay`."""
         return _fold(
-            self._rows,
+            self._table(),
             self.first_index,
             self.template_hash_bank,
             bank_name,
@@ -438,7 +441,7 @@ class ImaLog:
         extends ``pcr``: what a verifier needs to find the prefix a quote covers."""
         trace: list[tuple[int, bytes]] = []
         _fold(
-            self._rows,
+            self._table(),
             self.first_index,
             self.template_hash_bank,
             bank_name,
