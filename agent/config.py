@@ -307,6 +307,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit log (docs/audit.md): checkpoints, retention and its hard bound."""
+
+    # Off only to measure what auditing costs (bench audit): a node with it off keeps no
+    # record of who did what, and the agent says so at every start.
+    enabled: bool = True
+
+    # A checkpoint (seq and head hash signed with the node key, sent to the controller) after
+    # this many new records, or every checkpoint_interval_s when there are any.
+    checkpoint_records: int = _check(_positive, 256)
+    checkpoint_interval_s: float = _check(_positive, 60.0)
+    # Retention: records beyond the newest keep_records, or older than keep_days, are removed,
+    # but only once a checkpoint the controller acked (or `audit export`) covers them.
+    keep_records: int = _check(_positive, 100_000)
+    keep_days: float = _check(_positive, 400.0)
+    # Hard bound: while this many records are not covered by such a checkpoint (controller
+    # unreachable, nothing exported), new grants are refused rather than history lost.
+    max_records: int = _check(_positive, 1_000_000)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -328,6 +349,7 @@ class Config:
     link: LinkConfig = field(default_factory=LinkConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

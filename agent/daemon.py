@@ -15,6 +15,7 @@ import structlog
 
 from agent.admin.handlers import AdminHandlers
 from agent.admin.server import AdminServer
+from agent.audit.trail import AuditService
 from agent.config import Config
 from agent.errors import AccelguardError
 from agent.health.monitor import HealthMonitor, HealthSettings
@@ -136,7 +137,17 @@ class Daemon:
             latencies=self.metrics,
             link=self.link,
         )
-        self.admin = AdminServer(config, handlers)
+        # The audit log's checkpoints, rotation and the agent's own start and stop
+        # (the records themselves are written by the journal, agent/store/audit.py).
+        self.audit = AuditService(
+            config,
+            self.store,
+            self.executor,
+            self.node_key,
+            outbox=self.link.outbox if self.link is not None else None,
+            wake=self.link.wake if self.link is not None else None,
+        )
+        self.admin = AdminServer(config, handlers, self.store, self.executor)
         # Remote commands run through the same handlers as the admin socket's calls.
         self.commands: CommandService | None = None
         if self.link is not None:
@@ -211,6 +222,7 @@ class Daemon:
         structlog.contextvars.bind_contextvars(node=self.config.node.id)
         log.info("agent_starting", store=str(self.store.path))
         try:
+            await self.audit.started(journal_lost=self.leases.journal_lost)
             await self.executor.call(self.backend.open)
             await self.executor.call(self.layout.recover)
             if self.health is not None:
@@ -221,6 +233,7 @@ class Daemon:
                 group.create_task(self.inventory.run(), name="inventory")
                 group.create_task(self.admin.run(), name="admin")
                 group.create_task(self.leases.run(), name="leases")
+                group.create_task(self.audit.run(), name="audit")
                 group.create_task(
                     self.notifier.run(self.inventory.ready, self.inventory), name="systemd"
                 )
@@ -239,6 +252,10 @@ class Daemon:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            try:
+                await self.audit.stopping()
+            except AccelguardError as error:
+                log.warning("audit_stop_not_recorded", error=str(error))
             try:
                 await self.executor.call(self.backend.close)
             except AccelguardError as error:

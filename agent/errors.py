@@ -187,6 +187,17 @@ class OutboxFullError(RetryLaterError):
     the controller has acknowledged enough to make room."""
 
 
+class AuditFullError(RetryLaterError):
+    """The audit log reached its hard bound (audit.max_records) with records no acked or
+    exported checkpoint covers: rotating would lose unshipped history, so new grants are refused
+    until the controller acks a checkpoint or an operator runs ``accelguard audit export``."""
+
+
+class AuditTamperedError(AccelguardError):
+    """``accelguard audit verify`` found the log or its checkpoints changed: the message names
+    the first broken record or checkpoint."""
+
+
 class CommandRefusedError(ValidationError):
     """A remote command was refused before anything ran (docs/commands.md): ``reason`` is the
     code reported uplink (malformed, oversized, signature, unknown_key, wrong_node, future,

@@ -12,7 +12,7 @@ it back into an exit code.
 from __future__ import annotations
 
 import grp
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -20,13 +20,16 @@ import structlog
 
 from agent import __version__
 from agent.admin.handlers import AdminHandlers
-from agent.admin.peers import CallerGate
+from agent.admin.peers import Caller, CallerGate
 from agent.admin.status import status_code_for
 from agent.admin.unix_socket import serve_on_unix_socket
 from agent.config import Config
 from agent.errors import AccelguardError, AdminApiError, PermissionDeniedError
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.proto.accelguard.v1 import admin_pb2_grpc as pb_grpc
+from agent.runtime.executor import BlockingExecutor
+from agent.store import Store
+from agent.store.audit import Actor, acting_as
 
 log = structlog.get_logger(__name__)
 
@@ -34,13 +37,19 @@ T = TypeVar("T")
 
 
 class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, handlers: AdminHandlers, gate: CallerGate, admin_gid: int | None) -> None:
+    def __init__(
+        self,
+        handlers: AdminHandlers,
+        gate: CallerGate,
+        admin_gid: int | None,
+        audit: Callable[[str, str, dict[str, Any]], Awaitable[None]],
+    ) -> None:
         self._handlers = handlers
         self._gate = gate
         self._admin_gid = admin_gid
+        self._audit = audit
 
-    def _authorize(self, call: str, context: Any, changes: bool) -> None:
-        caller = self._gate.caller(context.peer())
+    def _authorize(self, call: str, caller: Caller | None, changes: bool) -> None:
         if caller is None:
             raise PermissionDeniedError(
                 f"{call}: the caller is unknown (calls must come through {self._gate.public})"
@@ -58,23 +67,50 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     async def _guard(
         self, call: str, context: Any, work: Coroutine[Any, Any, T], *, changes: bool = False
     ) -> T:
+        caller = self._gate.caller(context.peer())
+        actor = (
+            Actor("admin", uid=caller.uid, gid=caller.gid, pid=caller.pid)
+            if caller is not None
+            else Actor("admin")
+        )
+        with acting_as(actor):
+            return await self._audited(call, context, work, caller, changes)
+
+    async def _audited(
+        self,
+        call: str,
+        context: Any,
+        work: Coroutine[Any, Any, T],
+        caller: Caller | None,
+        changes: bool,
+    ) -> T:
+        """Run the call as its caller; a changing call, and every refusal, leaves one audit
+        record (``admin.<Call>``) with its outcome. Reads that succeed leave none."""
         try:
-            self._authorize(call, context, changes)
+            self._authorize(call, caller, changes)
         except PermissionDeniedError as error:
             work.close()  # never started
             log.warning("admin_call_refused", call=call, peer=context.peer(), error=str(error))
+            await self._audit(f"admin.{call}", "denied", {"error": str(error)})
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
             raise  # unreachable: abort raises
         try:
-            return await work
+            result = await work
         except AccelguardError as error:
             log.info("admin_call_refused", call=call, error=str(error))
+            if changes:
+                await self._audit(f"admin.{call}", "refused", {"error": str(error)})
             await context.abort(status_code_for(error), str(error))
             raise  # unreachable: abort raises
         except Exception as error:
             log.exception("admin_call_failed", call=call)
+            if changes:
+                await self._audit(f"admin.{call}", "failed", {"error": f"internal error: {error}"})
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
             raise
+        if changes:
+            await self._audit(f"admin.{call}", "ok", {})
+        return result
 
     async def Ping(self, request: pb.PingRequest, context: Any) -> pb.PingResponse:
         return await self._guard("Ping", context, _version())
@@ -140,9 +176,21 @@ async def _version() -> pb.PingResponse:
 class AdminServer:
     """Serves the handlers on ``admin.socket`` until cancelled, then removes the socket."""
 
-    def __init__(self, config: Config, handlers: AdminHandlers) -> None:
+    def __init__(
+        self, config: Config, handlers: AdminHandlers, store: Store, executor: BlockingExecutor
+    ) -> None:
         self._config = config
         self._handlers = handlers
+        self._store = store
+        self._executor = executor
+
+    async def _audit(self, action: str, outcome: str, detail: dict[str, Any]) -> None:
+        try:
+            await self._executor.call(
+                lambda: self._store.audit(action, outcome=outcome, detail=detail)
+            )
+        except AccelguardError as error:
+            log.error("admin_call_not_audited", action=action, error=str(error))  # noqa: TRY400
 
     async def run(self) -> None:
         settings = self._config.admin
@@ -152,7 +200,9 @@ class AdminServer:
             raise AdminApiError(f"admin.group: no group named {settings.group!r}") from None
         gate = CallerGate(settings.socket)
         server = grpc.aio.server()
-        pb_grpc.add_AdminServicer_to_server(_Servicer(self._handlers, gate, admin_gid), server)
+        pb_grpc.add_AdminServicer_to_server(
+            _Servicer(self._handlers, gate, admin_gid, self._audit), server
+        )
         await serve_on_unix_socket(
             server,
             settings.socket,

@@ -17,6 +17,7 @@ from pathlib import Path
 # Imported by full name: `from agent.cli import attest` would name this package as its own
 # dependency (tests/foundation/test_architecture.py reads that as an import cycle).
 import agent.cli.attest as attest_verbs
+import agent.cli.audit as audit_verbs
 import agent.cli.bench as bench_verbs
 import agent.cli.controller as controller_verbs
 import agent.cli.health as health_verbs
@@ -35,7 +36,7 @@ from agent.runtime.inputs import non_utf8_argument
 # In the order `accelguard --help` lists their commands.
 VERB_GROUPS = (
     node_verbs, layout_verbs, leases_verbs, state_verbs, scrub_verbs, link_verbs,
-    controller_verbs, sim_verbs, attest_verbs, bench_verbs, health_verbs,
+    controller_verbs, sim_verbs, attest_verbs, bench_verbs, health_verbs, audit_verbs,
 )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
-"""``accelguard bench layout|lease|scrub|attest``: each prints one JSON document with a baseline
-measured in the same run (agent/bench). The benchmark modules are imported when a verb runs."""
+"""``accelguard bench layout|lease|scrub|attest|link|health|audit``: each prints one JSON document
+with a baseline measured in the same run (agent/bench), whose modules are imported when it runs."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     bench_scrub = bench_verbs.add_parser("scrub", help="scrub bandwidth against memset")
     bench_scrub.add_argument("--rounds", type=int, default=3)
     bench_scrub.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
+    bench_audit = bench_verbs.add_parser(
+        "audit", help="an audited grant and release beside the same calls with auditing off"
+    )
+    bench_audit.add_argument("--rounds", type=int, default=40)
+    bench_audit.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
     add_bench_attest(bench_verbs)
     # Light at import (standard library only at its top); it imports gRPC when it runs.
     from agent.bench.link import add_bench_parser as add_bench_link  # noqa: PLC0415
@@ -92,6 +97,10 @@ def _node_benchmark(verb: str) -> Callable[[int, Path | None], dict[str, Any]]:
         from agent.bench.lease import bench_lease  # noqa: PLC0415
 
         return bench_lease
+    if verb == "audit":
+        from agent.bench.audit import bench_audit  # noqa: PLC0415
+
+        return bench_audit
     from agent.bench.scrub import bench_scrub  # noqa: PLC0415
 
     return bench_scrub

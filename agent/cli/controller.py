@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.cli import remote
 from agent.cli.output import message_dict, print_json
-from agent.errors import ConfigError
+from agent.errors import AuditTamperedError, ConfigError
 
 
 def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
@@ -71,6 +71,18 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     certs = ctl_verbs.add_parser("certs", help="scrub certificates a node reported")
     certs.add_argument("--node", required=True)
     certs.add_argument("--json", action="store_true")
+    audit = ctl_verbs.add_parser("audit", help="the audit checkpoints a node sent")
+    audit_verbs = audit.add_subparsers(dest="audit_verb", required=True)
+    audit_verify = audit_verbs.add_parser(
+        "verify", help="check a node's checkpoint history (signatures, going back, forks)"
+    )
+    audit_verify.add_argument("--node", required=True)
+    audit_verify.add_argument("--json", action="store_true")
+    audit_checkpoints = audit_verbs.add_parser(
+        "checkpoints", help="a node's checkpoints as JSON, for `accelguard audit verify "
+        "--checkpoints FILE` on the node"
+    )  # fmt: skip
+    audit_checkpoints.add_argument("--node", required=True)
     remote.add_parsers(ctl_verbs)
 
 
@@ -235,6 +247,8 @@ def _ctl(args: argparse.Namespace) -> int:
                 print(f"  {p.uuid} {p.kind} gpu{p.gpu_index} {p.profile or '-'} {p.state} {clean}"
                       + (f" lease {p.lease_id}" if p.lease_id else ""))  # fmt: skip
             return 0
+        if args.verb == "audit":
+            return _audit(client, args)
         if args.verb == "certs":
             certs = client.certificates(args.node)
             if args.json:
@@ -247,6 +261,60 @@ def _ctl(args: argparse.Namespace) -> int:
                 print(f"{c.seq:8} {c.partition_uuid} {c.finished_at} {verified}, {checked}{after}")
             return 0
     raise ConfigError(f"unknown ctl verb {args.verb}")  # pragma: no cover
+
+
+def _audit(client: Any, args: argparse.Namespace) -> int:
+    """``ctl audit verify|checkpoints --node ID`` (docs/audit.md)."""
+    answer = client.audit_checkpoints(args.node)
+    if args.audit_verb == "checkpoints":
+        print_json(
+            {
+                "node": answer.node_id,
+                "checkpoints": [
+                    {
+                        "seq": c.checkpoint.record_index,
+                        "head_hash": c.checkpoint.chain_hash.hex(),
+                        "at": c.checkpoint.at,
+                        "prev_seq": c.checkpoint.prev_record_index,
+                        "prev_hash": c.checkpoint.prev_chain_hash.hex(),
+                        "key_id": c.checkpoint.key_id,
+                        "signature": c.checkpoint.signature.hex(),
+                        "received_at": c.received_at,
+                    }
+                    for c in answer.checkpoints
+                ],
+            }
+        )
+        return 0
+    ok = not answer.findings
+    if args.json:
+        print_json(
+            {
+                "node": answer.node_id,
+                "ok": ok,
+                "checkpoints": len(answer.checkpoints),
+                "last_record": max((c.checkpoint.record_index for c in answer.checkpoints),
+                                   default=0),
+                "findings": [{"kind": f.kind, "record": f.record, "message": f.message}
+                             for f in answer.findings],
+            }
+        )  # fmt: skip
+        return 0 if ok else 1
+    if not answer.checkpoints:
+        print(f"node {answer.node_id} has sent no audit checkpoint yet")
+        return 0
+    last = max(c.checkpoint.record_index for c in answer.checkpoints)
+    if ok:
+        print(
+            f"node {answer.node_id}: {len(answer.checkpoints)} checkpoints signed by its "
+            f"enrolled key, each after the one before; the last covers record {last}"
+        )
+        return 0
+    for finding in answer.findings:
+        print(f"{finding.kind}: {finding.message}")
+    raise AuditTamperedError(
+        f"node {answer.node_id}: audit checkpoints show tampering: {answer.findings[0].message}"
+    )
 
 
 def now() -> float:

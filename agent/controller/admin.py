@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.admin.unix_socket import serve_on_unix_socket
 from agent.attest.policy import Policy
@@ -194,6 +196,48 @@ class ControllerAdminHandlers:
             ]
         )
 
+    async def audit_checkpoints(
+        self, request: pb.ListAuditCheckpointsRequest
+    ) -> pb.ListAuditCheckpointsResponse:
+        """The node's audit checkpoints as received, checked as a history (docs/audit.md)."""
+        from agent.audit.verify import checkpoint_history  # noqa: PLC0415
+        from agent.store.audit import Checkpoint  # noqa: PLC0415
+
+        node = await self._executor.call(self._store.node, request.node_id)
+        if node is None:
+            raise NotFoundError(f"node {request.node_id!r} is not enrolled")
+        received = await self._executor.call(
+            self._store.reports_received, request.node_id, "audit_checkpoint"
+        )
+        stored = []
+        history = []
+        for item in received:
+            message = link_pb2.Report.FromString(item.body).audit_checkpoint
+            stored.append(
+                pb.StoredAuditCheckpoint(
+                    epoch=item.epoch, seq=item.seq, received_at=item.received_at,
+                    checkpoint=message,
+                )
+            )  # fmt: skip
+            history.append(
+                Checkpoint(
+                    seq=message.record_index, head_hash=message.chain_hash, at=message.at,
+                    prev_seq=message.prev_record_index, prev_hash=message.prev_chain_hash,
+                    key_id=message.key_id, signature=message.signature,
+                )
+            )  # fmt: skip
+        key = serialization.load_pem_public_key(node.scrub_key_pem.encode("ascii"))
+        if not isinstance(key, Ed25519PublicKey):  # pragma: no cover - enrollment checks it
+            raise ValidationError(f"node {request.node_id}: its enrolled key is not Ed25519")
+        findings = checkpoint_history(history, key, request.node_id)
+        return pb.ListAuditCheckpointsResponse(
+            node_id=request.node_id,
+            checkpoints=stored,
+            findings=[
+                pb.AuditFinding(kind=f.kind, record=f.seq, message=f.message) for f in findings
+            ],
+        )
+
     # -- remote commands -------------------------------------------------------------------------
 
     async def run_command(self, request: pb.RunCommandRequest) -> pb.CommandStatus:
@@ -363,6 +407,9 @@ class _Servicer(pb_grpc.ControllerAdminServicer):  # type: ignore[misc]
 
     async def ListNodeCertificates(self, request: Any, context: Any) -> Any:  # noqa: N802
         return await self._guard(context, self._handlers.certificates(request))
+
+    async def ListAuditCheckpoints(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._guard(context, self._handlers.audit_checkpoints(request))
 
     async def GetStatus(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
         return await self._guard(context, self._handlers.status())

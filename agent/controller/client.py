@@ -74,6 +74,10 @@ class ControllerClient:
         request = pb.ListNodeCertificatesRequest(node_id=node_id)
         return self._call(self._stub.ListNodeCertificates, request, pb.ListNodeCertificatesResponse)
 
+    def audit_checkpoints(self, node_id: str) -> pb.ListAuditCheckpointsResponse:
+        request = pb.ListAuditCheckpointsRequest(node_id=node_id)
+        return self._call(self._stub.ListAuditCheckpoints, request, pb.ListAuditCheckpointsResponse)
+
     def run_command(self, request: pb.RunCommandRequest) -> pb.CommandStatus:
         # The controller waits up to the request's timeout for the node: wait a little longer.
         wait = (request.timeout_s or 3600.0) + 30.0

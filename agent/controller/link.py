@@ -25,7 +25,9 @@ import grpc
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.audit.checkpoint import signature_valid
 from agent.controller.command_store import CommandOutcome
 from agent.controller.commands import CommandDispatcher
 from agent.controller.committer import ReportCommitter
@@ -45,6 +47,7 @@ from agent.link.wire import decode_uplink
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
 from agent.scrub.certificate import canonical_json, verify_certificate
+from agent.store.audit import Checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -371,6 +374,8 @@ class _NodeVerifier:
                 refusal=result.refusal,
                 detail=result.error or result.detail,
             )
+        if kind == "audit_checkpoint":
+            self._audit_checkpoint(report)
         if kind == "inventory":
             inventory = report.inventory.SerializeToString()
         elif kind == "scrub_certificate":
@@ -386,6 +391,24 @@ class _NodeVerifier:
             certificate=certificate,
             command=command,
         )
+
+    def _audit_checkpoint(self, report: pb.Report) -> None:
+        """Kept only when the node's enrolled key signed it (its history is judged by
+        ``ctl audit verify``)."""
+        message = report.audit_checkpoint
+        checkpoint = Checkpoint(
+            seq=message.record_index, head_hash=message.chain_hash, at=message.at,
+            prev_seq=message.prev_record_index, prev_hash=message.prev_chain_hash,
+            key_id=message.key_id, signature=message.signature,
+        )  # fmt: skip
+        key = serialization.load_pem_public_key(self.scrub_key_pem.encode("ascii"))
+        if not isinstance(key, Ed25519PublicKey) or not signature_valid(
+            key, self.node.node_id, checkpoint
+        ):
+            raise LinkProtocolError(
+                f"report {report.seq} (audit checkpoint {message.record_index}): refused, its "
+                "signature does not verify with the node's enrolled key"
+            )
 
     def _certificate(self, report: pb.Report) -> StoredCertificate:
         message = report.scrub_certificate

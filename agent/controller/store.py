@@ -109,9 +109,18 @@ class ControllerStore(Protocol):
     def certificates(self, node_id: str) -> list[StoredCertificate]: ...
     def report_counts(self, node_id: str) -> dict[str, int]: ...
     def recent_reports(self, node_id: str, kind: str, limit: int) -> list[bytes]: ...
+    def reports_received(self, node_id: str, kind: str) -> list[ReceivedReport]: ...
     @property
     def commands(self) -> CommandStore: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReceivedReport:
+    epoch: int
+    seq: int
+    received_at: float
+    body: bytes
 
 
 _SCHEMA = """
@@ -357,6 +366,15 @@ class SqliteControllerStore:
             (node_id, kind, limit),
         )
         return [bytes(row[0]) for row in rows]
+
+    def reports_received(self, node_id: str, kind: str) -> list[ReceivedReport]:
+        """Every report of ``kind`` from ``node_id``, in the order they were received."""
+        rows = self._db.execute(
+            "SELECT epoch, seq, received_at, body FROM reports WHERE node_id = ? AND kind = ? "
+            "ORDER BY received_at, epoch, seq",
+            (node_id, kind),
+        )
+        return [ReceivedReport(int(r[0]), int(r[1]), float(r[2]), bytes(r[3])) for r in rows]
 
     def report_counts(self, node_id: str) -> dict[str, int]:
         rows = self._db.execute(

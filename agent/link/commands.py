@@ -39,6 +39,7 @@ from agent.link.envelope import (
 from agent.proto.accelguard.v1 import admin_pb2 as admin_pb
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
+from agent.store.audit import Actor, acting_as
 from agent.store.commands import Claim, ClaimState, CommandLog
 
 log = structlog.get_logger(__name__)
@@ -165,6 +166,13 @@ class CommandService:
             return
         envelope = checked.envelope
         command_id = bytes(envelope.command_id)
+        actor = Actor("controller", command_id=command_id.hex(), key_id=envelope.key_id)
+        with acting_as(actor):
+            await self._authenticated(checked, command_id, now)
+
+    async def _authenticated(self, checked: CheckedCommand, command_id: bytes, now: float) -> None:
+        """A command whose checks passed, run once (every record it leaves names it)."""
+        envelope = checked.envelope
         if now >= self._next_purge:
             self._next_purge = now + PURGE_EVERY_S
             await self._executor.call(self._log.purge, now)
@@ -180,7 +188,7 @@ class CommandService:
         stored = result.SerializeToString()
         report = pb.Report(command_result=result).SerializeToString()
         await self._executor.call(
-            self._log.finish, command_id, stored, report, result.refusal, result.error
+            self._log.finish, command_id, stored, report, result.refusal, result.error, result.ok
         )
         self._wake()
         log.info(

@@ -192,7 +192,15 @@ def validate_report(report: pb.Report) -> None:
     elif body == "audit_checkpoint":
         checkpoint = report.audit_checkpoint
         _bytes(checkpoint.chain_hash, f"{where}.chain_hash", 64, required=True)
+        _bytes(checkpoint.prev_chain_hash, f"{where}.prev_chain_hash", 64, required=True)
         _bytes(checkpoint.signature, f"{where}.signature", 128, required=True)
+        _text(checkpoint.key_id, f"{where}.key_id", 64, required=True)
+        _time(checkpoint.at, f"{where}.at")
+        if checkpoint.prev_record_index >= checkpoint.record_index:
+            raise LinkProtocolError(
+                f"{where}: record_index {checkpoint.record_index} is not after "
+                f"prev_record_index {checkpoint.prev_record_index}"
+            )
 
 
 def _evidence(evidence: pb.AttestationEvidence, where: str) -> None:

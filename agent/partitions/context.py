@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -90,6 +90,24 @@ class PartitionContext:
             log.error(  # noqa: TRY400 - expected, one line
                 "partition_event_not_reported", partition=partition_uuid, error=str(error)
             )
+
+    async def audit(
+        self,
+        action: str,
+        *,
+        outcome: str = "ok",
+        lease_id: str | None = None,
+        partition_uuid: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One audit record for an action that changes no journal row (a fence, an eviction).
+        A journal that cannot take it fails the action: nothing unrecorded happens."""
+        await self.executor.call(
+            lambda: self.store.audit(
+                action, outcome=outcome, lease_id=lease_id, partition_uuid=partition_uuid,
+                detail=detail,
+            )
+        )  # fmt: skip
 
     async def partitions(self) -> list[PartitionRecord]:
         return await self.executor.call(self.store.partitions)

@@ -80,7 +80,18 @@ class TenantFences:
                 cgroup, FenceState(fence.mechanism, fenced_rules(ordered))
             )
 
-        await self._ctx.executor.call(apply_and_read_back)
+        detail = {
+            "cgroup": cgroup,
+            "mechanism": fence.mechanism,
+            "allowed": [f"{r.kind} {r.major}:{r.minor}" for r in ordered],
+        }
+        action = "fence.applied" if ordered else "fence.revoked"
+        try:
+            await self._ctx.executor.call(apply_and_read_back)
+        except AccelguardError as error:
+            await self._ctx.audit(action, outcome="failed", detail={**detail, "error": str(error)})
+            raise
+        await self._ctx.audit(action, detail=detail)
 
     async def lease_nodes(self, lease: LeaseRecord) -> list[tuple[str, int, int, str]]:
         """The nodes a lease is fenced to: fixed at grant; older journals ask the inventory."""

@@ -6,11 +6,13 @@ only logged live in ``agent.isolation.evict``; this module asks it about one lea
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from agent.errors import AccelguardError
 from agent.hw.devnodes import own_nodes
-from agent.isolation.evict import Evictor
+from agent.isolation.evict import EvictionReport, Evictor
 from agent.partitions.context import PartitionContext
 from agent.store import LeaseRecord, PartitionRecord
 
@@ -30,13 +32,24 @@ class Revoker:
             if other.cgroup == lease.cgroup and other.id != lease.id
         ]
         cgroup = Path(lease.cgroup)
-        report = await self._evictor.evict(
-            own_nodes(nodes),
-            nodes,
-            cgroup if cgroup.is_dir() else None,
-            kill_whole_cgroup=not others,
-            nvml_holders=lambda: self.nvml_holders(record),
-        )
+        try:
+            report = await self._evictor.evict(
+                own_nodes(nodes),
+                nodes,
+                cgroup if cgroup.is_dir() else None,
+                kill_whole_cgroup=not others,
+                nvml_holders=lambda: self.nvml_holders(record),
+            )
+        except AccelguardError as error:
+            await self._ctx.audit(
+                "eviction", outcome="failed", lease_id=lease.id, partition_uuid=record.uuid,
+                detail={"cgroup": lease.cgroup, "error": str(error)},
+            )  # fmt: skip
+            raise
+        await self._ctx.audit(
+            "eviction", lease_id=lease.id, partition_uuid=record.uuid,
+            detail={"cgroup": lease.cgroup, **_counts(report)},
+        )  # fmt: skip
         if report.terminated or report.killed:
             log.info(
                 "lease_evicted", lease=lease.id, partition=record.uuid,
@@ -48,10 +61,18 @@ class Revoker:
         tenant cgroup any more; NVML-listed holders are killed, anyone else holding its own
         nodes fails the clear (EvictionError), like a release."""
         nodes = self._ctx.nodes(record)
-        report = await self._evictor.evict(
-            own_nodes(nodes), nodes, None, kill_whole_cgroup=False,
-            nvml_holders=lambda: self.nvml_holders(record),
-        )  # fmt: skip
+        try:
+            report = await self._evictor.evict(
+                own_nodes(nodes), nodes, None, kill_whole_cgroup=False,
+                nvml_holders=lambda: self.nvml_holders(record),
+            )  # fmt: skip
+        except AccelguardError as error:
+            await self._ctx.audit(
+                "eviction", outcome="failed", partition_uuid=record.uuid,
+                detail={"error": str(error)},
+            )  # fmt: skip
+            raise
+        await self._ctx.audit("eviction", partition_uuid=record.uuid, detail=_counts(report))
         if report.terminated or report.killed:
             log.info(
                 "strays_evicted", partition=record.uuid, terminated=report.terminated,
@@ -65,3 +86,12 @@ class Revoker:
         if record.kind == "gpu":
             return {pid for pid, _, _ in processes}
         return {pid for pid, gi, ci in processes if gi == record.gi_id and ci == record.ci_id}
+
+
+def _counts(report: EvictionReport) -> dict[str, Any]:
+    return {
+        "terminated": sorted(report.terminated),
+        "killed": sorted(report.killed),
+        "outsiders": sorted(report.outsiders),
+        "shared_holders": sorted(report.shared_holders),
+    }

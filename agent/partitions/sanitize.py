@@ -105,10 +105,8 @@ class Sanitizer:
         await self._ctx.executor.call(
             self._ctx.store.record_scrub, partition_uuid, lease_id, outcome.started_at,
             outcome.finished_at, clean, outcome.result.to_dict(), outcome.failure or "",
+            certificate,
         )  # fmt: skip
-        await self._ctx.executor.call(
-            self._ctx.store.add_certificate, partition_uuid, lease_id, clean, certificate
-        )
         if outcome.failure is not None:
             return await self.quarantine(partition_uuid, f"scrub failed: {outcome.failure}")
         # A GPU health fault holds the partition until an operator clears it: no scrub frees it

@@ -2,10 +2,9 @@
 
 WAL mode with ``synchronous=FULL``: a transition is on disk before the agent acts on it, so after
 a power cut or SIGKILL the journal tells the truth about what was intended (DESIGN.md, lease
-invariant 4). All SQL lives in this package: the journal here, its numbered migrations in
-``migrations.py`` (applied in order and recorded in ``PRAGMA user_version``), the controller
-link's outbox in ``outbox.py`` (same file, same discipline).
-"""
+invariant 4). All SQL lives in this package: the journal here, its migrations in ``migrations.py``
+(recorded in ``PRAGMA user_version``), the link's outbox in ``outbox.py`` and the audit log in
+``audit.py`` (same file, same discipline: an action's audit record is in its transaction)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.errors import JournalCorruptError, StoreError
+import agent.store.audit as audit_log  # by full name: not this package as its own dependency
+from agent.errors import AuditFullError, JournalCorruptError, StoreError
+from agent.store.certificates import certificate_digest, insert_certificate
 from agent.store.migrations import MIGRATIONS
 from agent.store.records import (
     LIVE_LEASE_STATES,
@@ -28,6 +29,8 @@ from agent.store.records import (
     PartitionRecord,
     PartitionState,
     SyncResult,
+    lease_from_row,
+    partition_from_row,
 )
 
 _LIVE_SQL = "(" + ", ".join(f"'{state}'" for state in LIVE_LEASE_STATES) + ")"
@@ -82,6 +85,8 @@ class Store:
         # Whether this open created the journal (no file, an empty file, or no schema yet): the
         # daemon compares that with the node's identity to tell a first start from a lost journal.
         self.created = False
+        # audit.max_records: grants refused while this many records are not shipped (None: off).
+        self.audit_max_records: int | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.created = not path.exists() or path.stat().st_size == 0
@@ -161,6 +166,19 @@ class Store:
         with self.transaction() as db:
             put_meta(db, key, value)
 
+    # -- audit ----------------------------------------------------------------------------------
+
+    def audit(self, action: str, **fields: Any) -> int:
+        """One audit record (``fields``: those of audit.append) for an action that changes no
+        row, in its own transaction committed without an fsync: a crash of the agent keeps it,
+        and the next commit (FULL) makes it durable against a power cut too."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self.transaction() as db:
+                return audit_log.append(db, action, **fields)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
     # -- partitions -----------------------------------------------------------------------------
 
     def partitions(self, *, present_only: bool = True) -> list[PartitionRecord]:
@@ -168,11 +186,11 @@ class Store:
         if present_only:
             query += " WHERE present = 1"
         rows = self._db.execute(query + " ORDER BY gpu_index, gi_id, ci_id, uuid").fetchall()
-        return [_partition(row) for row in rows]
+        return [partition_from_row(row) for row in rows]
 
     def partition(self, uuid: str) -> PartitionRecord | None:
         row = self._db.execute("SELECT * FROM partitions WHERE uuid = ?", (uuid,)).fetchone()
-        return None if row is None else _partition(row)
+        return None if row is None else partition_from_row(row)
 
     def sync_partitions(self, seen: Sequence[PartitionRecord]) -> SyncResult:
         """Record what the hardware shows now, and what changed since the last look.
@@ -209,6 +227,10 @@ class Store:
                             part.state, int(part.clean), part.reason, now, part.identity,
                         ),
                     )  # fmt: skip
+                    audit_log.append(
+                        db, "partition.discovered", outcome=part.state,
+                        partition_uuid=part.uuid, detail={"identity": part.identity},
+                    )  # fmt: skip
                     continue
                 returned = not row["present"]
                 changed = bool(row["identity"]) and row["identity"] != part.identity
@@ -229,6 +251,10 @@ class Store:
                             part.uuid,
                         ),
                     )  # fmt: skip
+                    audit_log.append(
+                        db, "partition.changed", outcome="dirty", partition_uuid=part.uuid,
+                        detail={"why": why, "identity": part.identity},
+                    )  # fmt: skip
                 elif row["gpu_index"] != part.gpu_index or row["identity"] != part.identity:
                     # Only what changed is written: a refresh of unchanged hardware is read-only.
                     db.execute(
@@ -245,6 +271,7 @@ class Store:
                     "ELSE 'partition vanished from the hardware' END WHERE uuid = ?",
                     (now, uuid),
                 )
+                audit_log.append(db, "partition.vanished", outcome="dirty", partition_uuid=uuid)
         return result
 
     def transition(
@@ -275,7 +302,10 @@ class Store:
             query += " AND present = 1 AND identity = ?"
             arguments.append(identity)
         with self.transaction() as db:
-            return db.execute(query, arguments).rowcount == 1
+            if db.execute(query, arguments).rowcount != 1:
+                return False
+            audit_log.partition_state(db, uuid, new, clean, reason)
+            return True
 
     def set_partition_state(
         self, uuid: str, state: str, *, clean: bool | None = None, reason: str | None = None
@@ -288,18 +318,19 @@ class Store:
             )
             if cursor.rowcount != 1:
                 raise StoreError(f"partition {uuid} is not in the journal")
+            audit_log.partition_state(db, uuid, state, clean, reason)
 
     # -- leases -----------------------------------------------------------------------------------
 
     def lease(self, lease_id: str) -> LeaseRecord | None:
         row = self._db.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
-        return None if row is None else _lease(row)
+        return None if row is None else lease_from_row(row)
 
     def leases(self, *, live_only: bool = False) -> list[LeaseRecord]:
         query = "SELECT * FROM leases"
         if live_only:
             query += f" WHERE state IN {_LIVE_SQL}"
-        return [_lease(r) for r in self._db.execute(query + " ORDER BY created_at, id")]
+        return [lease_from_row(r) for r in self._db.execute(query + " ORDER BY created_at, id")]
 
     def begin_grant(
         self,
@@ -317,6 +348,16 @@ class Store:
         """
         now = time.time()
         with self.transaction() as db:
+            if self.audit_max_records is not None:
+                unshipped = audit_log.unshipped(db)
+                if unshipped >= self.audit_max_records:
+                    raise AuditFullError(
+                        f"grant refused: the audit log holds {unshipped} records that no "
+                        "checkpoint acked by the controller or exported covers "
+                        f"(audit.max_records = {self.audit_max_records}); rotating them would "
+                        "lose history. Restore the link to the controller or run `accelguard "
+                        "audit export FILE`"
+                    )
             cursor = db.execute(
                 "UPDATE partitions SET state = 'leased', clean = 0, lease_id = ?, reason = '', "
                 "updated_at = ? WHERE uuid = ? AND state = 'free' AND clean = 1 AND present = 1",
@@ -330,6 +371,11 @@ class Store:
                 (lease_id, partition_uuid, tenant, cgroup, now, expires_at, scrub_policy,
                  json.dumps([list(node) for node in nodes])),
             )  # fmt: skip
+            audit_log.append(
+                db, "lease.granting", lease_id=lease_id, partition_uuid=partition_uuid,
+                detail={"tenant": tenant, "cgroup": cgroup, "expires_at": expires_at,
+                        "scrub_policy": scrub_policy},
+            )  # fmt: skip
         return True
 
     def activate_lease(self, lease_id: str) -> bool:
@@ -338,7 +384,10 @@ class Store:
                 "UPDATE leases SET state = 'active' WHERE id = ? AND state = 'granting'",
                 (lease_id,),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            audit_log.lease_event(db, "lease.active", lease_id)
+            return True
 
     def undo_grant(self, lease_id: str, reason: str) -> None:
         """A grant that failed before the tenant could reach the partition: the lease ends and
@@ -360,6 +409,7 @@ class Store:
                 "updated_at = ? WHERE uuid = ? AND lease_id = ?",
                 (time.time(), row["partition_uuid"], lease_id),
             )
+            audit_log.lease_event(db, "lease.not_granted", lease_id, {"reason": reason})
 
     def begin_release(self, lease_id: str, reason: str) -> None:
         with self.transaction() as db:
@@ -380,6 +430,8 @@ class Store:
                 "WHERE uuid = ? AND lease_id = ?",
                 (time.time(), row["partition_uuid"], lease_id),
             )
+            if row["state"] != LeaseState.RELEASING:
+                audit_log.lease_event(db, "lease.releasing", lease_id, {"reason": reason})
 
     def finish_release(self, lease_id: str, *, state: str = LeaseState.RELEASED) -> None:
         """The lease is over (released, or lost): the partition no longer names it as holder."""
@@ -387,11 +439,13 @@ class Store:
             row = db.execute(
                 "SELECT partition_uuid FROM leases WHERE id = ?", (lease_id,)
             ).fetchone()
-            db.execute(
+            ended = db.execute(
                 f"UPDATE leases SET state = ?, released_at = ? WHERE id = ? "  # noqa: S608 - constant
                 f"AND state IN {_LIVE_SQL}",
                 (LeaseState(state).value, time.time(), lease_id),
-            )
+            ).rowcount
+            if ended:
+                audit_log.lease_event(db, "lease.ended", lease_id, outcome=LeaseState(state).value)
             if row is not None:
                 db.execute(
                     "UPDATE partitions SET lease_id = NULL, last_lease_id = ? "
@@ -420,6 +474,9 @@ class Store:
                 "lease_id = NULL, last_lease_id = ?, updated_at = ? WHERE uuid = ?",
                 (reason, lease_id, now, row["partition_uuid"]),
             )
+            audit_log.lease_event(
+                db, "lease.lost", lease_id, {"reason": reason}, outcome="quarantined"
+            )
         return True
 
     def set_lease_outcome(self, lease_id: str, outcome: str) -> None:
@@ -438,13 +495,30 @@ class Store:
         verified: bool,
         result: dict[str, Any],
         error: str,
+        certificate: dict[str, Any] | None = None,
     ) -> int:
+        """A scrub's result and its signed certificate (when it produced one), with one audit
+        record naming the certificate's SHA-256, in one transaction."""
         with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO scrubs (partition_uuid, lease_id, started_at, finished_at, verified, "
                 "result, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (partition_uuid, lease_id, started_at, finished_at, int(verified),
                  json.dumps(result, sort_keys=True), error),
+            )  # fmt: skip
+            detail: dict[str, Any] = {"error": error} if error else {}
+            for key in ("policy", "bytes_verified", "coverage"):
+                if key in result:
+                    detail[key] = result[key]
+            if certificate is not None:
+                certificate_id = insert_certificate(
+                    db, partition_uuid, lease_id, verified, certificate
+                )
+                detail["certificate_id"] = certificate_id
+                detail["certificate_sha256"] = certificate_digest(certificate)
+            audit_log.append(
+                db, "scrub.result", outcome="verified" if verified else "failed",
+                lease_id=lease_id, partition_uuid=partition_uuid, detail=detail,
             )  # fmt: skip
             return int(cursor.lastrowid or 0)
 
@@ -454,12 +528,14 @@ class Store:
         self, partition_uuid: str, lease_id: str | None, verified: bool, document: dict[str, Any]
     ) -> int:
         with self.transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO certificates (partition_uuid, lease_id, verified, issued_at, "
-                "document) VALUES (?, ?, ?, ?, ?)",
-                (partition_uuid, lease_id, int(verified), time.time(), json.dumps(document)),
-            )
-            return int(cursor.lastrowid or 0)
+            certificate_id = insert_certificate(db, partition_uuid, lease_id, verified, document)
+            audit_log.append(
+                db, "scrub.certificate", outcome="verified" if verified else "failed",
+                lease_id=lease_id, partition_uuid=partition_uuid,
+                detail={"certificate_id": certificate_id,
+                        "certificate_sha256": certificate_digest(document)},
+            )  # fmt: skip
+            return certificate_id
 
     def certificates(self, partition_uuid: str | None = None) -> list[dict[str, Any]]:
         query = "SELECT document FROM certificates"
@@ -479,7 +555,12 @@ class Store:
                 "VALUES (?, ?, 'running', ?)",
                 (gpu_uuid, json.dumps(plan, sort_keys=True), time.time()),
             )
-            return int(cursor.lastrowid or 0)
+            entry_id = int(cursor.lastrowid or 0)
+            audit_log.append(
+                db, "layout.started", outcome="running",
+                detail={"gpu_uuid": gpu_uuid, "journal_id": entry_id, "plan": plan},
+            )  # fmt: skip
+            return entry_id
 
     def finish_layout(self, entry_id: int, status: str, detail: str = "") -> None:
         with self.transaction() as db:
@@ -487,6 +568,14 @@ class Store:
                 "UPDATE layout_journal SET status = ?, detail = ?, finished_at = ? WHERE id = ?",
                 (status, detail, time.time(), entry_id),
             )
+            row = db.execute(
+                "SELECT gpu_uuid FROM layout_journal WHERE id = ?", (entry_id,)
+            ).fetchone()
+            audit_log.append(
+                db, "layout.finished", outcome=status,
+                detail={"gpu_uuid": row[0] if row else None, "journal_id": entry_id,
+                        **({"detail": detail} if detail else {})},
+            )  # fmt: skip
 
     def unfinished_layouts(self) -> list[LayoutJournalEntry]:
         rows = self._db.execute(
@@ -504,45 +593,3 @@ class Store:
             )
             for row in rows
         ]
-
-
-def _partition(row: sqlite3.Row) -> PartitionRecord:
-    return PartitionRecord(
-        uuid=row["uuid"],
-        kind=row["kind"],
-        gpu_uuid=row["gpu_uuid"],
-        gpu_index=row["gpu_index"],
-        gi_id=row["gi_id"],
-        ci_id=row["ci_id"],
-        profile=row["profile"],
-        placement_start=row["placement_start"],
-        placement_size=row["placement_size"],
-        state=row["state"],
-        clean=bool(row["clean"]),
-        reason=row["reason"],
-        present=bool(row["present"]),
-        updated_at=row["updated_at"],
-        lease_id=row["lease_id"],
-        last_lease_id=row["last_lease_id"],
-        identity=row["identity"],
-    )
-
-
-def _lease(row: sqlite3.Row) -> LeaseRecord:
-    return LeaseRecord(
-        id=row["id"],
-        partition_uuid=row["partition_uuid"],
-        tenant=row["tenant"],
-        cgroup=row["cgroup"],
-        state=row["state"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        released_at=row["released_at"],
-        release_reason=row["release_reason"],
-        scrub_policy=row["scrub_policy"],
-        nodes=tuple(
-            (str(kind), int(major), int(minor), str(path))
-            for kind, major, minor, path in json.loads(row["nodes"])
-        ),
-        outcome=row["outcome"],
-    )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from agent.store import Store, put_meta
+from agent.store import Store, audit, put_meta
 from agent.store.outbox import Outbox
 
 # Refusals kept in the journal (oldest go first): an attacker who can reach the stream can make
@@ -71,7 +71,13 @@ class CommandLog:
         return Claim(ClaimState.NEW)
 
     def finish(
-        self, command_id: bytes, result: bytes, report: bytes, refusal: str = "", detail: str = ""
+        self,
+        command_id: bytes,
+        result: bytes,
+        report: bytes,
+        refusal: str = "",
+        detail: str = "",
+        ok: bool = True,
     ) -> int | None:
         """Store the result of the command's run and its report; the report's seq. A command
         the node's own state refused (``refusal``: cordoned) is journaled as a refusal too."""
@@ -82,6 +88,14 @@ class CommandLog:
             )
             if refusal:
                 self._journal_refusal(tx.db, command_id, refusal, detail)
+            row = tx.db.execute("SELECT kind FROM commands WHERE id = ?", (command_id,)).fetchone()
+            audit.append(
+                tx.db, f"command.{row[0] if row else 'unknown'}",
+                outcome="refused" if refusal else ("done" if ok else "failed"),
+                detail={"command_id": command_id.hex(),
+                        **({"refusal": refusal} if refusal else {}),
+                        **({"detail": detail} if detail else {})},
+            )  # fmt: skip
             return tx.enqueue("command_result", report, droppable=False)
 
     @staticmethod
@@ -102,6 +116,10 @@ class CommandLog:
         (refusals are counted and kept here, bounded)."""
         with self._outbox.transaction() as tx:
             self._journal_refusal(tx.db, command_id, reason, detail)
+            audit.append(
+                tx.db, "command.refused", outcome=reason,
+                detail={"command_id": command_id.hex(), "detail": detail},
+            )  # fmt: skip
             return tx.enqueue("command_result", report, droppable=True)
 
     def refusals(self, limit: int = 100) -> list[Refusal]:
@@ -135,3 +153,7 @@ class CommandLog:
         with self._store.transaction() as db:
             put_meta(db, _CORDON_KEY, "1" if cordoned else "0")
             put_meta(db, _CORDON_REASON_KEY, reason)
+            audit.append(
+                db, "node.cordon", outcome="cordoned" if cordoned else "uncordoned",
+                detail={"reason": reason},
+            )  # fmt: skip

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.store import Store, put_meta
+from agent.store import Store, audit, put_meta
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,12 @@ class HealthLog:
                     )
             if reset_required:
                 put_meta(db, f"health_reset_required:{gpu_uuid}", "1")
+            audit.append(
+                db, "health.event", outcome=action,
+                detail={"event_id": event_id, "gpu_uuid": gpu_uuid, "kind": kind, "code": code,
+                        "gi_id": gi_id, "ci_id": ci_id, "reset_required": reset_required,
+                        "held": sorted(partitions) if hold else [], "detail": detail},
+            )  # fmt: skip
             row = db.execute("SELECT * FROM health_events WHERE id = ?", (event_id,)).fetchone()
         return _event(row)
 
@@ -136,11 +142,14 @@ class HealthLog:
     def release_hold(self, partition_uuid: str) -> bool:
         """An operator cleared the partition (``partition clear``)."""
         with self._store.transaction() as db:
-            return bool(
+            released = bool(
                 db.execute(
                     "DELETE FROM health_holds WHERE partition_uuid = ?", (partition_uuid,)
                 ).rowcount
             )
+            if released:
+                audit.append(db, "health.hold_released", partition_uuid=partition_uuid)
+            return released
 
     def reset_required(self, gpu_uuid: str) -> bool:
         return self._store.get_meta(f"health_reset_required:{gpu_uuid}") == "1"

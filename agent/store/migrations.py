@@ -175,6 +175,41 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 8: the audit log (agent/store/audit.py, agent/audit): one row per action, each naming the
+    # SHA-256 of the row before it (prev_hash) and its own (hash over its fields and prev_hash);
+    # rows are appended and, once a signed checkpoint covering them was acked or exported,
+    # removed oldest first (the anchor in meta keeps the chain checkable). Checkpoints are the
+    # node key's signatures over (seq, head hash); report_seq is the outbox report carrying one.
+    """
+    CREATE TABLE audit_log (
+        seq INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        lease_id TEXT,
+        partition_uuid TEXT,
+        detail TEXT NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    CREATE INDEX audit_log_lease ON audit_log (lease_id) WHERE lease_id IS NOT NULL;
+    CREATE INDEX audit_log_partition ON audit_log (partition_uuid)
+        WHERE partition_uuid IS NOT NULL;
+    CREATE INDEX audit_log_at ON audit_log (at);
+    CREATE TABLE audit_checkpoints (
+        seq INTEGER PRIMARY KEY,
+        head_hash BLOB NOT NULL,
+        at REAL NOT NULL,
+        prev_seq INTEGER NOT NULL,
+        prev_hash BLOB NOT NULL,
+        key_id TEXT NOT NULL,
+        signature BLOB NOT NULL,
+        report_seq INTEGER,
+        acked_at REAL,
+        exported_at REAL
+    );
+    """,
 )
 
 # Bounds a journal check must stay within at start-up (a few thousand rows on a real node).

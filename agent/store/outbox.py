@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import OutboxFullError
-from agent.store import Store
+from agent.store import Store, audit
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,8 @@ class Outbox:
                 "UPDATE link_outbox SET acked_at = ? WHERE seq <= ? AND acked_at IS NULL",
                 (now, seq),
             ).rowcount
+            # The audit checkpoints these reports carried are now the controller's too.
+            audit.ack_checkpoints(db, seq)
         self._rows -= int(gone[0])
         self._bytes -= int(gone[1])
         self._unacked -= int(gone[2]) + kept

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -95,3 +97,45 @@ class LayoutJournalEntry:
     detail: str
     started_at: float
     finished_at: float | None
+
+
+def partition_from_row(row: sqlite3.Row) -> PartitionRecord:
+    return PartitionRecord(
+        uuid=row["uuid"],
+        kind=row["kind"],
+        gpu_uuid=row["gpu_uuid"],
+        gpu_index=row["gpu_index"],
+        gi_id=row["gi_id"],
+        ci_id=row["ci_id"],
+        profile=row["profile"],
+        placement_start=row["placement_start"],
+        placement_size=row["placement_size"],
+        state=row["state"],
+        clean=bool(row["clean"]),
+        reason=row["reason"],
+        present=bool(row["present"]),
+        updated_at=row["updated_at"],
+        lease_id=row["lease_id"],
+        last_lease_id=row["last_lease_id"],
+        identity=row["identity"],
+    )
+
+
+def lease_from_row(row: sqlite3.Row) -> LeaseRecord:
+    return LeaseRecord(
+        id=row["id"],
+        partition_uuid=row["partition_uuid"],
+        tenant=row["tenant"],
+        cgroup=row["cgroup"],
+        state=row["state"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        released_at=row["released_at"],
+        release_reason=row["release_reason"],
+        scrub_policy=row["scrub_policy"],
+        nodes=tuple(
+            (str(kind), int(major), int(minor), str(path))
+            for kind, major, minor, path in json.loads(row["nodes"])
+        ),
+        outcome=row["outcome"],
+    )

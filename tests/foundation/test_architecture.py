@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     "agent.errors": 0, "agent.runtime": 0, "agent.proto": 0, "agent.config": 0,
     "agent.store": 1,
     "agent.hw": 2, "agent.isolation": 2, "agent.scrub": 2, "agent.attest": 2, "agent.identity": 2,
-    "agent.partitions": 3, "agent.health": 3,
+    "agent.partitions": 3, "agent.health": 3, "agent.audit": 3,
     "agent.admin": 4, "agent.link": 4, "agent.controller": 4, "agent.metrics": 4,
     "agent.daemon": 5,
     "agent.cli": 6, "agent.bench": 6, "agent.sim": 6,

@@ -44,3 +44,17 @@ def test_bench_lease_reports_the_busy_node_beside_the_quiet_one() -> None:
     for key in ("scan_overhead_p50_ms", "ratio_release_busy_p50", "ratio_ping_busy_p99"):
         # The overhead is a difference of two noisy medians: a number, of either sign.
         assert isinstance(document[key], float)
+
+
+def test_bench_audit_measures_the_same_calls_with_auditing_off() -> None:
+    result = run_cli("bench", "audit", "--rounds", "3", timeout=300)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    for side in ("audited", "baseline_not_audited"):
+        for call in ("grant", "release"):
+            assert document[side][call]["p50_ms"] > 0
+    assert set(document["added_p50_ms"]) == {"grant", "release"}
+    # The audited agent wrote its records (start, layout, each grant's and release's), and the
+    # aim is stated with whether it held.
+    assert document["records_per_round"] >= 8
+    assert isinstance(document["aims_met"]["grant_added_p50"], bool)

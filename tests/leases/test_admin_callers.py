@@ -124,6 +124,18 @@ def test_only_root_and_the_admin_group_change_the_node(
     changes = [e for e in events if e.get("event") == "admin_call"]
     assert [(e["call"], e["uid"]) for e in changes] == [("GrantLease", 0), ("ReleaseLease", 0)]
     assert all(e["pid"] > 0 for e in changes)
+    # The audit log has one record per call: each refusal with nobody's uid and pid, each
+    # change with root's.
+    calls = [r for r in agent.cli_json("audit", "show")["records"]
+             if r["action"].startswith("admin.")]  # fmt: skip
+    assert sorted((r["action"], r["outcome"], r["actor"]["uid"]) for r in calls) == [
+        ("admin.ApplyLayout", "denied", NOBODY), ("admin.ClearPartition", "denied", NOBODY),
+        ("admin.GrantLease", "denied", NOBODY), ("admin.GrantLease", "ok", 0),
+        ("admin.QuarantinePartition", "denied", NOBODY), ("admin.ReleaseLease", "ok", 0),
+    ]  # fmt: skip
+    assert all(r["actor"]["pid"] > 0 for r in calls)
+    assert all("only root and members of the admin group" in r["detail"]["error"]
+               for r in calls if r["outcome"] == "denied")  # fmt: skip
 
 
 def test_a_call_that_bypasses_the_gate_has_no_caller(shared_agent: RunningAgent) -> None:

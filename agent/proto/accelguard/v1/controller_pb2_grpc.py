@@ -54,6 +54,11 @@ class ControllerAdminStub:
                 request_serializer=accelguard_dot_v1_dot_controller__pb2.ListNodeCertificatesRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_controller__pb2.ListNodeCertificatesResponse.FromString,
                 _registered_method=True)
+        self.ListAuditCheckpoints = channel.unary_unary(
+                '/accelguard.v1.ControllerAdmin/ListAuditCheckpoints',
+                request_serializer=accelguard_dot_v1_dot_controller__pb2.ListAuditCheckpointsRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_controller__pb2.ListAuditCheckpointsResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/accelguard.v1.ControllerAdmin/GetStatus',
                 request_serializer=accelguard_dot_v1_dot_controller__pb2.GetStatusRequest.SerializeToString,
@@ -109,6 +114,13 @@ class ControllerAdminServicer:
 
     def ListNodeCertificates(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditCheckpoints(self, request, context):
+        """The node's audit checkpoints as received, and what their history shows (docs/audit.md).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -177,6 +189,11 @@ def add_ControllerAdminServicer_to_server(servicer, server):
                     servicer.ListNodeCertificates,
                     request_deserializer=accelguard_dot_v1_dot_controller__pb2.ListNodeCertificatesRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_controller__pb2.ListNodeCertificatesResponse.SerializeToString,
+            ),
+            'ListAuditCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditCheckpoints,
+                    request_deserializer=accelguard_dot_v1_dot_controller__pb2.ListAuditCheckpointsRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_controller__pb2.ListAuditCheckpointsResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -317,6 +334,33 @@ class ControllerAdmin:
             '/accelguard.v1.ControllerAdmin/ListNodeCertificates',
             accelguard_dot_v1_dot_controller__pb2.ListNodeCertificatesRequest.SerializeToString,
             accelguard_dot_v1_dot_controller__pb2.ListNodeCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.ControllerAdmin/ListAuditCheckpoints',
+            accelguard_dot_v1_dot_controller__pb2.ListAuditCheckpointsRequest.SerializeToString,
+            accelguard_dot_v1_dot_controller__pb2.ListAuditCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

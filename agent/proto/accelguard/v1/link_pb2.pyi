@@ -1298,24 +1298,42 @@ Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
 @_typing.final
 class AuditCheckpoint(_message.Message):
+    """A signed checkpoint over the node's audit chain (docs/audit.md): record `record_index` has
+    hash `chain_hash`; the node's previous checkpoint was (`prev_record_index`,
+    `prev_chain_hash`). `signature` is the node key's Ed25519 signature over the canonical
+    message of agent/audit/checkpoint.py; `key_id` the SHA-256 of the raw public key.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORD_INDEX_FIELD_NUMBER: _builtins.int
     CHAIN_HASH_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    PREV_RECORD_INDEX_FIELD_NUMBER: _builtins.int
+    PREV_CHAIN_HASH_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     record_index: _builtins.int
     chain_hash: _builtins.bytes
     signature: _builtins.bytes
+    at: _builtins.float
+    prev_record_index: _builtins.int
+    prev_chain_hash: _builtins.bytes
+    key_id: _builtins.str
     def __init__(
         self,
         *,
         record_index: _builtins.int = ...,
         chain_hash: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        at: _builtins.float = ...,
+        prev_record_index: _builtins.int = ...,
+        prev_chain_hash: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_hash", b"chain_hash", "record_index", b"record_index", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "chain_hash", b"chain_hash", "key_id", b"key_id", "prev_chain_hash", b"prev_chain_hash", "prev_record_index", b"prev_record_index", "record_index", b"record_index", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
