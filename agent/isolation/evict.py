@@ -303,9 +303,17 @@ def cgroup_pids(cgroup: Path) -> set[int]:
 def _kill(pids: Iterable[int], signum: int) -> list[int]:
     sent = []
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, signum)
-            sent.append(pid)
+        except ProcessLookupError:
+            continue
+        except PermissionError as error:
+            # Missing CAP_KILL, or a seccomp filter: the holder stays, so the release fails
+            # closed (quarantine) with the reason instead of an internal error.
+            raise EvictionError(
+                f"cannot signal pid {pid} ({signal.Signals(signum).name}): {error.strerror}"
+            ) from error
+        sent.append(pid)
     return sent
 
 
@@ -329,6 +337,14 @@ def _freezer_twin(cgroup: Path) -> Path | None:
 
 def kill_cgroup(cgroup: Path, pids: set[int]) -> list[int]:
     """SIGKILL everything in the tenant's cgroup, without letting it fork away first."""
+    try:
+        return _kill_cgroup(cgroup, pids)
+    except OSError as error:
+        # A read-only cgroup tree (ProtectControlGroups=), a missing capability: fail closed.
+        raise EvictionError(f"cannot kill the processes of {cgroup}: {error}") from error
+
+
+def _kill_cgroup(cgroup: Path, pids: set[int]) -> list[int]:
     if cgroup_hierarchy(cgroup) == "v2" and (cgroup / "cgroup.kill").exists():
         # cgroup.kill (Linux 5.14) kills every process of the cgroup atomically, forks included.
         (cgroup / "cgroup.kill").write_text("1")

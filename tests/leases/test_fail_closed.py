@@ -390,15 +390,14 @@ def test_expiry_is_not_delayed_by_a_long_scrub(
             short = agent.cli_json("lease", "grant", "--tenant", "short", "--profile", "1g.10gb",
                                    "--cgroup", str(cgroup), "--ttl", str(ttl))  # fmt: skip
             nodes = short["partition"]["device_nodes"]
-            while time.time() < granted_at + ttl + 2:
-                if set(probe(cgroup, nodes).values()) == {errno.EPERM}:
-                    break
+            # Ordering, not speed: the expiry's revocation must come while the first
+            # partition's scrub still hangs (its deadline is 20 s after it started).
+            revoked = False
+            while not revoked and releasing.poll() is None and time.time() < granted_at + 30:
+                revoked = set(probe(cgroup, nodes).values()) == {errno.EPERM}
                 time.sleep(0.1)
-            revoked_by = time.time()
-            # Ordering, not speed: the revocation happened before TTL + 2 s, while the first
-            # partition's scrub still hung (its deadline is 20 s away).
-            assert revoked_by <= granted_at + ttl + 2, revoked_by - granted_at
-            assert releasing.poll() is None, "the slow scrub ended early; the test proves nothing"
+            assert revoked, "the expired lease's fence was never revoked"
+            assert releasing.poll() is None, "expiry waited for the slow scrub to end"
             assert lease_state(agent, short["lease"]["id"])["state"] != "active"
         finally:
             releasing.kill()
