@@ -20,6 +20,9 @@ from agent.runtime.failpoints import CrashPoint, Fault
 from agent.scrub.model import ScrubBackend, ScrubResult, ScrubTarget
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PR_SET_NO_NEW_PRIVS = 38
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h
+_CAP_MKNOD = 27
 
 
 def _die_with_the_agent() -> None:
@@ -30,6 +33,26 @@ def _die_with_the_agent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _drop_privileges() -> None:
+    """The worker only writes and reads memory: it keeps none of the agent's capabilities
+    (systemd/accelguard.service), CAP_MKNOD aside (libcuda may run nvidia-modprobe to create a
+    missing device node), and can never gain one: with no_new_privs an execve grants nothing,
+    neither a setuid bit nor root's legacy full set (the bounding set has no CAP_SETUID).
+    A worker that cannot drop them does not scrub (the daemon quarantines the partition)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    # Two words of {effective, permitted, inheritable}: capabilities 0-31, then 32-63.
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = data[1] & (1 << _CAP_MKNOD)  # only what the worker already has
+    wanted = (ctypes.c_uint32 * 6)(keep, keep, 0, 0, 0, 0)
+    if libc.capset(header, wanted) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 def backend_named(name: str, shared_memory: bool, options: object = None) -> ScrubBackend:
@@ -51,6 +74,11 @@ def backend_named(name: str, shared_memory: bool, options: object = None) -> Scr
 def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_the_agent()
+    try:
+        _drop_privileges()
+    except OSError as error:
+        print(f"scrub worker: cannot drop privileges: {error}", file=sys.stderr)
+        return 2
     try:
         request = json.loads(sys.stdin.read())
         target = ScrubTarget.from_dict(request["target"])
