@@ -24,7 +24,7 @@ from typing import Final
 
 import structlog
 
-from agent.errors import AdminApiError
+from agent.errors import AdminApiError, PermissionDeniedError
 from agent.runtime.net import pipe
 
 log = structlog.get_logger(__name__)
@@ -65,6 +65,30 @@ def _groups(pid: int) -> frozenset[int]:
             if line.startswith("Groups:"):
                 return frozenset(int(g) for g in line.split()[1:])
     return frozenset()
+
+
+def authorize(
+    call: str,
+    caller: Caller | None,
+    *,
+    changes: bool,
+    admin_gid: int | None,
+    gate: Path,
+    what: str = "the node",
+    group_key: str = "admin.group",
+) -> None:
+    """Refuse (PermissionDeniedError) a call whose caller is unknown, or a changing call from
+    anyone but root and members of the admin group; reads are for whoever reached the socket
+    (its mode and group decide that)."""
+    if caller is None:
+        raise PermissionDeniedError(
+            f"{call}: the caller is unknown (calls must come through {gate})"
+        )
+    if changes and caller.uid != 0 and (admin_gid is None or not caller.in_group(admin_gid)):
+        raise PermissionDeniedError(
+            f"{call} changes {what}: only root and members of the admin group ({group_key}) may "
+            f"call it, not {caller.describe()}"
+        )
 
 
 class CallerGate:

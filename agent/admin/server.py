@@ -20,7 +20,7 @@ import structlog
 
 from agent import __version__
 from agent.admin.handlers import AdminHandlers
-from agent.admin.peers import Caller, CallerGate
+from agent.admin.peers import Caller, CallerGate, authorize
 from agent.admin.status import status_code_for
 from agent.admin.unix_socket import serve_on_unix_socket
 from agent.config import Config
@@ -50,18 +50,8 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
         self._audit = audit
 
     def _authorize(self, call: str, caller: Caller | None, changes: bool) -> None:
-        if caller is None:
-            raise PermissionDeniedError(
-                f"{call}: the caller is unknown (calls must come through {self._gate.public})"
-            )
-        if changes:
-            if caller.uid != 0 and (
-                self._admin_gid is None or not caller.in_group(self._admin_gid)
-            ):
-                raise PermissionDeniedError(
-                    f"{call} changes the node: only root and members of the admin group "
-                    f"(admin.group) may call it, not {caller.describe()}"
-                )
+        authorize(call, caller, changes=changes, admin_gid=self._admin_gid, gate=self._gate.public)
+        if changes and caller is not None:
             log.info("admin_call", call=call, uid=caller.uid, gid=caller.gid, pid=caller.pid)
 
     async def _guard(

@@ -4,18 +4,20 @@ same conventions as the agent's admin socket. ``accelguard ctl`` is its only cli
 from __future__ import annotations
 
 import asyncio
+import grp
 import hashlib
 import json
 import re
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import grpc
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.admin.peers import CallerGate, authorize
 from agent.admin.unix_socket import serve_on_unix_socket
 from agent.attest.policy import Policy
 from agent.controller.attestation import AttestationLoop
@@ -27,7 +29,13 @@ from agent.controller.mqtt_bridge import BrokerState
 from agent.controller.pki import ControllerPki
 from agent.controller.store import ControllerStore, NodeRecord
 from agent.controller.tokens import create_token
-from agent.errors import AccelguardError, NotFoundError, ValidationError
+from agent.errors import (
+    AccelguardError,
+    AdminApiError,
+    NotFoundError,
+    PermissionDeniedError,
+    ValidationError,
+)
 from agent.link.envelope import MAX_TTL_S, command_key_id
 from agent.proto.accelguard.v1 import controller_pb2 as pb
 from agent.proto.accelguard.v1 import controller_pb2_grpc as pb_grpc
@@ -384,11 +392,36 @@ _STATUS = [
 ]
 
 
-class _Servicer(pb_grpc.ControllerAdminServicer):  # type: ignore[misc]
-    def __init__(self, handlers: ControllerAdminHandlers) -> None:
-        self._handlers = handlers
+# The calls that change the fleet: root and the admin group only (the rest are reads).
+CHANGING: Final = frozenset(
+    {"CreateToken", "RunCommand", "SetPolicy", "SetNodeGroup", "RotateCommandKey"}
+)
 
-    async def _guard(self, context: Any, work: Any) -> Any:
+
+class _Servicer(pb_grpc.ControllerAdminServicer):  # type: ignore[misc]
+    def __init__(
+        self, handlers: ControllerAdminHandlers, gate: CallerGate, admin_gid: int | None
+    ) -> None:
+        self._handlers = handlers
+        self._gate = gate
+        self._admin_gid = admin_gid
+
+    async def _guard(self, call: str, context: Any, work: Any) -> Any:
+        caller = self._gate.caller(context.peer())
+        changes = call in CHANGING
+        try:
+            authorize(
+                call, caller, changes=changes, admin_gid=self._admin_gid,
+                gate=self._gate.public, what="the fleet", group_key="admin_group",
+            )  # fmt: skip
+        except PermissionDeniedError as error:
+            work.close()  # never started
+            log.warning("controller_admin_call_refused", call=call, error=str(error))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+            raise
+        if changes and caller is not None:
+            log.info("controller_admin_call", call=call, uid=caller.uid, gid=caller.gid,
+                     pid=caller.pid)  # fmt: skip
         try:
             return await work
         except AccelguardError as error:
@@ -397,37 +430,41 @@ class _Servicer(pb_grpc.ControllerAdminServicer):  # type: ignore[misc]
             raise
 
     async def CreateToken(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.create_token(request))
+        return await self._guard("CreateToken", context, self._handlers.create_token(request))
 
     async def ListNodes(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
-        return await self._guard(context, self._handlers.list_nodes())
+        return await self._guard("ListNodes", context, self._handlers.list_nodes())
 
     async def GetNode(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.get_node(request))
+        return await self._guard("GetNode", context, self._handlers.get_node(request))
 
     async def ListNodeCertificates(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.certificates(request))
+        return await self._guard(
+            "ListNodeCertificates", context, self._handlers.certificates(request)
+        )
 
     async def ListAuditCheckpoints(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.audit_checkpoints(request))
+        return await self._guard(
+            "ListAuditCheckpoints", context, self._handlers.audit_checkpoints(request)
+        )
 
     async def GetStatus(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
-        return await self._guard(context, self._handlers.status())
+        return await self._guard("GetStatus", context, self._handlers.status())
 
     async def RunCommand(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.run_command(request))
+        return await self._guard("RunCommand", context, self._handlers.run_command(request))
 
     async def ListCommands(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.list_commands(request))
+        return await self._guard("ListCommands", context, self._handlers.list_commands(request))
 
     async def SetPolicy(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.set_policy(request))
+        return await self._guard("SetPolicy", context, self._handlers.set_policy(request))
 
     async def SetNodeGroup(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await self._guard(context, self._handlers.set_node_group(request))
+        return await self._guard("SetNodeGroup", context, self._handlers.set_node_group(request))
 
     async def RotateCommandKey(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002
-        return await self._guard(context, self._handlers.rotate_command_key())
+        return await self._guard("RotateCommandKey", context, self._handlers.rotate_command_key())
 
 
 class ControllerAdminServer:
@@ -436,10 +473,18 @@ class ControllerAdminServer:
         self._handlers = handlers
 
     async def run(self) -> None:
+        group = self._settings.admin_group
+        try:
+            admin_gid = grp.getgrnam(group).gr_gid if group else None
+        except KeyError:
+            raise AdminApiError(f"controller.admin_group: no group named {group!r}") from None
+        gate = CallerGate(self._settings.admin_socket)
         server = grpc.aio.server()
-        pb_grpc.add_ControllerAdminServicer_to_server(_Servicer(self._handlers), server)
+        pb_grpc.add_ControllerAdminServicer_to_server(
+            _Servicer(self._handlers, gate, admin_gid), server
+        )
         await serve_on_unix_socket(
             server, self._settings.admin_socket, mode=self._settings.admin_socket_mode,
-            group=self._settings.admin_group, what="controller admin socket",
-            listening_event="controller_admin_listening",
+            group=self._settings.admin_read_group or group, what="controller admin socket",
+            listening_event="controller_admin_listening", gate=gate,
         )  # fmt: skip

@@ -13,6 +13,7 @@ from agent.errors import (
     DaemonUnavailableError,
     LinkError,
     NotFoundError,
+    PermissionDeniedError,
     ValidationError,
 )
 from agent.proto.accelguard.v1 import controller_pb2 as pb
@@ -23,6 +24,7 @@ T = TypeVar("T")
 _ERROR_FOR: dict[grpc.StatusCode, type[AccelguardError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -58,7 +58,11 @@ class ControllerSection:
     link_listen: str = _check(_listen, "0.0.0.0:7444")
     admin_socket: Path = _check(_absolute, Path("/run/accelguard/controller.sock"))  # noqa: RUF009
     admin_socket_mode: str = _check(_socket_mode, "0660")
+    # Calls that change the fleet (tokens, commands, policies, groups, the command key) are
+    # taken from root and members of admin_group only; admin_read_group, when set, is the
+    # socket's group instead, so its members may read (nodes, certificates, audit checkpoints).
     admin_group: str = ""
+    admin_read_group: str = ""
     node_cert_lifetime_s: float = _check(_positive, 24 * 3600.0)
     token_ttl_s: float = _check(_positive, 3600.0)
     # Nodes without a TPM may enroll (recorded `unattested`) only where this is true.

@@ -99,7 +99,9 @@ class Controller:
                 [*CONTROLLER, "controller", "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
             )  # fmt: skip
-        socket_path = self.root / "controller.sock"
+        socket_path = Path(
+            tomllib.loads(self.config_path.read_text())["controller"]["admin_socket"]
+        )
         wait_for(
             lambda: socket_path.exists() or self.process is None or self.process.poll() is not None,
             "the controller to listen",
