@@ -61,6 +61,9 @@ class LeaseGrant(Protocol):
     @property
     def device_nodes(self) -> Sequence[DeviceNode]: ...
 
+    @property
+    def cdi_device(self) -> str: ...
+
 
 class LeaseService(Protocol):
     """Leases and partitions: what the lease manager offers the admin API."""
@@ -172,7 +175,9 @@ class AdminHandlers:
         partition = partition_message(grant.partition, (str(n.path) for n in grant.device_nodes))
         if self._latencies is not None:
             self._latencies.observe_grant(time.perf_counter() - started)
-        return pb.GrantLeaseResponse(lease=lease_message(grant.lease), partition=partition)
+        return pb.GrantLeaseResponse(
+            lease=lease_message(grant.lease), partition=partition, cdi_device=grant.cdi_device
+        )
 
     async def release(self, request: pb.ReleaseLeaseRequest) -> pb.Partition:
         started = time.perf_counter()

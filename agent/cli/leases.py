@@ -80,7 +80,9 @@ def _lease(client: Any, args: argparse.Namespace) -> int:
             request.profile = args.profile
         response = _grant_waiting(client, request, args.wait)
         nodes = "\n".join(f"  {n}" for n in response.partition.device_nodes)
-        emit(args, response, f"{response.lease.id}  {response.partition.uuid}\n{nodes}")
+        # An older agent sends no CDI name.
+        cdi = f"\nCDI device: {response.cdi_device}" if response.cdi_device else ""
+        emit(args, response, f"{response.lease.id}  {response.partition.uuid}\n{nodes}{cdi}")
     elif args.verb == "release":
         partition = client.release_lease(args.lease_id)
         emit(args, partition, partition_line(partition))

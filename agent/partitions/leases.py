@@ -44,6 +44,7 @@ from agent.hw.model import AcceleratorBackend
 from agent.identity.node_key import NodeKey
 from agent.isolation import cdi, fence_for
 from agent.isolation.cgroups import resolve_tenant_cgroup
+from agent.isolation.driver_files import host_search
 from agent.isolation.evict import Evictor
 from agent.isolation.survey import SurveyedFence
 from agent.partitions.context import NoEvents, PartitionContext, PartitionEvents
@@ -83,6 +84,7 @@ class Grant:
     lease: LeaseRecord
     partition: PartitionRecord
     device_nodes: tuple[DeviceNode, ...]
+    cdi_device: str  # the CDI name a container runtime is asked for
 
 
 class LeaseManager:
@@ -231,8 +233,9 @@ class LeaseManager:
                 await self._fences.fence_cgroup(str(path))
                 failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_FENCE)
                 await self._ctx.executor.call(
-                    cdi.write_spec, self._ctx.config.leases.cdi_dir, lease_id, nodes
-                )
+                    cdi.write_spec, self._ctx.config.leases.cdi_dir, lease_id, nodes,
+                    record.uuid, host_search(self._ctx.config.nvml.library),
+                )  # fmt: skip
                 failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_CDI)
                 if not await self._ctx.executor.call(self._ctx.store.activate_lease, lease_id):
                     raise StoreError(f"lease {lease_id} changed state while being granted")
@@ -247,7 +250,12 @@ class LeaseManager:
         if lease is None or granted is None:  # pragma: no cover - written above
             raise StoreError(f"lease {lease_id} vanished from the journal")
         log.info("lease_granted", lease=lease_id, partition=record.uuid, tenant=tenant)
-        return Grant(lease=lease, partition=granted, device_nodes=tuple(nodes))
+        return Grant(
+            lease=lease,
+            partition=granted,
+            device_nodes=tuple(nodes),
+            cdi_device=cdi.device_name(lease_id),
+        )
 
     async def _abandon_grant(
         self,

@@ -20,6 +20,7 @@ import structlog
 from agent.errors import AccelguardError, IsolationError
 from agent.hw.devnodes import DeviceNode
 from agent.isolation import cdi
+from agent.isolation.driver_files import host_search
 from agent.isolation.protocol import fenced_rules
 from agent.isolation.rules import DeviceRule
 from agent.isolation.survey import SurveyedFence, related, survey_fences
@@ -241,8 +242,9 @@ class Reconciler:
                     )  # the fence survives; re-assert it
                     nodes = self._ctx.nodes(record)
                     await self._ctx.executor.call(
-                        cdi.write_spec, self._ctx.config.leases.cdi_dir, lease.id, nodes
-                    )
+                        cdi.write_spec, self._ctx.config.leases.cdi_dir, lease.id, nodes,
+                        record.uuid, host_search(self._ctx.config.nvml.library),
+                    )  # fmt: skip
                 except IsolationError as error:
                     async with self._ctx.locks[lease.partition_uuid]:
                         await self._leases.retire(

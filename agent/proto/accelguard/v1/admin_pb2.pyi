@@ -759,6 +759,9 @@ class GrantLeaseResponse(_message.Message):
 
     LEASE_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
+    CDI_DEVICE_FIELD_NUMBER: _builtins.int
+    cdi_device: _builtins.str
+    """The CDI device a container runtime is asked for: "accelguard.io/partition=<lease id>"."""
     @_builtins.property
     def lease(self) -> Global___Lease: ...
     @_builtins.property
@@ -768,10 +771,11 @@ class GrantLeaseResponse(_message.Message):
         *,
         lease: Global___Lease | None = ...,
         partition: Global___Partition | None = ...,
+        cdi_device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "partition", b"partition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "partition", b"partition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cdi_device", b"cdi_device", "lease", b"lease", "partition", b"partition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,266 @@
+"""Where the NVIDIA driver's user-space files are on this host, so a CDI spec can mount them.
+
+Found the way ``nvidia-ctk cdi generate`` finds them: libraries by SONAME in the dynamic linker's
+directories (``/etc/ld.so.conf`` with its includes, which is what ``ldconfig`` builds its cache
+from, then the standard directories), binaries by file name in the standard executable
+directories. Invariants:
+
+- only what exists is returned: a node without libcuda (a simulated node, a driver without CUDA)
+  gets a spec without it, never a mount of a missing file, which would fail the container;
+- only libraries of the agent's own ELF class: the 32-bit copies a multiarch driver installs
+  (``/usr/lib/i386-linux-gnu``) are skipped, as nvidia-ctk skips them;
+- everything is looked up below an explicit ``root`` (nvidia-ctk's ``--driver-root``), symlinks
+  included, so tests point discovery at a driver tree they built; the container sees each file at
+  its path below that root.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import stat
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from agent.errors import IsolationError
+
+# The compute and utility libraries a CUDA container needs from the driver (nvidia-ctk's "compute"
+# and "utility" driver capabilities), by the SONAME a program loads them by.
+DRIVER_LIBRARIES = (
+    "libnvidia-ml.so.1",  # NVML: nvidia-smi, DCGM, pynvml
+    "libcuda.so.1",  # the CUDA driver API
+    "libcudadebugger.so.1",  # cuda-gdb's back end
+    "libnvidia-ptxjitcompiler.so.1",  # JIT of PTX the application ships
+    "libnvidia-nvvm.so.4",  # JIT of NVVM IR (link-time optimisation)
+    "libnvidia-allocator.so.1",
+    "libnvidia-cfg.so.1",
+    "libnvidia-opencl.so.1",
+)
+DRIVER_BINARIES = (
+    "nvidia-smi",
+    "nvidia-debugdump",
+    "nvidia-persistenced",
+    "nvidia-cuda-mps-control",
+    "nvidia-cuda-mps-server",
+)
+NVML_SONAME = "libnvidia-ml.so.1"
+# The hooks that rebuild a container's linker cache, best first: the toolkit's dedicated
+# nvidia-cdi-hook (1.17 and later), then the older `nvidia-ctk hook` sub-command.
+LDCACHE_HOOKS = (
+    ("nvidia-cdi-hook", ("nvidia-cdi-hook", "update-ldcache")),
+    ("nvidia-ctk", ("nvidia-ctk", "hook", "update-ldcache")),
+)
+BINARY_DIRECTORIES = (
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+)
+_TRIPLET = f"{platform.machine()}-linux-gnu"
+# After ld.so.conf, the directories the linker searches on its own (glibc's trusted directories,
+# with the Debian multiarch ones that distributions list in ld.so.conf.d).
+STANDARD_LIBRARY_DIRECTORIES = (
+    f"/lib/{_TRIPLET}",
+    f"/usr/lib/{_TRIPLET}",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+)
+LINKER_CONFIG = "/etc/ld.so.conf"
+# Bounds on what is read: the linker's configuration is root's, but a loop of includes or a
+# runaway file must not stall a grant.
+MAX_CONFIG_BYTES = 1 << 16
+MAX_CONFIG_FILES = 256
+MAX_SYMLINK_HOPS = 40  # Linux's MAXSYMLINKS
+_ELF_MAGIC = b"\x7fELF"
+_OWN_ELF_CLASS = 2 if struct.calcsize("P") == 8 else 1  # ELFCLASS64 or ELFCLASS32
+
+
+@dataclass(frozen=True)
+class DriverFile:
+    """A file to bind-mount: ``host_path`` is the file itself (symlinks resolved), and
+    ``container_path`` the name it was found by, so a program finds it there by SONAME even
+    when no hook rebuilds the container's linker cache."""
+
+    host_path: Path
+    container_path: Path
+
+
+@dataclass(frozen=True)
+class LdcacheHook:
+    """An executable on the host that rebuilds a container's linker cache (``argv`` before the
+    ``--folder`` arguments)."""
+
+    path: Path
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DriverFiles:
+    libraries: tuple[DriverFile, ...] = ()
+    binaries: tuple[DriverFile, ...] = ()
+    ldcache_hook: LdcacheHook | None = None
+
+    @property
+    def library_folders(self) -> list[str]:
+        """The container directories holding the libraries, in first-found order."""
+        return list(dict.fromkeys(str(f.container_path.parent) for f in self.libraries))
+
+
+@dataclass(frozen=True)
+class DriverSearch:
+    """Where to look: ``root`` is the driver's root (``/`` on a node); ``library_directories``
+    None means the linker's own; ``pinned`` names a library by SONAME that is used instead of
+    searching (the agent's configured NVML library, nvml-sim on a simulated node)."""
+
+    root: Path = Path("/")
+    library_directories: tuple[str, ...] | None = None
+    binary_directories: tuple[str, ...] = BINARY_DIRECTORIES
+    pinned: Mapping[str, Path] = field(default_factory=dict)
+
+
+def host_search(nvml_library: str) -> DriverSearch:
+    """The search for this node: its root, and the NVML library the agent itself loads."""
+    return DriverSearch(pinned={NVML_SONAME: Path(nvml_library)} if nvml_library else {})
+
+
+def discover(search: DriverSearch) -> DriverFiles:
+    """The driver files present under ``search.root``; raises IsolationError only when a file
+    that exists cannot be read."""
+    root = search.root
+    directories = search.library_directories
+    if directories is None:
+        directories = tuple(linker_directories(root))
+    libraries = []
+    for soname in DRIVER_LIBRARIES:
+        pinned = search.pinned.get(soname)
+        if pinned is not None:
+            found = _pinned_library(pinned)
+        else:
+            found = _first(root, directories, soname, _is_library)
+        if found is not None:
+            libraries.append(found)
+    binaries = [
+        found
+        for name in DRIVER_BINARIES
+        if (found := _first(root, search.binary_directories, name, _is_executable)) is not None
+    ]
+    hook = None
+    for name, argv in LDCACHE_HOOKS:
+        found = _first(root, search.binary_directories, name, _is_executable)
+        if found is not None:
+            hook = LdcacheHook(found.host_path, argv)
+            break
+    return DriverFiles(tuple(libraries), tuple(binaries), hook)
+
+
+def linker_directories(root: Path) -> list[str]:
+    """The directories the dynamic linker searches, as paths inside ``root``: ld.so.conf's (in
+    its order, includes expanded), then the standard ones."""
+    found: list[str] = []
+    _read_linker_config(root, LINKER_CONFIG, found, set())
+    return list(dict.fromkeys([*found, *STANDARD_LIBRARY_DIRECTORIES]))
+
+
+def _read_linker_config(root: Path, name: str, found: list[str], read: set[str]) -> None:
+    if name in read or len(read) >= MAX_CONFIG_FILES:
+        return
+    read.add(name)
+    text = _read_text(_under(root, name))
+    if text is None:
+        return
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("hwcap "):
+            continue
+        if line.startswith("include "):
+            # glibc: a relative pattern is relative to the including file's directory.
+            for pattern in line.split()[1:]:
+                absolute = PurePosixPath(name).parent / pattern
+                matches = sorted(root.glob(str(absolute).lstrip("/")))
+                for match in matches:
+                    _read_linker_config(root, "/" + str(match.relative_to(root)), found, read)
+            continue
+        # libc5-era entries carry "=<type>"; several directories may share a line.
+        for entry in line.replace(",", " ").replace(":", " ").split():
+            directory = entry.split("=", 1)[0]
+            if directory.startswith("/"):
+                found.append(directory)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(MAX_CONFIG_BYTES).decode("utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as error:
+        raise IsolationError(f"cannot read the linker configuration {path}: {error}") from error
+
+
+def _under(root: Path, name: str) -> Path:
+    return root / name.lstrip("/")
+
+
+def _resolve(root: Path, path: Path) -> Path | None:
+    """``path`` with every symlink resolved inside ``root`` (an absolute target means below
+    ``root``, as it would inside a chroot); None if it does not exist or loops."""
+    current = path
+    for _ in range(MAX_SYMLINK_HOPS):
+        try:
+            target = str(current.readlink())
+        except FileNotFoundError:
+            return None
+        except OSError:
+            # Not a symlink (EINVAL): the parents may still be, and the kernel resolves those
+            # the same way on the host, so the file itself is what a mount would show.
+            return current if current.exists() else None
+        current = _under(root, target) if target.startswith("/") else current.parent / target
+    return None
+
+
+def _first(
+    root: Path, directories: tuple[str, ...], name: str, check: Callable[[Path], bool]
+) -> DriverFile | None:
+    for directory in directories:
+        candidate = _under(root, directory) / name
+        resolved = _resolve(root, candidate)
+        if resolved is not None and check(resolved):
+            return DriverFile(resolved, Path("/") / candidate.relative_to(root))
+    return None
+
+
+def _pinned_library(path: Path) -> DriverFile | None:
+    resolved = path.resolve()
+    if not _is_library(resolved):
+        return None
+    return DriverFile(resolved, path)
+
+
+def _regular(path: Path) -> os.stat_result | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status if stat.S_ISREG(status.st_mode) else None
+
+
+def _is_executable(path: Path) -> bool:
+    status = _regular(path)
+    return status is not None and bool(status.st_mode & 0o111)
+
+
+def _is_library(path: Path) -> bool:
+    if _regular(path) is None:
+        return False
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(5)
+    except OSError as error:
+        raise IsolationError(f"cannot read driver library {path}: {error}") from error
+    return header[:4] == _ELF_MAGIC and header[4] == _OWN_ELF_CLASS
