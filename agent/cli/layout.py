@@ -1,7 +1,11 @@
-"""``accelguard layout plan|apply``: declarative MIG layouts, from arguments or a mig-parted file.
+"""``accelguard layout plan|apply|assert|export``: declarative MIG layouts, from arguments or a
+mig-parted file, with mig-parted's verbs (docs/layouts.md).
 
 ``apply --wait S`` then waits until every partition of the GPUs it touched is free and clean:
 exit 0, 3 if one ended quarantined, 75 if some are still being scrubbed after S seconds.
+``assert`` is a plan read for its answer: exit 0 when the node already has the layout (the plan
+has nothing to do), 1 with the difference when it has not. ``export`` writes the node's current
+layout as a mig-parted file that ``apply -f`` and ``assert -f`` take back.
 """
 
 from __future__ import annotations
@@ -9,32 +13,61 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from agent.cli.output import PROG, message_dict, partition_line, print_json, progress
 from agent.config import Config, load_config
-from agent.errors import ExitCode, LayoutError
+from agent.errors import ExitCode, LayoutError, NotFoundError
 from agent.runtime.inputs import seconds
+
+# mig-parted's `export` names its config "current" unless told otherwise.
+DEFAULT_EXPORT_NAME = "current"
 
 
 def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
-    layout = commands.add_parser("layout", help="declarative MIG layouts")
+    # allow_abbrev=False: argparse would otherwise read `--config F` (the global option, put
+    # after the verb) as `--config-name F`, and `--cl` as `--clear`.
+    layout = commands.add_parser("layout", help="declarative MIG layouts", allow_abbrev=False)
     layout_verbs = layout.add_subparsers(dest="verb", required=True)
-    for verb in ("plan", "apply"):
-        sub = layout_verbs.add_parser(verb, help=f"{verb} a layout")
+    helps = {
+        "plan": "show what applying a layout would change",
+        "apply": "apply a layout (keeps the instances that fit)",
+        "assert": "exit 0 if the node has the layout, else 1 with the difference",
+    }
+    for verb, text in helps.items():
+        sub = layout_verbs.add_parser(verb, help=text, allow_abbrev=False)
         add_layout_arguments(sub)
         if verb == "apply":
             sub.add_argument(
                 "--wait", type=seconds, default=0.0, metavar="S",
                 help="wait up to S seconds until the GPUs' partitions are clean (exit 75 if not)",
             )  # fmt: skip
+    export = layout_verbs.add_parser(
+        "export", help="print the current layout as a mig-parted config file", allow_abbrev=False
+    )
+    export.add_argument(
+        "--gpu", default="all", help="GPU index, comma-separated indices, or 'all' (default)"
+    )
+    export.add_argument(
+        "-f", "--format", choices=["mig-parted"], default="mig-parted",
+        help="output format (default mig-parted: YAML for `layout apply|assert -f FILE -c NAME`)",
+    )  # fmt: skip
+    export.add_argument(
+        "--name", default=DEFAULT_EXPORT_NAME,
+        help=f"the config's name under mig-configs (default {DEFAULT_EXPORT_NAME})",
+    )  # fmt: skip
 
 
 def add_layout_arguments(sub: argparse.ArgumentParser) -> None:
-    """The arguments of a layout (local `layout plan|apply` and `ctl layout apply`)."""
+    """The arguments of a layout (local `layout plan|apply|assert` and `ctl layout apply`)."""
     sub.add_argument("--gpu", help="GPU index, comma-separated indices, or 'all'")
     sub.add_argument("--mig", choices=["on", "off"], default="on", help="MIG mode (default on)")
+    sub.add_argument(
+        "--clear", action="store_true",
+        help="no MIG instances at all: destroy every instance of the GPUs (MIG stays on)",
+    )  # fmt: skip
     sub.add_argument("-f", "--file", type=Path, help="mig-parted config file (mig-configs YAML)")
     sub.add_argument("-c", "--config-name", help="which mig-config of --file")
     sub.add_argument("profiles", nargs="*", help="PROFILE=COUNT, e.g. 3g.40gb=2")
@@ -44,10 +77,16 @@ def add_layout_arguments(sub: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
     if config is None:
         config = load_config(args.config)
-    request = layout_request(args)
     from agent.admin.client import AdminClient  # noqa: PLC0415
 
+    if args.verb == "export":
+        with AdminClient(config.admin.socket) as client:
+            return _export(client, args)
+    # Check the arguments before reaching for the agent: a mistake is exit 2 whether it runs or not.
+    request = layout_request(args)
     with AdminClient(config.admin.socket) as client:
+        if args.verb == "assert":
+            return _assert(client, request, args.json)
         if args.verb == "apply":
             response = client.apply_layout(request)
         else:
@@ -67,7 +106,7 @@ def layout_request(args: argparse.Namespace) -> Any:
     from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
 
     if args.file is not None:
-        if args.gpu is not None or args.profiles or not args.config_name:
+        if args.gpu is not None or args.profiles or args.clear or not args.config_name:
             raise LayoutError("use either -f FILE -c NAME, or --gpu N|all PROFILE=COUNT...")
         entries = load_mig_parted_file(args.file, args.config_name)
         targets = [
@@ -86,29 +125,131 @@ def layout_request(args: argparse.Namespace) -> Any:
             "say which GPUs: --gpu N, --gpu 0,1 or --gpu all (or use -f FILE -c NAME)"
         )
     counts = parse_layout_spec(args.profiles)
-    if args.mig == "off" and any(counts.values()):
-        raise LayoutError("--mig off takes no PROFILE=COUNT")
-    if args.gpu == "all":
-        indices: list[int] = []
-    else:
-        try:
-            indices = [int(item) for item in args.gpu.split(",")]
-        except ValueError:
-            raise LayoutError(
-                f"--gpu {args.gpu!r}: expected an index, a comma list or 'all'"
-            ) from None
-        if any(i < 0 for i in indices):
-            raise LayoutError(f"--gpu {args.gpu!r}: GPU indices are not negative")
+    if args.mig == "off" and (any(counts.values()) or args.clear):
+        raise LayoutError("--mig off takes no PROFILE=COUNT and no --clear")
+    if args.clear and args.profiles:
+        raise LayoutError("--clear takes no PROFILE=COUNT: it asks for no MIG instances at all")
+    if args.mig == "on" and not args.profiles and not args.clear:
+        # An empty layout means "destroy every free instance": too much to do by omission.
+        raise LayoutError(
+            f"no PROFILE=COUNT given for --gpu {args.gpu}: pass the instances to have "
+            "(e.g. 3g.40gb=2), or --clear to remove every MIG instance"
+        )
+    indices = _gpu_indices(args.gpu)
     return pb.LayoutRequest(
         targets=[
             pb.LayoutTarget(
-                all_gpus=args.gpu == "all",
-                gpu_indices=indices,
+                all_gpus=indices is None,
+                gpu_indices=indices or [],
                 mig_enabled=args.mig == "on",
                 counts=counts,
             )
         ]
     )
+
+
+def _gpu_indices(text: str) -> list[int] | None:
+    """``--gpu``: None for 'all', else the indices."""
+    if text == "all":
+        return None
+    try:
+        indices = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise LayoutError(f"--gpu {text!r}: expected an index, a comma list or 'all'") from None
+    if any(i < 0 for i in indices):
+        raise LayoutError(f"--gpu {text!r}: GPU indices are not negative")
+    return indices
+
+
+def _assert(client: Any, request: Any, as_json: bool) -> int:
+    """Exit 0 when the node has the layout, else 1 and the difference; reads, never changes."""
+    response = client.plan_layout(request)
+    status = None
+    gpus = []
+    for gpu in response.gpus:
+        differences = [
+            f"create {inst.profile} at placement {inst.placement_start}:{inst.placement_size}"
+            for inst in gpu.created
+        ] + [
+            f"destroy {inst.profile} at placement {inst.placement_start}:{inst.placement_size} "
+            f"({inst.uuid})"
+            for inst in gpu.destroyed
+        ]
+        # The engine notes a MIG mode that is not in effect yet (it needs a GPU reset).
+        if gpu.note:
+            differences.append(gpu.note)
+        if not gpu.noop and not differences:
+            # Nothing to create or destroy, yet something to do: MIG mode on is not the pending
+            # mode, or a GPU instance lost its compute instance (a crash mid-apply).
+            if status is None:
+                status = client.status()
+            pending = any(g.mig_mode.pending for g in status.gpus if g.index == gpu.gpu_index)
+            differences.append(
+                "complete GPU instances that have no compute instance"
+                if pending
+                else "MIG mode on is not set (pending mode: off)"
+            )
+        gpus.append((gpu, differences))
+    matches = all(not differences for _, differences in gpus)
+    if as_json:
+        print_json(
+            {
+                "matches": matches,
+                "gpus": [
+                    {**message_dict(gpu), "matches": not differences, "differences": differences}
+                    for gpu, differences in gpus
+                ],
+            }
+        )
+    else:
+        for gpu, differences in gpus:
+            print(f"GPU {gpu.gpu_index}: {'differs' if differences else 'matches'}")
+            for difference in differences:
+                print(f"  {difference}")
+    return int(ExitCode.OK if matches else ExitCode.FAILED)
+
+
+def _export(client: Any, args: argparse.Namespace) -> int:
+    """The current layout as a mig-parted file: GPUs with the same layout share one entry."""
+    from agent.hw.mig.parted import MigPartedEntry, dump_mig_parted  # noqa: PLC0415
+
+    status = client.status()
+    wanted = _gpu_indices(args.gpu)
+    by_index = {gpu.index: gpu for gpu in status.gpus}
+    for index in wanted or ():
+        if index not in by_index:
+            raise NotFoundError(
+                f"GPU index {index} does not exist (this node has GPUs "
+                f"{', '.join(map(str, sorted(by_index))) or 'none'})"
+            )
+    selected = [by_index[i] for i in sorted(by_index if wanted is None else set(wanted))]
+    if not selected:
+        raise NotFoundError("this node has no GPU to export")
+    groups: dict[tuple[bool, tuple[tuple[str, int], ...]], list[int]] = {}
+    for gpu in selected:
+        # The pending mode is the one the GPU is set to; a layout with a different one pending
+        # is exported as it will be after the reset (when MIG goes off, its instances go too).
+        enabled = gpu.mig_mode.pending
+        if gpu.mig_mode.current != gpu.mig_mode.pending:
+            print(
+                f"{PROG}: warning: GPU {gpu.index}: MIG mode {'on' if enabled else 'off'} is "
+                "pending until a GPU reset; exported as it will be after the reset",
+                file=sys.stderr,
+            )
+        live = enabled and gpu.mig_mode.current
+        counts = Counter(inst.profile for inst in gpu.instances) if live else Counter()
+        groups.setdefault((enabled, tuple(sorted(counts.items()))), []).append(gpu.index)
+    entries = [
+        MigPartedEntry(
+            devices=tuple(indices),
+            device_filter=(),
+            mig_enabled=enabled,
+            mig_devices=dict(counts),
+        )
+        for (enabled, counts), indices in sorted(groups.items(), key=lambda item: item[1][0])
+    ]
+    sys.stdout.write(dump_mig_parted(args.name, entries))
+    return 0
 
 
 def _print_layout(response: Any, applied: bool) -> None:

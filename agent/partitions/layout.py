@@ -116,6 +116,42 @@ def _planned(placement: Placement, geometry: GpuGeometry) -> MigInstanceInfo:
     )
 
 
+def _blockers(
+    geometry: GpuGeometry,
+    desired: Mapping[str, int],
+    existing: Sequence[Instance],
+    pinned: Collection[int],
+) -> list[int]:
+    """The pinned GI ids that stand in the way of a plan that failed: each one whose unpinning
+    alone lets the plan through, else all of them when only unpinning all does; none when the
+    layout fails without any pin (it is malformed or impossible on this GPU)."""
+    pins = sorted(set(pinned))
+
+    def feasible(kept: Collection[int]) -> bool:
+        try:
+            plan_layout(geometry, desired, existing, kept)
+        except LayoutError:
+            return False
+        return True
+
+    if not pins or not feasible(()):
+        return []
+    alone = [gi for gi in pins if feasible([other for other in pins if other != gi])]
+    return alone or pins
+
+
+def _on_gpu(
+    gpu: GpuInfo, error: LayoutError, blockers: Sequence[int], holders: Mapping[int, str]
+) -> LayoutError:
+    """The planner's error with the GPU it is about and what holds each blocking instance, so an
+    operator knows which lease to release (the planner knows instances, not leases)."""
+    message = f"GPU {gpu.index}: {error}"
+    if blockers:
+        held = "; ".join(f"GPU instance {gi} is {holders.get(gi, 'pinned')}" for gi in blockers)
+        message += f" ({held})"
+    return LayoutError(message)
+
+
 class LayoutEngine:
     """Blocking; runs on the daemon's executor thread."""
 
@@ -137,14 +173,21 @@ class LayoutEngine:
         *,
         apply: bool,
         pinned: Mapping[str, Collection[int]] | None = None,
+        holders: Mapping[str, Mapping[int, str]] | None = None,
     ) -> list[GpuLayoutResult]:
-        """Plan (and with ``apply`` carry out) a layout. ``pinned``: GPU UUID -> GI ids to keep."""
+        """Plan (and with ``apply`` carry out) a layout. ``pinned``: GPU UUID -> GI ids to keep;
+        ``holders``: GPU UUID -> GI id -> why it is pinned ("held by lease ..."), for errors."""
         gpus = self._backend.inventory()
         chosen = resolve_targets(gpus, targets)
         by_index = {gpu.index: gpu for gpu in gpus}
         # Plan every GPU before touching any, so a bad entry changes nothing anywhere.
         plans = {
-            index: self._plan(by_index[index], target, (pinned or {}).get(by_index[index].uuid, ()))
+            index: self._plan(
+                by_index[index],
+                target,
+                (pinned or {}).get(by_index[index].uuid, ()),
+                (holders or {}).get(by_index[index].uuid, {}),
+            )
             for index, target in sorted(chosen.items())
         }
         results = []
@@ -155,7 +198,11 @@ class LayoutEngine:
         return results
 
     def _plan(
-        self, gpu: GpuInfo, target: LayoutTarget, pinned: Collection[int]
+        self,
+        gpu: GpuInfo,
+        target: LayoutTarget,
+        pinned: Collection[int],
+        holders: Mapping[int, str],
     ) -> tuple[GpuLayoutResult, LayoutPlan | None, GpuGeometry | None]:
         result = GpuLayoutResult(gpu_index=gpu.index, gpu_uuid=gpu.uuid)
         want = target.mig_enabled
@@ -177,7 +224,13 @@ class LayoutEngine:
             return result, None, None
         geometry = self._backend.geometry(gpu.index)
         existing = self._backend.gpu_instances(gpu.index)
-        plan = plan_layout(geometry, dict(target.counts) if want else {}, existing, pinned)
+        desired = dict(target.counts) if want else {}
+        try:
+            plan = plan_layout(geometry, desired, existing, pinned)
+        except LayoutError as error:
+            raise _on_gpu(
+                gpu, error, _blockers(geometry, desired, existing, pinned), holders
+            ) from None
         orphans = {i.gpu_instance_id for i in gpu.instances if i.compute_instance_id is None}
         result.kept = [_info_for(i, geometry, gpu) for i in plan.keep]
         result.destroyed = [_info_for(i, geometry, gpu) for i in plan.destroy]
@@ -263,10 +316,11 @@ class LayoutService:
 
     async def run(self, targets: list[LayoutTarget], apply: bool) -> list[GpuLayoutResult]:
         async with self._lock:
+            holders = await self._holders()
             if not apply:
                 pinned = await self._leases.pinned(dirty_too=False)
                 return await self._executor.call(
-                    lambda: self._engine.run(targets, apply=False, pinned=pinned)
+                    lambda: self._engine.run(targets, apply=False, pinned=pinned, holders=holders)
                 )
             await self._refuse_mode_change_under_lease(targets)
             # Invariant 5: a MIG instance is scrubbed before it is destroyed. Plan with only what
@@ -275,19 +329,43 @@ class LayoutService:
             # with everything that is not clean pinned.
             pinned = await self._leases.pinned(dirty_too=False, scrubbing_too=False)
             plan = await self._executor.call(
-                lambda: self._engine.run(targets, apply=False, pinned=pinned)
+                lambda: self._engine.run(targets, apply=False, pinned=pinned, holders=holders)
             )
             doomed = {(r.gpu_uuid, i.gpu_instance_id) for r in plan for i in r.destroyed}
             for record in await self._leases.partitions():
                 if (record.gpu_uuid, record.gi_id) in doomed and not record.clean:
                     await self._leases.sanitize(record.uuid)
             pinned = await self._leases.pinned(dirty_too=True)
+            holders = await self._holders()
             results = await self._executor.call(
-                lambda: self._engine.run(targets, apply=True, pinned=pinned)
+                lambda: self._engine.run(targets, apply=True, pinned=pinned, holders=holders)
             )
             await self._inventory.refresh()
             self._leases.wake()
             return results
+
+    async def _holders(self) -> dict[str, dict[int, str]]:
+        """GPU UUID -> GI id -> why its MIG instance cannot be destroyed now, for errors."""
+        holders: dict[str, dict[int, str]] = {}
+        for record in await self._leases.partitions():
+            if record.kind != "mig" or record.gi_id is None or not record.present:
+                continue
+            if record.state == "leased" and record.lease_id:
+                why = f"held by lease {record.lease_id}"
+            elif record.state == "releasing" and record.lease_id:
+                why = f"still releasing lease {record.lease_id}"
+            elif record.state == "quarantined":
+                why = f"quarantined ({record.reason})" if record.reason else "quarantined"
+            elif record.state == "scrubbing":
+                why = "being scrubbed"
+            elif not record.clean:
+                why = "not scrubbed yet"
+            else:
+                continue
+            holders.setdefault(record.gpu_uuid, {})[record.gi_id] = (
+                f"{why}, partition {record.uuid}"
+            )
+        return holders
 
     async def _refuse_mode_change_under_lease(self, targets: list[LayoutTarget]) -> None:
         """A MIG mode change takes a GPU leased whole away from its tenant at the next reset:

@@ -108,7 +108,7 @@ def test_mig_turned_on_and_off_again_leaves_no_stale_clean_whole_gpu(
     agent = node_agent
     wait_all_clean(agent)
     # The operator turns MIG on for GPU 0 (a reset makes it current) and lays out instances.
-    agent.cli_json("layout", "apply", "--gpu", "0", "--mig", "on")
+    agent.cli_json("layout", "apply", "--gpu", "0", "--mig", "on", "--clear")
     assert agent.cli("sim", "reset-gpu", "--gpu", "0").returncode == 0
     layout_clean(agent, "3g.40gb=2")
     alice_cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "alice")
@@ -150,13 +150,13 @@ def test_grant_refused_while_mig_mode_pending_and_mode_change_refused_under_leas
     lease = grant(agent, "whole", cgroup, profile="gpu")
     # MIG on for the GPU leased whole: refused, the lease and its fence are untouched.
     gpu = lease["partition"]["gpu_index"]
-    refused = agent.cli("layout", "apply", "--gpu", str(gpu), "--mig", "on")
+    refused = agent.cli("layout", "apply", "--gpu", str(gpu), "--mig", "on", "--clear")
     assert refused.returncode == 2, refused.stdout
     assert f"GPU {gpu}" in refused.stderr and lease["lease"]["id"] in refused.stderr
     assert lease_state(agent, lease["lease"]["id"])["state"] == "active"
     # The other GPU gets a pending mode change: its whole-GPU partition is not granted until reset.
     other = 1 - gpu
-    agent.cli_json("layout", "apply", "--gpu", str(other), "--mig", "on")
+    agent.cli_json("layout", "apply", "--gpu", str(other), "--mig", "on", "--clear")
     pending = agent.cli("lease", "grant", "--tenant", "p", "--profile", "gpu", "--cgroup",
                         str(tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1",
                                           "pending")))  # fmt: skip

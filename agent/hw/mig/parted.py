@@ -12,9 +12,16 @@ The format (github.com/NVIDIA/mig-parted, ``examples/config.yaml``)::
             "3g.40gb": 2
 
 The file is untrusted input: every defect, whatever it is, comes back as a LayoutError that names
-the selected config and the key path of the defect; nothing else escapes. Every config in the
+the config it is in and the key path of the defect; nothing else escapes. Every config in the
 file is checked, not only the selected one, so a broken file is noticed the first time it is
-used rather than the day someone selects the broken config.
+used rather than the day someone selects the broken config. One thing is forgiven outside the
+selected config: a key this reader does not know. Files are shared across a fleet and across
+mig-parted versions, and a key added for another config (or by a newer mig-parted) is no reason
+to refuse the config that was asked for; in the selected config it is refused, because applying
+a layout while ignoring part of it would apply something other than what was written.
+
+:func:`dump_mig_parted` writes the same format (``accelguard layout export``), and what it writes
+reads back through :func:`load_mig_parted` as the same entries.
 
 Profile names in mig-devices are kept as written; the planner resolves them against each GPU's
 geometry (where "1g.10gb" means a different profile on an A100-40GB than on an H100-80GB).
@@ -22,10 +29,11 @@ geometry (where "1g.10gb" means a different profile on an A100-40GB than on an H
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -148,13 +156,7 @@ def _load(
     # (not only yaml.YAMLError) on hostile input such as "!!bool maybe" or "!!timestamp x".
     except Exception as error:  # noqa: BLE001
         raise LayoutError(f"{context}: the file is not valid YAML: {_one_line(error)}") from None
-    configs = _parse_document(document, context)
-    if config_name not in configs:
-        available = ", ".join(sorted(configs)) or "none"
-        raise LayoutError(
-            f"{context}: no such config under mig-configs; available configs: {available}"
-        )
-    return configs[config_name]
+    return _parse_document(document, config_name, context)
 
 
 def load_mig_parted_file(path: str | os.PathLike[str], config_name: str) -> list[MigPartedEntry]:
@@ -182,7 +184,8 @@ def load_mig_parted_file(path: str | os.PathLike[str], config_name: str) -> list
     return load_mig_parted(text, config_name)
 
 
-def _parse_document(document: object, context: str) -> dict[str, list[MigPartedEntry]]:
+def _parse_document(document: object, config_name: str, context: str) -> list[MigPartedEntry]:
+    """Check the whole document and return the entries of ``config_name``."""
     if not isinstance(document, dict):
         raise LayoutError(
             f"{context}: the file must be a mapping with 'version' and 'mig-configs', "
@@ -201,31 +204,51 @@ def _parse_document(document: object, context: str) -> dict[str, list[MigPartedE
         raise LayoutError(
             f"{context}: mig-configs: expected a mapping of config names, got {_kind(raw_configs)}"
         )
-    configs: dict[str, list[MigPartedEntry]] = {}
-    for name, raw_entries in raw_configs.items():
+    for name in raw_configs:
         if not isinstance(name, str) or not name:
             raise LayoutError(
                 f"{context}: mig-configs: config name {_show(name)} is not a non-empty string"
             )
-        configs[name] = _parse_config(raw_entries, f"mig-configs.{_key(name)}", context)
-    return configs
+    # The selected config first: when it is broken too, its own defect is the one to report.
+    selected = None
+    if config_name in raw_configs:
+        selected = _parse_config(
+            raw_configs[config_name], f"mig-configs.{_key(config_name)}", context, strict=True
+        )
+    for name, raw_entries in raw_configs.items():
+        if name != config_name:
+            _parse_config(
+                raw_entries,
+                f"mig-configs.{_key(name)}",
+                f"mig-parted config {_show(name)} (not the selected {_show(config_name)})",
+                strict=False,
+            )
+    if selected is None:
+        available = ", ".join(sorted(raw_configs)) or "none"
+        raise LayoutError(
+            f"{context}: no such config under mig-configs; available configs: {available}"
+        )
+    return selected
 
 
-def _parse_config(raw_entries: object, path: str, context: str) -> list[MigPartedEntry]:
+def _parse_config(
+    raw_entries: object, path: str, context: str, *, strict: bool
+) -> list[MigPartedEntry]:
     if not isinstance(raw_entries, list) or not raw_entries:
         raise LayoutError(
             f"{context}: {path}: expected a non-empty list of entries, got {_kind(raw_entries)}"
         )
     return [
-        _parse_entry(raw_entry, f"{path}[{index}]", context)
+        _parse_entry(raw_entry, f"{path}[{index}]", context, strict=strict)
         for index, raw_entry in enumerate(raw_entries)
     ]
 
 
-def _parse_entry(raw_entry: object, path: str, context: str) -> MigPartedEntry:
+def _parse_entry(raw_entry: object, path: str, context: str, *, strict: bool) -> MigPartedEntry:
     if not isinstance(raw_entry, dict):
         raise LayoutError(f"{context}: {path}: expected a mapping, got {_kind(raw_entry)}")
-    _reject_unknown_keys(raw_entry, _ENTRY_KEYS, path, context)
+    if strict:
+        _reject_unknown_keys(raw_entry, _ENTRY_KEYS, path, context)
     for key in _REQUIRED_ENTRY_KEYS:
         if key not in raw_entry:
             raise LayoutError(f"{context}: {path}.{key}: missing")
@@ -336,6 +359,56 @@ def _reject_unknown_keys(
             raise LayoutError(
                 f"{context}: {where}: unknown key {_show(key)}; allowed keys: {', '.join(allowed)}"
             )
+
+
+def dump_mig_parted(config_name: str, entries: Sequence[MigPartedEntry]) -> str:
+    """A mig-parted file with one config, ``config_name``, made of ``entries``.
+
+    Strings are written quoted, so a profile name such as "1g.10gb" or a config name with odd
+    characters comes back unchanged; a name that would not (checked by reading the text back)
+    is refused.
+    """
+    if not config_name:
+        raise LayoutError("a mig-parted config name must be a non-empty string")
+    if not entries:
+        raise LayoutError(f"mig-parted config {_show(config_name)}: no entries to write")
+    lines = [f"version: {SUPPORTED_VERSION}", "mig-configs:", f"  {_quoted(config_name)}:"]
+    for entry in entries:
+        devices = (
+            "all" if entry.devices == "all" else "[" + ", ".join(map(str, entry.devices)) + "]"
+        )
+        lines.append(f"    - devices: {devices}")
+        if entry.device_filter:
+            lines.append(
+                "      device-filter: [" + ", ".join(map(_quoted, entry.device_filter)) + "]"
+            )
+        lines.append(f"      mig-enabled: {'true' if entry.mig_enabled else 'false'}")
+        if entry.mig_devices:
+            lines.append("      mig-devices:")
+            lines += [
+                f"        {_quoted(name)}: {count}"
+                for name, count in sorted(entry.mig_devices.items())
+            ]
+        else:
+            lines.append("      mig-devices: {}")
+    text = "\n".join(lines) + "\n"
+    # A name YAML would read differently (a lone surrogate, a line separator) is refused here
+    # rather than discovered when the file is applied.
+    try:
+        reads_back = load_mig_parted(text, config_name) == list(entries)
+    except LayoutError:
+        reads_back = False
+    if not reads_back:
+        raise LayoutError(
+            f"mig-parted config {_show(config_name)}: YAML would not read this config back as "
+            "written; use a plainer config name"
+        )
+    return text
+
+
+def _quoted(text: str) -> str:
+    # A JSON string is a YAML double-quoted scalar with the same value.
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _show(value: object) -> str:
