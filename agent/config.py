@@ -353,14 +353,24 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def load_config(path: Path | None) -> Config:
-    """Read and validate a config file; ``None`` reads the default path if it exists."""
+def load_config(path: Path | None, *, required: bool = False) -> Config:
+    """Read and validate a config file; ``None`` reads the default path.
+
+    A missing file named by ``path`` is an error. A missing default file gives the defaults,
+    unless ``required``: the CLI asks that for every verb that talks to the agent or reads its
+    state directory, where defaults would silently point at the wrong socket or journal.
+    """
     if path is None:
-        if not DEFAULT_CONFIG_PATH.exists():
+        if not required and not DEFAULT_CONFIG_PATH.exists():
             return Config()
         path = DEFAULT_CONFIG_PATH
     try:
         raw = path.read_bytes()
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"cannot read config: no file at {path} (pass --config FILE; "
+            "`accelguard config check` validates one)"
+        ) from error
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config: {error.strerror}") from error
     try:

@@ -1,11 +1,14 @@
 """The CLI's side of the admin socket: a thin synchronous gRPC client.
 
 A refused call raises the error class agent/admin/status.py maps its status code to, with the
-daemon's message; an unreachable daemon raises DaemonUnavailableError.
+daemon's message; an unreachable daemon raises DaemonUnavailableError, with one line that names
+the socket and how to start the agent (gRPC's own text, "failed to connect to all addresses; ...",
+says neither).
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,9 +47,12 @@ class AdminClient:
         except grpc.RpcError as error:
             code = error.code()
             details = error.details() or code.name
-            if code == grpc.StatusCode.UNAVAILABLE and not self._socket.exists():
+            down = self._why_nobody_listens() if code == grpc.StatusCode.UNAVAILABLE else None
+            if down is not None:
                 raise DaemonUnavailableError(
-                    f"cannot reach the agent at {self._socket}: is `accelguard agent` running?"
+                    f"cannot reach the agent at {self._socket} ({down}): is `accelguard agent` "
+                    "running? Start it with `systemctl start accelguard`, or `accelguard agent` "
+                    "in the foreground"
                 ) from None
             raise error_class_for(code)(details) from None
         if not isinstance(result, response):
@@ -54,6 +60,23 @@ class AdminClient:
                 f"the agent answered with {type(result).__name__}, not {response.__name__}"
             )
         return result
+
+    def _why_nobody_listens(self) -> str | None:
+        """Why no agent answers on the socket, or None where one listens: UNAVAILABLE is then the
+        daemon's own answer (HardwareError) or a transport failure its details describe."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self._socket))
+        except FileNotFoundError:
+            return "no socket there"
+        except ConnectionRefusedError:
+            # The agent removes its socket on a clean stop: this one is left from a crash or a kill.
+            return "a stale socket: nothing listens on it"
+        except OSError:
+            return None
+        finally:
+            probe.close()
+        return None
 
     def ping(self) -> pb.PingResponse:
         return self._call(self._stub.Ping, pb.PingRequest(), pb.PingResponse)

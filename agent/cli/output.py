@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any, Final
 
@@ -26,6 +27,22 @@ def message_dict(message: Message) -> dict[str, Any]:
 def print_json(document: Any) -> None:
     json.dump(document, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+def print_error(args: argparse.Namespace, code: int, kind: str, message: str) -> None:
+    """A failed command's one line on stderr; with ``--json``, one JSON object instead, so that
+    a script that parses the command's output can parse its failure too."""
+    if getattr(args, "json", False):
+        document = {"error": {"code": code, "kind": kind, "message": message}}
+        print(json.dumps(document, sort_keys=True), file=sys.stderr)
+    else:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def error_kind(error: BaseException) -> str:
+    """A stable short name for the error's class: DaemonUnavailableError is daemon_unavailable."""
+    name = type(error).__name__.removesuffix("Error") or type(error).__name__
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def emit(args: argparse.Namespace, message: Message, text: str) -> None:
