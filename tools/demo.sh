@@ -33,18 +33,13 @@ for _ in $(seq 300); do
   kill -0 $AGENT 2>/dev/null || { cat "$DIR/agent.log"; exit 1; }
   sleep 0.1
 done
-wait_clean() {
-  for _ in $(seq 300); do
-    ag partition list --json | .venv/bin/python -c 'import json, sys; p = json.load(sys.stdin).get("partitions", []); sys.exit(0 if all(x["state"] == "free" and x["clean"] for x in p) else 1)' && return 0
-    sleep 0.1
-  done
-  echo "partitions did not become clean" >&2; return 1
-}
-
-echo "== layout: GPU0 3g.40gb=1 2g.20gb=1 1g.10gb=2, GPU1 7g.80gb=1"
-ag layout apply --gpu 0 3g.40gb=1 2g.20gb=1 1g.10gb=2
-ag layout apply --gpu 1 7g.80gb=1
-wait_clean
+echo "== layout: GPU0 3g.40gb=1 2g.20gb=1 1g.10gb=2, GPU1 7g.80gb=1 (--wait: until scrubbed and clean)"
+ag layout apply --gpu 0 3g.40gb=1 2g.20gb=1 1g.10gb=2 --wait 60
+ag layout apply --gpu 1 7g.80gb=1 --wait 60
+echo
+echo "== the node matches the layout (layout assert: exit 0), and the same as a mig-parted file"
+ag layout assert --gpu 0 3g.40gb=1 2g.20gb=1 1g.10gb=2
+ag layout export
 echo
 echo "== inventory (new instances are scrubbed before they are free)"
 ag status
@@ -57,7 +52,8 @@ echo "== tenant A leases a 3g.40gb instance; its cgroup can open exactly these n
 LEASE_JSON=$(ag lease grant --tenant alice --profile 3g.40gb --cgroup "$PARENT/tenant-a" --json)
 LEASE=$(echo "$LEASE_JSON" | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["lease"]["id"])')
 PART=$(echo "$LEASE_JSON" | .venv/bin/python -c 'import json, sys; d = json.load(sys.stdin)["partition"]; print(d["uuid"]); [print("  " + n, file=sys.stderr) for n in d["device_nodes"]]')
-echo "lease $LEASE on $PART"
+CDI=$(echo "$LEASE_JSON" | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["cdi_device"])')
+echo "lease $LEASE on $PART, for containers: CDI device $CDI"
 ag sim write --partition "$PART" --pattern "alice-secret-weights"
 echo -n "tenant A reads back: "; ag sim read --partition "$PART" --find "alice-secret-weights"
 echo
@@ -67,5 +63,9 @@ echo -n "the next tenant reads: "; ag sim read --partition "$PART" --find "alice
 echo
 echo "== signed scrub certificates"
 ag scrub certs --partition "$PART"
+echo
+echo "== the audit log: who did what (the last records), and its chain and signed checkpoints"
+ag audit show --limit 8
+ag audit verify
 echo
 echo "agent log: $DIR/agent.log"

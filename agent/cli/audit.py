@@ -138,7 +138,8 @@ def _verify(args: argparse.Namespace, config: Config) -> int:
         raise AuditTamperedError(f"audit log tampered: {first.message}")
     print(
         f"audit log intact: records {report.first_seq} to {report.last_seq} "
-        f"({report.records}), {report.checkpoints} checkpoints signed by this node's key"
+        f"({report.records}), {report.checkpoints} "
+        f"checkpoint{'' if report.checkpoints == 1 else 's'} signed by this node's key"
     )
     return int(ExitCode.OK)
 
