@@ -129,13 +129,43 @@ def host_search(nvml_library: str) -> DriverSearch:
     return DriverSearch(pinned={NVML_SONAME: Path(nvml_library)} if nvml_library else {})
 
 
+# The last discovery and the state of the directories it searched (see discover).
+_last: tuple[str, tuple[tuple[str, int], ...], DriverFiles] | None = None
+
+
 def discover(search: DriverSearch) -> DriverFiles:
     """The driver files present under ``search.root``; raises IsolationError only when a file
-    that exists cannot be read."""
-    root = search.root
+    that exists cannot be read.
+
+    Every grant writes a spec, and a full search is a few hundred stat calls: the result is kept
+    while none of the searched directories changed (adding, removing or renaming a file, as a
+    driver upgrade does, changes its directory's mtime), so an upgrade still reaches the next
+    spec written."""
+    global _last  # noqa: PLW0603 - one cache per process, read and written by one thread
     directories = search.library_directories
     if directories is None:
-        directories = tuple(linker_directories(root))
+        directories = tuple(linker_directories(search.root))
+    key = repr((search, directories))
+    state = tuple(
+        (name, _mtime(_under(search.root, name)))
+        for name in (*directories, *search.binary_directories)
+    ) + tuple((str(path), _mtime(path)) for path in search.pinned.values())
+    if _last is not None and _last[0] == key and _last[1] == state:
+        return _last[2]
+    found = _discover(search, directories)
+    _last = (key, state, found)
+    return found
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _discover(search: DriverSearch, directories: tuple[str, ...]) -> DriverFiles:
+    root = search.root
     libraries = []
     for soname in DRIVER_LIBRARIES:
         pinned = search.pinned.get(soname)

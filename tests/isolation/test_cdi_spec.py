@@ -311,3 +311,16 @@ def test_start_up_rewrites_the_complete_spec(sim_agent: RunningAgent, v2_cgroup:
     sim_agent.stop()
     sim_agent.start()
     assert json.loads(path.read_text()) == complete
+
+
+def test_a_driver_upgrade_reaches_the_next_discovery(driver_root: Path) -> None:
+    """Discovery is kept while the searched directories are unchanged; adding a library (or a
+    binary) changes its directory, and the next spec has it."""
+    search = DriverSearch(root=driver_root)
+    before = discover(search)
+    assert discover(search) is before  # nothing changed: the kept result
+    lib64 = driver_root / LIB64.lstrip("/")
+    _elf(lib64 / "libcudadebugger.so.550.54.15")  # the dangling link now resolves
+    after = discover(search)
+    assert "libcudadebugger.so.1" in {f.container_path.name for f in after.libraries}
+    assert "libcudadebugger.so.1" not in {f.container_path.name for f in before.libraries}
