@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.identity.node_key import NodeKey
+from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.store.audit import Checkpoint, canonical_json
 
 CONTEXT: Final = b"accelguard audit checkpoint v1\n"
@@ -70,3 +71,21 @@ def signature_valid(public_key: Ed25519PublicKey, node_id: str, checkpoint: Chec
     except InvalidSignature:
         return False
     return True
+
+
+def to_message(checkpoint: Checkpoint) -> pb.AuditCheckpoint:
+    """The checkpoint as the link carries it (an ``audit_checkpoint`` report)."""
+    return pb.AuditCheckpoint(
+        record_index=checkpoint.seq, chain_hash=checkpoint.head_hash,
+        signature=checkpoint.signature, at=checkpoint.at,
+        prev_record_index=checkpoint.prev_seq, prev_chain_hash=checkpoint.prev_hash,
+        key_id=checkpoint.key_id,
+    )  # fmt: skip
+
+
+def from_message(message: pb.AuditCheckpoint) -> Checkpoint:
+    return Checkpoint(
+        seq=message.record_index, head_hash=message.chain_hash, at=message.at,
+        prev_seq=message.prev_record_index, prev_hash=message.prev_chain_hash,
+        key_id=message.key_id, signature=message.signature,
+    )  # fmt: skip

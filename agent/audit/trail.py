@@ -124,13 +124,7 @@ class AuditService:
                 made = self._make(tx.db)
                 if made is None:
                     return None
-                report = pb.Report(
-                    audit_checkpoint=pb.AuditCheckpoint(
-                        record_index=made.seq, chain_hash=made.head_hash,
-                        signature=made.signature, at=made.at, prev_record_index=made.prev_seq,
-                        prev_chain_hash=made.prev_hash, key_id=made.key_id,
-                    )
-                )  # fmt: skip
+                report = pb.Report(audit_checkpoint=signing.to_message(made))
                 report_seq = tx.enqueue(
                     "audit_checkpoint", report.SerializeToString(), droppable=False
                 )

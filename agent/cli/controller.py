@@ -265,22 +265,15 @@ def _ctl(args: argparse.Namespace) -> int:
 
 def _audit(client: Any, args: argparse.Namespace) -> int:
     """``ctl audit verify|checkpoints --node ID`` (docs/audit.md)."""
+    from agent.audit.checkpoint import from_message  # noqa: PLC0415
+
     answer = client.audit_checkpoints(args.node)
     if args.audit_verb == "checkpoints":
         print_json(
             {
                 "node": answer.node_id,
                 "checkpoints": [
-                    {
-                        "seq": c.checkpoint.record_index,
-                        "head_hash": c.checkpoint.chain_hash.hex(),
-                        "at": c.checkpoint.at,
-                        "prev_seq": c.checkpoint.prev_record_index,
-                        "prev_hash": c.checkpoint.prev_chain_hash.hex(),
-                        "key_id": c.checkpoint.key_id,
-                        "signature": c.checkpoint.signature.hex(),
-                        "received_at": c.received_at,
-                    }
+                    {**from_message(c.checkpoint).signed_dict(), "received_at": c.received_at}
                     for c in answer.checkpoints
                 ],
             }

@@ -208,8 +208,8 @@ class ControllerAdminHandlers:
         self, request: pb.ListAuditCheckpointsRequest
     ) -> pb.ListAuditCheckpointsResponse:
         """The node's audit checkpoints as received, checked as a history (docs/audit.md)."""
+        from agent.audit.checkpoint import from_message  # noqa: PLC0415
         from agent.audit.verify import checkpoint_history  # noqa: PLC0415
-        from agent.store.audit import Checkpoint  # noqa: PLC0415
 
         node = await self._executor.call(self._store.node, request.node_id)
         if node is None:
@@ -227,13 +227,7 @@ class ControllerAdminHandlers:
                     checkpoint=message,
                 )
             )  # fmt: skip
-            history.append(
-                Checkpoint(
-                    seq=message.record_index, head_hash=message.chain_hash, at=message.at,
-                    prev_seq=message.prev_record_index, prev_hash=message.prev_chain_hash,
-                    key_id=message.key_id, signature=message.signature,
-                )
-            )  # fmt: skip
+            history.append(from_message(message))
         key = serialization.load_pem_public_key(node.scrub_key_pem.encode("ascii"))
         if not isinstance(key, Ed25519PublicKey):  # pragma: no cover - enrollment checks it
             raise ValidationError(f"node {request.node_id}: its enrolled key is not Ed25519")

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.audit.checkpoint import signature_valid
+from agent.audit.checkpoint import from_message, signature_valid
 from agent.controller.command_store import CommandOutcome
 from agent.controller.commands import CommandDispatcher
 from agent.controller.committer import ReportCommitter
@@ -47,7 +47,6 @@ from agent.link.wire import decode_uplink
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
 from agent.scrub.certificate import canonical_json, verify_certificate
-from agent.store.audit import Checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -352,6 +351,8 @@ class _NodeVerifier:
     def __init__(self, node: NodeRecord) -> None:
         self.node = node
         key = serialization.load_pem_public_key(node.scrub_key_pem.encode("ascii"))
+        # Enrollment accepts only an Ed25519 node key; None (never seen) refuses its checkpoints.
+        self.node_key = key if isinstance(key, Ed25519PublicKey) else None
         # The PEM exactly as certificate.py writes it (verification compares it with the
         # document's embedded key).
         self.scrub_key_pem = key.public_bytes(
@@ -396,14 +397,8 @@ class _NodeVerifier:
         """Kept only when the node's enrolled key signed it (its history is judged by
         ``ctl audit verify``)."""
         message = report.audit_checkpoint
-        checkpoint = Checkpoint(
-            seq=message.record_index, head_hash=message.chain_hash, at=message.at,
-            prev_seq=message.prev_record_index, prev_hash=message.prev_chain_hash,
-            key_id=message.key_id, signature=message.signature,
-        )  # fmt: skip
-        key = serialization.load_pem_public_key(self.scrub_key_pem.encode("ascii"))
-        if not isinstance(key, Ed25519PublicKey) or not signature_valid(
-            key, self.node.node_id, checkpoint
+        if self.node_key is None or not signature_valid(
+            self.node_key, self.node.node_id, from_message(message)
         ):
             raise LinkProtocolError(
                 f"report {report.seq} (audit checkpoint {message.record_index}): refused, its "

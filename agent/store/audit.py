@@ -149,7 +149,8 @@ class Checkpoint:
     acked_at: float | None = None
     exported_at: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def signed_dict(self) -> dict[str, Any]:
+        """What was signed, as the checkpoints file of ``audit verify --checkpoints`` has it."""
         return {
             "seq": self.seq,
             "head_hash": self.head_hash.hex(),
@@ -158,9 +159,10 @@ class Checkpoint:
             "prev_hash": self.prev_hash.hex(),
             "key_id": self.key_id,
             "signature": self.signature.hex(),
-            "acked_at": self.acked_at,
-            "exported_at": self.exported_at,
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.signed_dict(), "acked_at": self.acked_at, "exported_at": self.exported_at}
 
 
 # -- writing ---------------------------------------------------------------------------------
