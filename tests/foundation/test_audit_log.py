@@ -291,3 +291,15 @@ def test_export_ships_the_log_and_lets_rotation_remove_what_it_holds(tmp_path: P
     again = run_cli("audit", "export", str(target), config=config)
     assert again.returncode == 2
     assert "never overwrites" in again.stderr
+
+
+def test_the_agent_finds_its_log_cut_behind_its_last_checkpoint_at_start(node: Node) -> None:
+    """The start-up check (AuditService.self_check): the log's end against the last local
+    checkpoint; cut or rewritten, it is named, and the agent records audit.tamper_detected."""
+    assert node.service.self_check() is None
+    last = audit.last_checkpoint(node.db())
+    assert last is not None
+    node.db().execute("DELETE FROM audit_log WHERE seq > ?", (last.seq - 3,))
+    problem = node.service.self_check()
+    assert problem is not None
+    assert f"checkpoint {last.seq} covers up to {last.seq}: records were removed" in problem
