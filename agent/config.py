@@ -327,6 +327,44 @@ class AuditConfig:
     max_records: int = _check(_positive, 1_000_000)
 
 
+def _hook_argv(value: Any) -> str | None:
+    # An argv list run without a shell: a command the agent runs as root must not depend on
+    # PATH or on shell quoting. Whether the file exists is checked when it is run (an apply
+    # is refused then); the agent must start on a node where a hook is not installed yet.
+    if not value:
+        return None
+    if any(not isinstance(item, str) or "\x00" in item for item in value):
+        return "every item must be a string without NUL characters"
+    if not Path(value[0]).is_absolute():
+        return (
+            "must be [] or an argv list whose first item is an absolute path, e.g. "
+            '["/usr/local/bin/stop-gpu-clients", "--wait"] (run without a shell)'
+        )
+    return None
+
+
+def _hook_timeout(value: Any) -> str | None:
+    return None if 0 < value <= 3600 else "must be greater than 0 and at most 3600"
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """MIG layouts (docs/layouts.md): the desired layout at start-up and the apply hooks."""
+
+    # At start-up, re-apply the desired layout the last `layout apply` recorded (keeping what
+    # fits, never touching a leased instance, never resetting a GPU). Off: only check it and
+    # report the difference (`layout desired`).
+    reapply_at_start: bool = True
+    # Commands run before and after an apply that changes something (not for one that has
+    # nothing to do), e.g. to stop and restart GPU clients. An argv list (no shell); [] for
+    # none. A before_apply that fails or times out refuses the apply with nothing changed; an
+    # after_apply that fails is reported, and the layout stays applied.
+    before_apply: list[str] = _check(_hook_argv, [])
+    after_apply: list[str] = _check(_hook_argv, [])
+    # A hook still running after this long is killed (its whole process group) and has failed.
+    hook_timeout_s: float = _check(_hook_timeout, 60.0)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -350,6 +388,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -31,8 +31,11 @@ from agent.link.events import LinkEvents
 from agent.link.reports import health_event
 from agent.link.service import LinkService
 from agent.metrics import CallableSources, LinkState, Metrics, MetricsServer
+from agent.partitions.desired import DesiredLayoutService
+from agent.partitions.hooks import LayoutHooks
 from agent.partitions.inventory import InventoryService
-from agent.partitions.layout import LayoutEngine, LayoutService
+from agent.partitions.layout import LayoutEngine
+from agent.partitions.layout_service import LayoutService
 from agent.partitions.leases import LeaseManager
 from agent.runtime.executor import BlockingExecutor
 from agent.runtime.statedir import StateDirLock
@@ -104,7 +107,17 @@ class Daemon:
         self.leases.journal_lost = journal_lost
         self.inventory.on_sync.append(self.leases.on_inventory_sync)
         self.notifier = SystemdNotifier()
-        self.layouts = LayoutService(self.layout, self.leases, self.inventory, self.executor)
+        self.layouts = LayoutService(
+            self.layout, self.leases, self.inventory, self.executor, self.store,
+            LayoutHooks(config.layout.before_apply, config.layout.after_apply,
+                        config.layout.hook_timeout_s),
+            node_id=config.node.id,
+        )  # fmt: skip
+        # The desired layout the last applies recorded: shown, forgotten, re-applied at start.
+        self.desired = DesiredLayoutService(
+            self.store, self.executor, self.inventory, self.layouts,
+            reapply_at_start=config.layout.reapply_at_start,
+        )  # fmt: skip
         # GPU health: XIDs, ECC, row remapping, lost GPUs; faults quarantine through the leases.
         self.health: HealthMonitor | None = None
         if config.health.enabled:
@@ -136,6 +149,7 @@ class Daemon:
             health=self.health,
             latencies=self.metrics,
             link=self.link,
+            desired=self.desired,
         )
         # The audit log's checkpoints, rotation and the agent's own start and stop
         # (the records themselves are written by the journal, agent/store/audit.py).
@@ -233,6 +247,8 @@ class Daemon:
                 group.create_task(self.inventory.run(), name="inventory")
                 group.create_task(self.admin.run(), name="admin")
                 group.create_task(self.leases.run(), name="leases")
+                # After the leases' start-up reconciliation (fail closed first), once.
+                group.create_task(self.desired.run(self.leases.ready), name="desired layout")
                 group.create_task(self.audit.run(), name="audit")
                 group.create_task(
                     self.notifier.run(self.inventory.ready, self.inventory), name="systemd"

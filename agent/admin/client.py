@@ -90,6 +90,14 @@ class AdminClient:
     def apply_layout(self, request: pb.LayoutRequest) -> pb.LayoutResponse:
         return self._call(self._stub.ApplyLayout, request, pb.LayoutResponse)
 
+    def desired_layout(self) -> pb.DesiredLayoutResponse:
+        return self._call(
+            self._stub.GetDesiredLayout, pb.DesiredLayoutRequest(), pb.DesiredLayoutResponse
+        )
+
+    def forget_desired_layout(self, request: pb.DesiredLayoutRequest) -> pb.DesiredLayoutResponse:
+        return self._call(self._stub.ForgetDesiredLayout, request, pb.DesiredLayoutResponse)
+
     def grant_lease(self, request: pb.GrantLeaseRequest) -> pb.GrantLeaseResponse:
         return self._call(self._stub.GrantLease, request, pb.GrantLeaseResponse)
 

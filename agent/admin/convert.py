@@ -11,7 +11,10 @@ from collections.abc import Iterable
 from agent.errors import ValidationError
 from agent.health.monitor import HealthReport
 from agent.hw.model import GpuInfo, MigInstanceInfo
+from agent.partitions.desired import DesiredView
+from agent.partitions.hooks import HookRun
 from agent.partitions.layout import GpuLayoutResult, LayoutTarget
+from agent.partitions.layout_service import LayoutRun
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.store import LeaseRecord, PartitionRecord
 
@@ -44,7 +47,7 @@ def gpu_message(gpu: GpuInfo) -> pb.Gpu:
 
 
 def layout_result_message(result: GpuLayoutResult) -> pb.GpuLayoutResult:
-    return pb.GpuLayoutResult(
+    message = pb.GpuLayoutResult(
         gpu_index=result.gpu_index,
         gpu_uuid=result.gpu_uuid,
         kept=[instance_message(i) for i in result.kept],
@@ -52,6 +55,47 @@ def layout_result_message(result: GpuLayoutResult) -> pb.GpuLayoutResult:
         destroyed=[instance_message(i) for i in result.destroyed],
         noop=result.noop,
         note=result.note,
+        waiting_for_reset=result.waiting_for_reset,
+    )
+    if result.mig_current is not None:
+        message.mig_mode.CopyFrom(
+            pb.MigMode(current=result.mig_current, pending=bool(result.mig_pending))
+        )
+    return message
+
+
+def hook_message(hook: HookRun) -> pb.LayoutHookRun:
+    return pb.LayoutHookRun(
+        phase=hook.phase.value, argv=list(hook.argv), ok=hook.ok,
+        exit_code=hook.exit_code if hook.exit_code is not None else 0,
+        timed_out=hook.timed_out, error=hook.error, output=hook.output,
+        duration_s=hook.duration_s,
+    )  # fmt: skip
+
+
+def layout_response(run: LayoutRun) -> pb.LayoutResponse:
+    return pb.LayoutResponse(
+        gpus=[layout_result_message(r) for r in run.gpus],
+        hooks=[hook_message(h) for h in run.hooks],
+    )
+
+
+def desired_message(view: DesiredView) -> pb.DesiredGpuLayout:
+    layout = view.layout
+    return pb.DesiredGpuLayout(
+        gpu_uuid=layout.gpu_uuid, present=view.present, gpu_index=view.gpu_index,
+        mig_enabled=layout.mig_enabled, counts=dict(layout.counts), clear=layout.clear,
+        recorded_at=layout.recorded_at, recorded_by=layout.recorded_by,
+        outcome=layout.outcome.value, outcome_detail=layout.outcome_detail,
+        checked_at=layout.checked_at or 0.0,
+    )  # fmt: skip
+
+
+def desired_response(
+    views: Iterable[DesiredView], reapply_at_start: bool
+) -> pb.DesiredLayoutResponse:
+    return pb.DesiredLayoutResponse(
+        gpus=[desired_message(view) for view in views], reapply_at_start=reapply_at_start
     )
 
 
@@ -82,12 +126,15 @@ def layout_targets(request: pb.LayoutRequest) -> list[LayoutTarget]:
         for name, count in target.counts.items():
             if not name:
                 raise ValidationError(f"layout target has an empty profile name (count {count})")
+        # LayoutTarget refuses MIG on without instances unless clear (LayoutError names the
+        # GPUs): the same rule for the CLI, a remote command and anything else on the socket.
         targets.append(
             LayoutTarget(
                 gpu_indices=None if target.all_gpus else tuple(target.gpu_indices),
                 mig_enabled=target.mig_enabled,
                 counts=dict(target.counts),
                 device_filter=tuple(target.device_filter),
+                clear=target.clear,
             )
         )
     return targets

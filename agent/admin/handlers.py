@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 import structlog
 
 from agent import __version__
 from agent.admin.convert import (
+    desired_response,
     gpu_message,
     health_message,
-    layout_result_message,
+    layout_response,
     layout_targets,
     lease_message,
     partition_message,
@@ -28,8 +29,10 @@ from agent.config import NodeConfig
 from agent.errors import AccelguardError
 from agent.health.monitor import HealthReport
 from agent.hw.devnodes import DeviceNode
+from agent.partitions.desired import DesiredView
 from agent.partitions.inventory import Snapshot
-from agent.partitions.layout import GpuLayoutResult, LayoutTarget
+from agent.partitions.layout import LayoutTarget
+from agent.partitions.layout_service import LayoutRun
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.store import LeaseRecord, PartitionRecord
 
@@ -106,7 +109,20 @@ class HealthSource(Protocol):
 
 
 # Plan (False) or apply (True) layout targets; the daemon serialises the runs.
-LayoutRunner = Callable[[list[LayoutTarget], bool], Awaitable[list[GpuLayoutResult]]]
+LayoutRunner = Callable[[list[LayoutTarget], bool], Awaitable[LayoutRun]]
+
+
+class DesiredLayouts(Protocol):
+    """The recorded desired layout (agent/partitions/desired.py)."""
+
+    @property
+    def reapply_at_start(self) -> bool: ...
+
+    async def show(self) -> list[DesiredView]: ...
+
+    async def forget(
+        self, *, all_gpus: bool, gpu_indices: Collection[int], gpu_uuids: Collection[str]
+    ) -> list[DesiredView]: ...
 
 
 class LinkStatusSource(Protocol):
@@ -128,7 +144,9 @@ class AdminHandlers:
         health: HealthSource | None = None,
         latencies: LatencyObserver | None = None,
         link: LinkStatusSource | None = None,
+        desired: DesiredLayouts | None = None,
     ) -> None:
+        self._desired = desired
         self._link = link
         self._health = health
         self._latencies = latencies
@@ -159,8 +177,24 @@ class AdminHandlers:
         )
 
     async def layout(self, request: pb.LayoutRequest, apply: bool) -> pb.LayoutResponse:
-        results = await self._layout(layout_targets(request), apply)
-        return pb.LayoutResponse(gpus=[layout_result_message(r) for r in results])
+        return layout_response(await self._layout(layout_targets(request), apply))
+
+    async def desired_layout(self) -> pb.DesiredLayoutResponse:
+        if self._desired is None:
+            return pb.DesiredLayoutResponse()
+        return desired_response(await self._desired.show(), self._desired.reapply_at_start)
+
+    async def forget_desired_layout(
+        self, request: pb.DesiredLayoutRequest
+    ) -> pb.DesiredLayoutResponse:
+        if self._desired is None:
+            return pb.DesiredLayoutResponse()
+        views = await self._desired.forget(
+            all_gpus=request.all_gpus,
+            gpu_indices=list(request.gpu_indices),
+            gpu_uuids=list(request.gpu_uuids),
+        )
+        return desired_response(views, self._desired.reapply_at_start)
 
     async def grant(self, request: pb.GrantLeaseRequest) -> pb.GrantLeaseResponse:
         started = time.perf_counter()

@@ -116,6 +116,19 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
             "ApplyLayout", context, self._handlers.layout(request, True), changes=True
         )
 
+    async def GetDesiredLayout(
+        self, request: pb.DesiredLayoutRequest, context: Any
+    ) -> pb.DesiredLayoutResponse:
+        return await self._guard("GetDesiredLayout", context, self._handlers.desired_layout())
+
+    async def ForgetDesiredLayout(
+        self, request: pb.DesiredLayoutRequest, context: Any
+    ) -> pb.DesiredLayoutResponse:
+        return await self._guard(
+            "ForgetDesiredLayout", context, self._handlers.forget_desired_layout(request),
+            changes=True,
+        )  # fmt: skip
+
     async def GrantLease(
         self, request: pb.GrantLeaseRequest, context: Any
     ) -> pb.GrantLeaseResponse:

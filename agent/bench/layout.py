@@ -48,7 +48,7 @@ def bench_layout(rounds: int, directory: Path | None) -> dict[str, Any]:
         store = Store(config.node.store_path)
         engine = LayoutEngine(backend, store)
         apply_seven = [LayoutTarget(gpu_indices=(0,), mig_enabled=True, counts=SEVEN_INSTANCES)]
-        tear_down = [LayoutTarget(gpu_indices=(0,), mig_enabled=True, counts={})]
+        tear_down = [LayoutTarget(gpu_indices=(0,), mig_enabled=True, counts={}, clear=True)]
         try:
             engine.run(tear_down, apply=True)
 

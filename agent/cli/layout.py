@@ -1,11 +1,13 @@
-"""``accelguard layout plan|apply|assert|export``: declarative MIG layouts, from arguments or a
-mig-parted file, with mig-parted's verbs (docs/layouts.md).
+"""``accelguard layout plan|apply|assert|export|desired``: declarative MIG layouts, from arguments
+or a mig-parted file, with mig-parted's verbs (docs/layouts.md).
 
 ``apply --wait S`` then waits until every partition of the GPUs it touched is free and clean:
-exit 0, 3 if one ended quarantined, 75 if some are still being scrubbed after S seconds.
-``assert`` is a plan read for its answer: exit 0 when the node already has the layout (the plan
-has nothing to do), 1 with the difference when it has not. ``export`` writes the node's current
-layout as a mig-parted file that ``apply -f`` and ``assert -f`` take back.
+exit 0, 3 if one ended quarantined, 75 if some are still being scrubbed after S seconds; an
+``after_apply`` hook that failed is exit 1 (the layout stays applied). ``assert`` is a plan read
+for its answer: exit 0 when the node already has the layout (the plan has nothing to do), 1 with
+the difference when it has not; without a layout it asserts the desired one the agent keeps.
+``export`` writes the node's current layout as a mig-parted file that ``apply -f`` and
+``assert -f`` take back. ``desired`` shows (or ``--forget``s) the desired layout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from agent.cli.output import PROG, message_dict, partition_line, print_json, progress
+from agent.cli.output import (
+    PROG,
+    add_output,
+    message_dict,
+    partition_line,
+    print_json,
+    progress,
+    table_time,
+)
 from agent.config import Config, load_config
 from agent.errors import ExitCode, LayoutError, NotFoundError
 from agent.runtime.inputs import seconds
@@ -58,6 +68,18 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--name", default=DEFAULT_EXPORT_NAME,
         help=f"the config's name under mig-configs (default {DEFAULT_EXPORT_NAME})",
     )  # fmt: skip
+    desired = layout_verbs.add_parser(
+        "desired", help="show the desired layout the agent re-applies at start-up",
+        allow_abbrev=False,
+    )  # fmt: skip
+    desired.add_argument(
+        "--forget", action="store_true",
+        help="forget the desired layout of --gpu (not re-applied, not asserted any more)",
+    )  # fmt: skip
+    desired.add_argument(
+        "--gpu", help="with --forget: GPU index, comma-separated indices or UUIDs, or 'all'"
+    )
+    add_output(desired)
 
 
 def add_layout_arguments(sub: argparse.ArgumentParser) -> None:
@@ -71,7 +93,7 @@ def add_layout_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("-f", "--file", type=Path, help="mig-parted config file (mig-configs YAML)")
     sub.add_argument("-c", "--config-name", help="which mig-config of --file")
     sub.add_argument("profiles", nargs="*", help="PROFILE=COUNT, e.g. 3g.40gb=2")
-    sub.add_argument("--json", action="store_true")
+    add_output(sub)
 
 
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
@@ -82,9 +104,16 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
     if args.verb == "export":
         with AdminClient(config.admin.socket) as client:
             return _export(client, args)
+    if args.verb == "desired":
+        return _desired(config, args)
+    if args.verb == "assert" and _no_layout_given(args):
+        with AdminClient(config.admin.socket) as client:
+            return _assert_desired(client, args.json)
     # Check the arguments before reaching for the agent: a mistake is exit 2 whether it runs or not.
     request = layout_request(args)
-    with AdminClient(config.admin.socket) as client:
+    # An apply may wait for both hooks (layout.hook_timeout_s each) on top of its own work.
+    timeout_s = 120.0 + 2 * config.layout.hook_timeout_s
+    with AdminClient(config.admin.socket, timeout_s=timeout_s) as client:
         if args.verb == "assert":
             return _assert(client, request, args.json)
         if args.verb == "apply":
@@ -95,9 +124,21 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
             print_json(message_dict(response))
         else:
             _print_layout(response, args.verb == "apply")
+        failed_hooks = [hook for hook in response.hooks if not hook.ok]
+        for hook in failed_hooks:
+            print(f"{PROG}: {hook.error}; the layout was applied and stays", file=sys.stderr)
         if args.verb == "apply" and args.wait > 0:
-            return _wait_layout_clean(client, {g.gpu_index for g in response.gpus}, args.wait)
-    return 0
+            code = _wait_layout_clean(client, {g.gpu_index for g in response.gpus}, args.wait)
+            if code != ExitCode.OK:
+                return code
+    return int(ExitCode.FAILED if failed_hooks else ExitCode.OK)
+
+
+def _no_layout_given(args: argparse.Namespace) -> bool:
+    return (
+        args.file is None and args.gpu is None and not args.profiles and not args.clear
+        and args.config_name is None and args.mig == "on"
+    )  # fmt: skip
 
 
 def layout_request(args: argparse.Namespace) -> Any:
@@ -109,13 +150,16 @@ def layout_request(args: argparse.Namespace) -> Any:
         if args.gpu is not None or args.profiles or args.clear or not args.config_name:
             raise LayoutError("use either -f FILE -c NAME, or --gpu N|all PROFILE=COUNT...")
         entries = load_mig_parted_file(args.file, args.config_name)
+        # A mig-parted entry with MIG on and no mig-devices (missing, {} or all zero) says "no
+        # instances" in so many words, as mig-parted's "all-enabled" does: that is a clear.
         targets = [
             pb.LayoutTarget(
                 all_gpus=entry.devices == "all",
                 gpu_indices=[] if entry.devices == "all" else list(entry.devices),
                 device_filter=list(entry.device_filter),
                 mig_enabled=entry.mig_enabled,
-                counts=dict(entry.mig_devices),
+                counts=dict(entry.mig_devices) if any(entry.mig_devices.values()) else {},
+                clear=entry.mig_enabled and not any(entry.mig_devices.values()),
             )
             for entry in entries
         ]
@@ -129,10 +173,11 @@ def layout_request(args: argparse.Namespace) -> Any:
         raise LayoutError("--mig off takes no PROFILE=COUNT and no --clear")
     if args.clear and args.profiles:
         raise LayoutError("--clear takes no PROFILE=COUNT: it asks for no MIG instances at all")
-    if args.mig == "on" and not args.profiles and not args.clear:
+    if args.mig == "on" and not any(counts.values()) and not args.clear:
         # An empty layout means "destroy every free instance": too much to do by omission.
+        # The agent refuses it too (a target needs clear), whoever sends it.
         raise LayoutError(
-            f"no PROFILE=COUNT given for --gpu {args.gpu}: pass the instances to have "
+            f"no PROFILE=COUNT above 0 given for --gpu {args.gpu}: pass the instances to have "
             "(e.g. 3g.40gb=2), or --clear to remove every MIG instance"
         )
     indices = _gpu_indices(args.gpu)
@@ -143,6 +188,7 @@ def layout_request(args: argparse.Namespace) -> Any:
                 gpu_indices=indices or [],
                 mig_enabled=args.mig == "on",
                 counts=counts,
+                clear=args.clear,
             )
         ]
     )
@@ -161,12 +207,43 @@ def _gpu_indices(text: str) -> list[int] | None:
     return indices
 
 
-def _assert(client: Any, request: Any, as_json: bool) -> int:
+def _assert_desired(client: Any, as_json: bool) -> int:
+    """``layout assert`` without a layout: the desired one the agent keeps. A GPU of it that is
+    no longer on the node is a difference; no desired layout at all is exit 2."""
+    from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
+
+    desired = client.desired_layout()
+    if not desired.gpus:
+        raise LayoutError(
+            "no desired layout is recorded (`layout apply` records one): pass a layout "
+            "(--gpu N PROFILE=COUNT..., --clear, --mig off, or -f FILE -c NAME)"
+        )
+    targets = [
+        pb.LayoutTarget(
+            gpu_indices=[gpu.gpu_index],
+            mig_enabled=gpu.mig_enabled,
+            counts=dict(gpu.counts),
+            clear=gpu.clear,
+        )
+        for gpu in desired.gpus
+        if gpu.present
+    ]
+    gone = [
+        (gpu, [f"not on this node (GPU {gpu.gpu_index} when its desired layout was recorded)"])
+        for gpu in desired.gpus
+        if not gpu.present
+    ]
+    return _assert(client, pb.LayoutRequest(targets=targets), as_json, gone=gone)
+
+
+def _assert(
+    client: Any, request: Any, as_json: bool, gone: list[tuple[Any, list[str]]] | None = None
+) -> int:
     """Exit 0 when the node has the layout, else 1 and the difference; reads, never changes."""
-    response = client.plan_layout(request)
+    response = client.plan_layout(request) if request.targets else None
     status = None
     gpus = []
-    for gpu in response.gpus:
+    for gpu in response.gpus if response is not None else ():
         differences = [
             f"create {inst.profile} at placement {inst.placement_start}:{inst.placement_size}"
             for inst in gpu.created
@@ -190,7 +267,8 @@ def _assert(client: Any, request: Any, as_json: bool) -> int:
                 else "MIG mode on is not set (pending mode: off)"
             )
         gpus.append((gpu, differences))
-    matches = all(not differences for _, differences in gpus)
+    missing = gone or []
+    matches = all(not differences for _, differences in gpus) and not missing
     if as_json:
         print_json(
             {
@@ -198,6 +276,16 @@ def _assert(client: Any, request: Any, as_json: bool) -> int:
                 "gpus": [
                     {**message_dict(gpu), "matches": not differences, "differences": differences}
                     for gpu, differences in gpus
+                ]
+                + [
+                    {
+                        "gpu_uuid": gpu.gpu_uuid,
+                        "gpu_index": gpu.gpu_index,
+                        "present": False,
+                        "matches": False,
+                        "differences": differences,
+                    }
+                    for gpu, differences in missing
                 ],
             }
         )
@@ -206,7 +294,57 @@ def _assert(client: Any, request: Any, as_json: bool) -> int:
             print(f"GPU {gpu.gpu_index}: {'differs' if differences else 'matches'}")
             for difference in differences:
                 print(f"  {difference}")
+        for gpu, differences in missing:
+            print(f"GPU {gpu.gpu_uuid}: differs")
+            for difference in differences:
+                print(f"  {difference}")
     return int(ExitCode.OK if matches else ExitCode.FAILED)
+
+
+def _desired(config: Config, args: argparse.Namespace) -> int:
+    """``layout desired [--forget --gpu ...]``: what the agent re-applies at start-up."""
+    from agent.admin.client import AdminClient  # noqa: PLC0415
+    from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
+
+    if args.forget and args.gpu is None:
+        raise LayoutError("--forget needs --gpu N, --gpu 0,1, --gpu GPU-UUID or --gpu all")
+    if args.gpu is not None and not args.forget:
+        raise LayoutError("--gpu goes with --forget: `layout desired` shows every GPU")
+    with AdminClient(config.admin.socket) as client:
+        if args.forget:
+            request = pb.DesiredLayoutRequest(all_gpus=args.gpu == "all")
+            if args.gpu != "all":
+                for item in args.gpu.split(","):
+                    if item.strip().startswith("GPU-"):
+                        request.gpu_uuids.append(item.strip())
+                    else:
+                        request.gpu_indices.extend(_gpu_indices(item) or [])
+            response = client.forget_desired_layout(request)
+        else:
+            response = client.desired_layout()
+    if args.json:
+        print_json(message_dict(response))
+        return 0
+    if not response.gpus:
+        print("no desired layout is recorded", file=sys.stderr)
+        return 0
+    for gpu in response.gpus:
+        if not gpu.mig_enabled:
+            layout = "MIG off"
+        elif gpu.clear:
+            layout = "MIG on, no instances (--clear)"
+        else:
+            layout = " ".join(f"{name}={count}" for name, count in sorted(gpu.counts.items()))
+        where = f"GPU {gpu.gpu_index}" if gpu.present else f"GPU {gpu.gpu_index} (gone)"
+        print(f"{where} {gpu.gpu_uuid}: {layout}")
+        print(f"  recorded {table_time(gpu.recorded_at)} by {gpu.recorded_by or 'unknown'}")
+        checked = f" ({table_time(gpu.checked_at)})" if gpu.checked_at else ""
+        print(
+            f"  {gpu.outcome}{checked}" + (f": {gpu.outcome_detail}" if gpu.outcome_detail else "")
+        )
+    if not response.reapply_at_start:
+        print("(layout.reapply_at_start is off: checked at start-up, not re-applied)")
+    return 0
 
 
 def _export(client: Any, args: argparse.Namespace) -> int:
@@ -255,6 +393,12 @@ def _export(client: Any, args: argparse.Namespace) -> int:
 def _print_layout(response: Any, applied: bool) -> None:
     for gpu in response.gpus:
         verb = "unchanged" if gpu.noop else ("applied" if applied else "plan")
+        if gpu.waiting_for_reset:
+            mode = gpu.mig_mode
+            verb += (
+                f", waiting for a GPU reset (MIG {'on' if mode.pending else 'off'} set, "
+                f"{'on' if mode.current else 'off'} in effect)"
+            )
         print(f"GPU {gpu.gpu_index}: {verb}")
         for label, items in (
             ("keep", gpu.kept),
@@ -266,6 +410,9 @@ def _print_layout(response: Any, applied: bool) -> None:
                 print(f"  {label:<8} {inst.profile:<12} placement {where} {inst.uuid}")
         if gpu.note:
             print(f"  note: {gpu.note}")
+    for hook in response.hooks:
+        outcome = "ok" if hook.ok else "FAILED"
+        print(f"hook {hook.phase}: {' '.join(hook.argv)}: {outcome} ({hook.duration_s:.1f}s)")
 
 
 def _wait_layout_clean(client: Any, gpu_indices: set[int], wait_s: float) -> int:

@@ -293,7 +293,15 @@ class CommandService:
             )
         if kind == "apply_layout":
             layout = admin_pb.LayoutRequest(targets=list(envelope.apply_layout.targets))
-            return pb.CommandResult(ok=True, layout=await target.layout(layout, True))
+            response = await target.layout(layout, True)
+            # An after_apply hook that failed: the layout stays applied, the command says so.
+            failed = [hook.error for hook in response.hooks if not hook.ok]
+            if failed:
+                return pb.CommandResult(
+                    ok=False, exit_code=ExitCode.FAILED, layout=response,
+                    error=f"{'; '.join(failed)}; the layout was applied and stays",
+                )  # fmt: skip
+            return pb.CommandResult(ok=True, layout=response)
         if kind in ("quarantine_partition", "clear_partition"):
             action = getattr(envelope, kind)
             request_ = admin_pb.PartitionActionRequest(

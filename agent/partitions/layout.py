@@ -9,7 +9,6 @@ interrupted apply converges on the next one with nothing leaked or duplicated.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -19,10 +18,7 @@ from agent.errors import HardwareError, LayoutError, NotFoundError
 from agent.hw.mig.geometry import GpuGeometry, Instance, Placement
 from agent.hw.mig.planner import LayoutPlan, plan_layout
 from agent.hw.model import AcceleratorBackend, GpuInfo, MigInstanceInfo
-from agent.partitions.inventory import InventoryService
-from agent.partitions.leases import LeaseManager
 from agent.runtime import failpoints
-from agent.runtime.executor import BlockingExecutor
 from agent.runtime.failpoints import CrashPoint
 from agent.store import Store
 
@@ -31,12 +27,56 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class LayoutTarget:
-    """One entry of a layout request: GPUs (None = all), MIG on/off, profile counts."""
+    """One entry of a layout request: GPUs (None = all), MIG on/off, profile counts.
+
+    MIG on with no instances destroys every free instance of the GPUs: a target asks for that
+    only with ``clear`` (and no counts), never by leaving the counts out. A target that breaks
+    this is refused here, so every way in (admin socket, remote command, start-up) keeps it.
+    """
 
     gpu_indices: tuple[int, ...] | None
     mig_enabled: bool
     counts: Mapping[str, int]
     device_filter: tuple[str, ...] = ()
+    clear: bool = False
+
+    def __post_init__(self) -> None:
+        gpus = self.describe_gpus()
+        wanted = any(count > 0 for count in self.counts.values())
+        if self.clear and self.counts:
+            raise LayoutError(
+                f"the layout for {gpus} has clear and instances ({_counts_text(self.counts)}): "
+                "clear means no MIG instances at all; give one or the other"
+            )
+        if self.clear and not self.mig_enabled:
+            raise LayoutError(
+                f"the layout for {gpus} has clear with MIG off: clear keeps MIG on and removes "
+                "every instance; MIG off needs neither"
+            )
+        if not self.mig_enabled and wanted:
+            raise LayoutError(
+                f"the layout for {gpus} lists MIG instances ({_counts_text(self.counts)}) "
+                "with MIG off"
+            )
+        if self.mig_enabled and not wanted and not self.clear:
+            # An empty layout means "destroy every free instance": too much to do by omission.
+            raise LayoutError(
+                f"the layout for {gpus} asks for MIG on with no instances: give the instances "
+                "to have (e.g. 3g.40gb=2), or clear (`--clear`) to remove every MIG instance"
+            )
+
+    def describe_gpus(self) -> str:
+        if self.gpu_indices is None:
+            which = "all GPUs"
+        else:
+            which = "GPU " + ",".join(map(str, self.gpu_indices))
+        if self.device_filter:
+            which += f" (device-filter {','.join(self.device_filter)})"
+        return which
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    return " ".join(f"{name}={count}" for name, count in counts.items()) or "none"
 
 
 @dataclass
@@ -48,6 +88,15 @@ class GpuLayoutResult:
     destroyed: list[MigInstanceInfo] = field(default_factory=list)
     noop: bool = True
     note: str = ""
+    # The MIG mode once the plan is applied: in effect now, and set for the next GPU reset.
+    # None for a GPU without MIG.
+    mig_current: bool | None = None
+    mig_pending: bool | None = None
+
+    @property
+    def waiting_for_reset(self) -> bool:
+        """The layout takes effect only after a GPU reset (which accelguard never does)."""
+        return self.mig_current is not None and self.mig_current != self.mig_pending
 
 
 def _matches_filter(gpu: GpuInfo, device_filter: Sequence[str]) -> bool:
@@ -210,6 +259,7 @@ class LayoutEngine:
             if want:
                 raise LayoutError(f"GPU {gpu.index} ({gpu.name}) does not support MIG")
             return result, None, None
+        result.mig_current, result.mig_pending = gpu.mig_current, want
         if want and not gpu.mig_current:
             # Instances can only be created once MIG mode is current, i.e. after a GPU reset,
             # which we never do on our own: report it and let the operator reset.
@@ -293,98 +343,3 @@ class LayoutEngine:
             self._store.finish_layout(journal, "failed", str(error))
             raise
         self._store.finish_layout(journal, "done")
-
-
-class LayoutService:
-    """Layouts as the admin API asks for them, with the lease rules around the engine: no MIG
-    mode change under a GPU leased whole, and a MIG instance is scrubbed before it is destroyed
-    (invariant 5: the driver does not promise to wipe a destroyed instance's memory)."""
-
-    def __init__(
-        self,
-        engine: LayoutEngine,
-        leases: LeaseManager,
-        inventory: InventoryService,
-        executor: BlockingExecutor,
-    ) -> None:
-        self._engine = engine
-        self._leases = leases
-        self._inventory = inventory
-        self._executor = executor
-        # Applies are serialised: two concurrent applies would plan against stale state.
-        self._lock = asyncio.Lock()
-
-    async def run(self, targets: list[LayoutTarget], apply: bool) -> list[GpuLayoutResult]:
-        async with self._lock:
-            holders = await self._holders()
-            if not apply:
-                pinned = await self._leases.pinned(dirty_too=False)
-                return await self._executor.call(
-                    lambda: self._engine.run(targets, apply=False, pinned=pinned, holders=holders)
-                )
-            await self._refuse_mode_change_under_lease(targets)
-            # Invariant 5: a MIG instance is scrubbed before it is destroyed. Plan with only what
-            # cannot be waited out pinned (leased, releasing, quarantined), scrub the dirty
-            # instances the plan would destroy (waiting for scrubs already running), then apply
-            # with everything that is not clean pinned.
-            pinned = await self._leases.pinned(dirty_too=False, scrubbing_too=False)
-            plan = await self._executor.call(
-                lambda: self._engine.run(targets, apply=False, pinned=pinned, holders=holders)
-            )
-            doomed = {(r.gpu_uuid, i.gpu_instance_id) for r in plan for i in r.destroyed}
-            for record in await self._leases.partitions():
-                if (record.gpu_uuid, record.gi_id) in doomed and not record.clean:
-                    await self._leases.sanitize(record.uuid)
-            pinned = await self._leases.pinned(dirty_too=True)
-            holders = await self._holders()
-            results = await self._executor.call(
-                lambda: self._engine.run(targets, apply=True, pinned=pinned, holders=holders)
-            )
-            await self._inventory.refresh()
-            self._leases.wake()
-            return results
-
-    async def _holders(self) -> dict[str, dict[int, str]]:
-        """GPU UUID -> GI id -> why its MIG instance cannot be destroyed now, for errors."""
-        holders: dict[str, dict[int, str]] = {}
-        for record in await self._leases.partitions():
-            if record.kind != "mig" or record.gi_id is None or not record.present:
-                continue
-            if record.state == "leased" and record.lease_id:
-                why = f"held by lease {record.lease_id}"
-            elif record.state == "releasing" and record.lease_id:
-                why = f"still releasing lease {record.lease_id}"
-            elif record.state == "quarantined":
-                why = f"quarantined ({record.reason})" if record.reason else "quarantined"
-            elif record.state == "scrubbing":
-                why = "being scrubbed"
-            elif not record.clean:
-                why = "not scrubbed yet"
-            else:
-                continue
-            holders.setdefault(record.gpu_uuid, {})[record.gi_id] = (
-                f"{why}, partition {record.uuid}"
-            )
-        return holders
-
-    async def _refuse_mode_change_under_lease(self, targets: list[LayoutTarget]) -> None:
-        """A MIG mode change takes a GPU leased whole away from its tenant at the next reset:
-        refuse it while the whole-GPU partition is not free."""
-        gpus = (await self._inventory.refresh()).gpus
-        by_index = {gpu.index: gpu for gpu in gpus}
-        busy = {
-            record.gpu_uuid: record
-            for record in await self._leases.partitions()
-            if record.kind == "gpu" and record.present and record.state != "free"
-        }
-        for index, target in resolve_targets(gpus, targets).items():
-            gpu = by_index[index]
-            record = busy.get(gpu.uuid)
-            if gpu.mig_current is None or record is None or target.mig_enabled == gpu.mig_pending:
-                continue
-            holder = f"lease {record.lease_id}" if record.lease_id else record.state
-            raise LayoutError(
-                f"GPU {index} is {record.state} as a whole GPU ({holder}): turning MIG "
-                f"{'on' if target.mig_enabled else 'off'} would take it from under that; "
-                "release it first"
-            )

@@ -210,6 +210,22 @@ MIGRATIONS: tuple[str, ...] = (
         exported_at REAL
     );
     """,
+    # 9: the desired layout (agent/store/layouts.py): per GPU UUID what the last `layout apply`
+    # on it asked for (MIG on with these instances, none, or MIG off), re-applied at start-up,
+    # and the outcome of the last apply or check of it.
+    """
+    CREATE TABLE desired_layouts (
+        gpu_uuid TEXT PRIMARY KEY,
+        gpu_index INTEGER NOT NULL,
+        mig_enabled INTEGER NOT NULL CHECK (mig_enabled IN (0, 1)),
+        counts TEXT NOT NULL DEFAULT '{}',
+        recorded_at REAL NOT NULL,
+        recorded_by TEXT NOT NULL DEFAULT '',
+        outcome TEXT NOT NULL DEFAULT 'applying',
+        outcome_detail TEXT NOT NULL DEFAULT '',
+        checked_at REAL
+    );
+    """,
 )
 
 # Bounds a journal check must stay within at start-up (a few thousand rows on a real node).

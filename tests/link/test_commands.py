@@ -12,6 +12,7 @@ import errno
 import json
 import sqlite3
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.attest.logs.eventlog import parse_event_log
 from agent.attest.tpm.client import TpmClient
+from agent.controller.client import ControllerClient
 from agent.isolation.cgroups import hierarchy_mounts
 from agent.link.envelope import COMMAND_CONTEXT, CommandKey, new_envelope, sign_command
+from agent.proto.accelguard.v1 import controller_pb2 as controller_pb
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from tests.attest_e2e.helpers import (
     boot_measurements,
@@ -206,6 +209,27 @@ def test_remote_grant_fences_release_certifies_layout_touches_one_node(
     profiles_a = [p["profile"] for p in wait_all_clean(node_a.agent) if p["gpu_index"] == 0]
     assert sorted(profiles_a) == ["3g.40gb", "3g.40gb"]
     assert {p["uuid"]: p["profile"] for p in local_partitions(node_b)} == before_b
+    # The node records what the controller asked for as its desired layout...
+    [wanted] = node_a.agent.cli_json("layout", "desired")["gpus"]
+    assert wanted["counts"] == {"3g.40gb": 2} and wanted["recorded_by"].startswith("controller")
+    # ... and refuses MIG on with no instances unless the command says clear, whatever sent it
+    # (`ctl layout apply` refuses before sending; a controller need not).
+    socket = tomllib.loads(controller.config_path.read_text())["controller"]["admin_socket"]
+    empty = controller_pb.RunCommandRequest(node_id=node_a.node_id, timeout_s=60)
+    empty.apply_layout.targets.add(gpu_indices=[0], mig_enabled=True)
+    with ControllerClient(Path(socket), timeout_s=90) as client:
+        refused = client.run_command(empty)
+    assert refused.state == "failed" and refused.result.exit_code == 2, refused
+    assert "GPU 0" in refused.result.error and "clear" in refused.result.error
+    assert sorted(p["profile"] for p in local_partitions(node_a) if p["gpu_index"] == 0) == [
+        "3g.40gb", "3g.40gb",
+    ]  # fmt: skip
+    code, status = run(
+        controller, "layout", "apply", "--node", node_a.node_id, "--gpu", "0", "--clear"
+    )
+    assert code == 0, status
+    assert len(status["result"]["layout"]["gpus"][0]["destroyed"]) == 2
+    assert node_a.agent.cli_json("layout", "desired")["gpus"][0]["clear"] is True
 
     history = controller.ctl_json("commands", "--node", node_b.node_id)["commands"]
     kinds = [c["kind"] for c in history]

@@ -559,8 +559,14 @@ class LayoutTarget(_message.Message):
     DEVICE_FILTER_FIELD_NUMBER: _builtins.int
     MIG_ENABLED_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    CLEAR_FIELD_NUMBER: _builtins.int
     all_gpus: _builtins.bool
     mig_enabled: _builtins.bool
+    clear: _builtins.bool
+    """MIG on with no instances at all (every instance destroyed). Required to ask for that: a
+    target with mig_enabled, no count above 0 and no clear is refused, and so is clear with
+    counts or with mig_enabled false.
+    """
     @_builtins.property
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -577,10 +583,11 @@ class LayoutTarget(_message.Message):
         device_filter: _abc.Iterable[_builtins.str] | None = ...,
         mig_enabled: _builtins.bool = ...,
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        clear: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_gpus", b"all_gpus", "counts", b"counts", "device_filter", b"device_filter", "gpu_indices", b"gpu_indices", "mig_enabled", b"mig_enabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_gpus", b"all_gpus", "clear", b"clear", "counts", b"counts", "device_filter", b"device_filter", "gpu_indices", b"gpu_indices", "mig_enabled", b"mig_enabled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -617,18 +624,30 @@ class GpuLayoutResult(_message.Message):
     DESTROYED_FIELD_NUMBER: _builtins.int
     NOOP_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    MIG_MODE_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_RESET_FIELD_NUMBER: _builtins.int
     gpu_index: _builtins.int
     gpu_uuid: _builtins.str
     noop: _builtins.bool
     """For a plan: the placements that would be created (uuid empty)."""
     note: _builtins.str
     """e.g. a pending MIG-mode change that needs a GPU reset"""
+    waiting_for_reset: _builtins.bool
+    """The layout takes effect only after a GPU reset (mig_mode.current != mig_mode.pending),
+    which accelguard never does on its own.
+    """
     @_builtins.property
     def kept(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigInstance]: ...
     @_builtins.property
     def created(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigInstance]: ...
     @_builtins.property
     def destroyed(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigInstance]: ...
+    @_builtins.property
+    def mig_mode(self) -> Global___MigMode:
+        """The GPU's MIG mode once this plan is applied: in effect now (current) and set for the next
+        GPU reset (pending). Unset for a GPU without MIG.
+        """
+
     def __init__(
         self,
         *,
@@ -639,34 +658,227 @@ class GpuLayoutResult(_message.Message):
         destroyed: _abc.Iterable[Global___MigInstance] | None = ...,
         noop: _builtins.bool = ...,
         note: _builtins.str = ...,
+        mig_mode: Global___MigMode | None = ...,
+        waiting_for_reset: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mig_mode", b"mig_mode"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "destroyed", b"destroyed", "gpu_index", b"gpu_index", "gpu_uuid", b"gpu_uuid", "kept", b"kept", "noop", b"noop", "note", b"note"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "destroyed", b"destroyed", "gpu_index", b"gpu_index", "gpu_uuid", b"gpu_uuid", "kept", b"kept", "mig_mode", b"mig_mode", "noop", b"noop", "note", b"note", "waiting_for_reset", b"waiting_for_reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GpuLayoutResult: _TypeAlias = GpuLayoutResult  # noqa: Y015
 
 @_typing.final
+class LayoutHookRun(_message.Message):
+    """A command of [layout] before_apply / after_apply, run around an apply that changes something."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """"before_apply" or "after_apply" """
+    ok: _builtins.bool
+    """exited 0 within layout.hook_timeout_s"""
+    exit_code: _builtins.int
+    """-N: killed by signal N; meaningless when it did not start"""
+    timed_out: _builtins.bool
+    """killed at layout.hook_timeout_s"""
+    error: _builtins.str
+    """why it failed, one line; empty when ok"""
+    output: _builtins.str
+    """the last lines of its stdout and stderr"""
+    duration_s: _builtins.float
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        ok: _builtins.bool = ...,
+        exit_code: _builtins.int = ...,
+        timed_out: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        output: _builtins.str = ...,
+        duration_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "duration_s", b"duration_s", "error", b"error", "exit_code", b"exit_code", "ok", b"ok", "output", b"output", "phase", b"phase", "timed_out", b"timed_out"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayoutHookRun: _TypeAlias = LayoutHookRun  # noqa: Y015
+
+@_typing.final
 class LayoutResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GPUS_FIELD_NUMBER: _builtins.int
+    HOOKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuLayoutResult]: ...
+    @_builtins.property
+    def hooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayoutHookRun]:
+        """The hooks run (none for a plan or an apply that changes nothing). An after_apply hook that
+        failed is reported here; the layout it followed stays applied.
+        """
+
     def __init__(
         self,
         *,
         gpus: _abc.Iterable[Global___GpuLayoutResult] | None = ...,
+        hooks: _abc.Iterable[Global___LayoutHookRun] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "hooks", b"hooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LayoutResponse: _TypeAlias = LayoutResponse  # noqa: Y015
+
+@_typing.final
+class DesiredLayoutRequest(_message.Message):
+    """Which GPUs' desired layout to forget: all, or by index (GPUs on the node now) or by UUID
+    (also GPUs no longer there). Ignored by GetDesiredLayout.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALL_GPUS_FIELD_NUMBER: _builtins.int
+    GPU_INDICES_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    all_gpus: _builtins.bool
+    @_builtins.property
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        all_gpus: _builtins.bool = ...,
+        gpu_indices: _abc.Iterable[_builtins.int] | None = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_gpus", b"all_gpus", "gpu_indices", b"gpu_indices", "gpu_uuids", b"gpu_uuids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesiredLayoutRequest: _TypeAlias = DesiredLayoutRequest  # noqa: Y015
+
+@_typing.final
+class DesiredGpuLayout(_message.Message):
+    """One GPU's desired layout: what the last apply on it asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    GPU_UUID_FIELD_NUMBER: _builtins.int
+    PRESENT_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    MIG_ENABLED_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    CLEAR_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    RECORDED_BY_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OUTCOME_DETAIL_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    gpu_uuid: _builtins.str
+    present: _builtins.bool
+    """the GPU is on the node now"""
+    gpu_index: _builtins.int
+    """its index now, or when recorded if it is not present"""
+    mig_enabled: _builtins.bool
+    clear: _builtins.bool
+    """MIG on, no instances"""
+    recorded_at: _builtins.float
+    recorded_by: _builtins.str
+    outcome: _builtins.str
+    """The last time the agent applied or checked it (an apply, the start-up re-apply): applying
+    (recorded, apply not finished), applied, matches, waiting_for_reset, blocked (a lease or
+    a held instance stands in the way), failed, gone (the GPU is not on the node).
+    """
+    outcome_detail: _builtins.str
+    checked_at: _builtins.float
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        gpu_uuid: _builtins.str = ...,
+        present: _builtins.bool = ...,
+        gpu_index: _builtins.int = ...,
+        mig_enabled: _builtins.bool = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        clear: _builtins.bool = ...,
+        recorded_at: _builtins.float = ...,
+        recorded_by: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        outcome_detail: _builtins.str = ...,
+        checked_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "clear", b"clear", "counts", b"counts", "gpu_index", b"gpu_index", "gpu_uuid", b"gpu_uuid", "mig_enabled", b"mig_enabled", "outcome", b"outcome", "outcome_detail", b"outcome_detail", "present", b"present", "recorded_at", b"recorded_at", "recorded_by", b"recorded_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesiredGpuLayout: _TypeAlias = DesiredGpuLayout  # noqa: Y015
+
+@_typing.final
+class DesiredLayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPUS_FIELD_NUMBER: _builtins.int
+    REAPPLY_AT_START_FIELD_NUMBER: _builtins.int
+    reapply_at_start: _builtins.bool
+    """layout.reapply_at_start"""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesiredGpuLayout]: ...
+    def __init__(
+        self,
+        *,
+        gpus: _abc.Iterable[Global___DesiredGpuLayout] | None = ...,
+        reapply_at_start: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "reapply_at_start", b"reapply_at_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DesiredLayoutResponse: _TypeAlias = DesiredLayoutResponse  # noqa: Y015
 
 @_typing.final
 class Lease(_message.Message):

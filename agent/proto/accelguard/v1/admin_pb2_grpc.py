@@ -54,6 +54,16 @@ class AdminStub:
                 request_serializer=accelguard_dot_v1_dot_admin__pb2.LayoutRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_admin__pb2.LayoutResponse.FromString,
                 _registered_method=True)
+        self.GetDesiredLayout = channel.unary_unary(
+                '/accelguard.v1.Admin/GetDesiredLayout',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutResponse.FromString,
+                _registered_method=True)
+        self.ForgetDesiredLayout = channel.unary_unary(
+                '/accelguard.v1.Admin/ForgetDesiredLayout',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutResponse.FromString,
+                _registered_method=True)
         self.GrantLease = channel.unary_unary(
                 '/accelguard.v1.Admin/GrantLease',
                 request_serializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseRequest.SerializeToString,
@@ -119,7 +129,23 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ApplyLayout(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Applies the layout and records it as the node's desired layout (re-applied at start-up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDesiredLayout(self, request, context):
+        """The desired layout recorded by the last applies, per GPU, with the last check's outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetDesiredLayout(self, request, context):
+        """Forgets the desired layout of the GPUs named (not re-applied at start-up any more);
+        answers with what is left.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -198,6 +224,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ApplyLayout,
                     request_deserializer=accelguard_dot_v1_dot_admin__pb2.LayoutRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_admin__pb2.LayoutResponse.SerializeToString,
+            ),
+            'GetDesiredLayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDesiredLayout,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutResponse.SerializeToString,
+            ),
+            'ForgetDesiredLayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetDesiredLayout,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.DesiredLayoutResponse.SerializeToString,
             ),
             'GrantLease': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantLease,
@@ -348,6 +384,60 @@ class Admin:
             '/accelguard.v1.Admin/ApplyLayout',
             accelguard_dot_v1_dot_admin__pb2.LayoutRequest.SerializeToString,
             accelguard_dot_v1_dot_admin__pb2.LayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDesiredLayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/GetDesiredLayout',
+            accelguard_dot_v1_dot_admin__pb2.DesiredLayoutRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.DesiredLayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetDesiredLayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/ForgetDesiredLayout',
+            accelguard_dot_v1_dot_admin__pb2.DesiredLayoutRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.DesiredLayoutResponse.FromString,
             options,
             channel_credentials,
             insecure,
