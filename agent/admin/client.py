@@ -8,7 +8,6 @@ says neither).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from agent.admin.status import error_class_for
 from agent.errors import AdminApiError, DaemonUnavailableError
 from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.proto.accelguard.v1 import admin_pb2_grpc as pb_grpc
+from agent.runtime.net import why_nobody_listens
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ class AdminClient:
         except grpc.RpcError as error:
             code = error.code()
             details = error.details() or code.name
-            down = self._why_nobody_listens() if code == grpc.StatusCode.UNAVAILABLE else None
+            down = why_nobody_listens(self._socket) if code == grpc.StatusCode.UNAVAILABLE else None
             if down is not None:
                 raise DaemonUnavailableError(
                     f"cannot reach the agent at {self._socket} ({down}): is `accelguard agent` "
@@ -60,23 +60,6 @@ class AdminClient:
                 f"the agent answered with {type(result).__name__}, not {response.__name__}"
             )
         return result
-
-    def _why_nobody_listens(self) -> str | None:
-        """Why no agent answers on the socket, or None where one listens: UNAVAILABLE is then the
-        daemon's own answer (HardwareError) or a transport failure its details describe."""
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self._socket))
-        except FileNotFoundError:
-            return "no socket there"
-        except ConnectionRefusedError:
-            # The agent removes its socket on a clean stop: this one is left from a crash or a kill.
-            return "a stale socket: nothing listens on it"
-        except OSError:
-            return None
-        finally:
-            probe.close()
-        return None
 
     def ping(self) -> pb.PingResponse:
         return self._call(self._stub.Ping, pb.PingRequest(), pb.PingResponse)

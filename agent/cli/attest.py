@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.attest.selection import SELECTION_SYNTAX, parse_indices, parse_pcr_selection
-from agent.cli.output import print_json
+from agent.cli.output import add_output, print_json
 from agent.config import Config, load_config
 from agent.errors import AttestationError, QuoteError, ValidationError
 from agent.runtime.inputs import JsonLimits, read_json_file
@@ -73,13 +73,13 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--state", type=Path, help="per-AK verifier state (clock, IMA replay), JSON, updated"
     )
     verify.add_argument("--ak-name", help="Name of the AK enrolled for this node, hex")
-    verify.add_argument("--json", action="store_true")
+    add_output(verify)
 
     log = verbs.add_parser("eventlog", help="parse a firmware event log and replay its PCRs")
     log.add_argument(
         "file", type=Path, help="e.g. /sys/kernel/security/tpm0/binary_bios_measurements"
     )
-    log.add_argument("--json", action="store_true")
+    add_output(log)
 
     measurements = verbs.add_parser(
         "ima", help="parse an IMA measurement list and replay the PCRs it extends"
@@ -107,7 +107,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     measurements.add_argument(
         "--event-log", type=Path, help="firmware event log to check the boot_aggregate against"
     )
-    measurements.add_argument("--json", action="store_true")
+    add_output(measurements)
 
     policy = verbs.add_parser("make-policy", help="a policy from a known-good event log")
     policy.add_argument("file", type=Path, help="known-good firmware event log")

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.cli.output import print_json
+from agent.cli.output import add_output, print_json, rfc3339
 from agent.config import Config, load_config
 from agent.errors import (
     AccelguardError,
@@ -32,6 +33,7 @@ from agent.errors import (
     StoreError,
     ValidationError,
 )
+from agent.runtime.durations import parse_duration
 
 
 def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
@@ -45,13 +47,13 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
                         "(`accelguard controller audit checkpoints --node ID --json`)")  # fmt: skip
     verify.add_argument("--public-key", type=Path, metavar="PEM",
                         help="the node's public key PEM (default: this node's key)")  # fmt: skip
-    verify.add_argument("--json", action="store_true")
+    add_output(verify)
     show = verbs.add_parser("show", help="who did what, when")
     show.add_argument("--lease", help="only records of this lease")
     show.add_argument("--partition", help="only records of this partition (UUID)")
     show.add_argument("--since", help="ISO 8601 time, Unix seconds, or an age such as 2h, 3d")
     show.add_argument("--limit", type=int, default=0, help="at most this many (the newest)")
-    show.add_argument("--json", action="store_true")
+    add_output(show)
     export = verbs.add_parser("export", help="write records and checkpoints to FILE (JSON lines)")
     export.add_argument("file", type=Path)
 
@@ -147,12 +149,13 @@ def _verify(args: argparse.Namespace, config: Config) -> int:
 def parse_since(text: str, now: float | None = None) -> float:
     """ISO 8601 (naive means UTC), Unix seconds, or an age: 90s, 15m, 2h, 3d."""
     now = time.time() if now is None else now
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     value = text.strip()
-    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
-        return now - float(value[:-1]) * units[value[-1]]
     try:
         return float(value)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(value)
     except ValueError:
         pass
     try:
@@ -179,12 +182,14 @@ def _show(args: argparse.Namespace, config: Config) -> int:
     if args.limit:
         found = found[-args.limit :]
     if args.json:
-        print_json({"records": [record.to_dict() for record in found]})
+        # The hash covers the exact float; the export (audit export) keeps it, this view is for
+        # people and scripts: RFC 3339 like every other time the CLI prints.
+        print_json({"records": [{**r.to_dict(), "at": rfc3339(r.at)} for r in found]})
         return int(ExitCode.OK)
     for record in found:
         print(_line(record.to_dict()))
     if not found:
-        print("no audit records match")
+        print("no audit records match", file=sys.stderr)
     return int(ExitCode.OK)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import remote
-from agent.cli.output import message_dict, print_json
+from agent.cli.output import add_output, message_dict, print_json, print_table, rfc3339
 from agent.errors import AuditTamperedError, ConfigError
 
 
@@ -57,27 +57,27 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     create = token_verbs.add_parser("create", help="a one-time token for one node id")
     create.add_argument("--node-id", required=True)
     create.add_argument("--ttl", type=_duration, default=0.0, help="e.g. 1h, 30m, 600 (default 1h)")
-    create.add_argument("--json", action="store_true")
+    add_output(create)
     nodes = ctl_verbs.add_parser("nodes", help="enrolled nodes")
-    nodes.add_argument("--json", action="store_true")
+    add_output(nodes)
     node = ctl_verbs.add_parser("node", help="one node")
     node_verbs = node.add_subparsers(dest="node_verb", required=True)
     show = node_verbs.add_parser("show", help="a node's enrollment, link and partitions")
     show.add_argument("node_id")
-    show.add_argument("--json", action="store_true")
+    add_output(show)
     set_group = node_verbs.add_parser("set-group", help="the group whose policy the node meets")
     set_group.add_argument("node_id")
     set_group.add_argument("group")
     certs = ctl_verbs.add_parser("certs", help="scrub certificates a node reported")
     certs.add_argument("--node", required=True)
-    certs.add_argument("--json", action="store_true")
+    add_output(certs)
     audit = ctl_verbs.add_parser("audit", help="the audit checkpoints a node sent")
     audit_verbs = audit.add_subparsers(dest="audit_verb", required=True)
     audit_verify = audit_verbs.add_parser(
         "verify", help="check a node's checkpoint history (signatures, going back, forks)"
     )
     audit_verify.add_argument("--node", required=True)
-    audit_verify.add_argument("--json", action="store_true")
+    add_output(audit_verify)
     audit_checkpoints = audit_verbs.add_parser(
         "checkpoints", help="a node's checkpoints as JSON, for `accelguard audit verify "
         "--checkpoints FILE` on the node"
@@ -254,11 +254,12 @@ def _ctl(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(message_dict(certs))
                 return 0
-            for c in certs.certificates:
-                checked = "signature ok" if c.signature_checked else "signature NOT checked"
-                verified = "verified" if c.scrub_verified else "NOT VERIFIED"
-                after = f", after lease {c.previous_lease_id}" if c.previous_lease_id else ""
-                print(f"{c.seq:8} {c.partition_uuid} {c.finished_at} {verified}, {checked}{after}")
+            headers = ("seq", "partition", "finished", "scrub", "signature", "lease")
+            rows = ((c.seq, c.partition_uuid, c.finished_at,
+                     "verified" if c.scrub_verified else "NOT verified",
+                     "ok" if c.signature_checked else "NOT checked", c.previous_lease_id)
+                    for c in certs.certificates)  # fmt: skip
+            print_table(headers, rows, empty=f"no scrub certificates from {args.node}")
             return 0
     raise ConfigError(f"unknown ctl verb {args.verb}")  # pragma: no cover
 
@@ -273,7 +274,11 @@ def _audit(client: Any, args: argparse.Namespace) -> int:
             {
                 "node": answer.node_id,
                 "checkpoints": [
-                    {**from_message(c.checkpoint).signed_dict(), "received_at": c.received_at}
+                    # The signed fields as signed (a verifier recomputes the signature over them).
+                    {
+                        **from_message(c.checkpoint).signed_dict(),
+                        "received_at": rfc3339(c.received_at),
+                    }
                     for c in answer.checkpoints
                 ],
             }

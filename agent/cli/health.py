@@ -7,7 +7,7 @@ import argparse
 import datetime
 from typing import Any
 
-from agent.cli.output import message_dict, print_json
+from agent.cli.output import add_output, message_dict, print_json
 from agent.config import Config, load_config
 from agent.errors import ExitCode
 
@@ -15,7 +15,7 @@ from agent.errors import ExitCode
 def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     health = commands.add_parser("health", help="GPU health: state, readings, events, holds")
     health.add_argument("--events", type=int, default=10, help="last events per GPU (default 10)")
-    health.add_argument("--json", action="store_true")
+    add_output(health)
 
 
 def run(args: argparse.Namespace, config: Config | None = None) -> int:

@@ -10,9 +10,19 @@ import argparse
 import time
 from typing import Any
 
-from agent.cli.output import emit, partition_line, progress
+from agent.cli.output import (
+    PARTITION_HEADERS,
+    add_output,
+    emit,
+    partition_line,
+    partition_row,
+    print_table,
+    progress,
+    table_time,
+)
 from agent.config import Config, load_config
 from agent.errors import ExitCode, RetryLaterError
+from agent.runtime.durations import human_duration
 from agent.runtime.inputs import seconds
 
 
@@ -27,30 +37,31 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--profile", help="a MIG profile such as 1g.10gb, or 'gpu' for a whole GPU"
     )
     grant.add_argument("--cgroup", required=True, help="the tenant's cgroup directory (absolute)")
-    grant.add_argument("--ttl", type=float, default=0.0, help="seconds until the agent releases it")
+    grant.add_argument("--ttl", type=seconds, default=0.0, metavar="DURATION",
+                       help="until the agent releases it: seconds, or 15m, 2h, 30d")  # fmt: skip
     grant.add_argument("--scrub-policy", choices=["zero", "multi-pass"], default="",
                        help="how to scrub after this lease (default: the node's)")  # fmt: skip
-    grant.add_argument("--json", action="store_true")
+    add_output(grant)
     grant.add_argument(
         "--wait", type=seconds, default=0.0, metavar="S",
         help="if no clean partition is free yet, keep asking for up to S seconds",
     )  # fmt: skip
     release = lease_verbs.add_parser("release", help="revoke, evict, scrub; waits until clean")
     release.add_argument("lease_id")
-    release.add_argument("--json", action="store_true")
+    add_output(release)
     lease_list = lease_verbs.add_parser("list", help="live leases")
     lease_list.add_argument("--all", action="store_true", help="include released leases")
-    lease_list.add_argument("--json", action="store_true")
+    add_output(lease_list, wide=True)
 
     partition = commands.add_parser("partition", help="partitions and quarantine")
     partition_verbs = partition.add_subparsers(dest="verb", required=True)
     partition_list = partition_verbs.add_parser("list", help="state, clean flag, holder")
-    partition_list.add_argument("--json", action="store_true")
+    add_output(partition_list)
     for verb, text in (("quarantine", "take out of service"), ("clear", "end a quarantine")):
         action = partition_verbs.add_parser(verb, help=text)
         action.add_argument("uuid")
         action.add_argument("--reason", required=True)
-        action.add_argument("--json", action="store_true")
+        add_output(action)
 
 
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
@@ -89,14 +100,24 @@ def _lease(client: Any, args: argparse.Namespace) -> int:
         return _release_exit(partition)
     else:
         leases = client.list_leases(include_released=args.all)
-        emit(args, leases, "\n".join(_lease_line(lease) for lease in leases.leases))
+        if args.json:
+            emit(args, leases, "")
+        else:
+            wide = args.output_format == "wide"
+            headers = LEASE_HEADERS + (LEASE_WIDE_HEADERS if wide else ())
+            rows = (_lease_row(lease, time.time(), wide=wide) for lease in leases.leases)
+            print_table(headers, rows, empty="no leases" if args.all else "no live leases")
     return 0
 
 
 def _partition(client: Any, args: argparse.Namespace) -> int:
     if args.verb == "list":
         partitions = client.list_partitions()
-        emit(args, partitions, "\n".join(partition_line(p) for p in partitions.partitions))
+        if args.json:
+            emit(args, partitions, "")
+        else:
+            rows = (partition_row(p) for p in partitions.partitions)
+            print_table(PARTITION_HEADERS, rows, empty="no partitions")
         return 0
     if args.verb == "quarantine":
         partition = client.quarantine(args.uuid, args.reason)
@@ -107,11 +128,21 @@ def _partition(client: Any, args: argparse.Namespace) -> int:
     return _release_exit(partition)
 
 
-def _lease_line(lease: Any) -> str:
-    expiry = f"  expires {lease.expires_at:.0f}" if lease.expires_at else ""
-    return (
-        f"{lease.id}  {lease.tenant}  {lease.partition_uuid}  {lease.state}  {lease.cgroup}{expiry}"
-    )
+LEASE_HEADERS = ("id", "tenant", "partition", "state", "age", "expires")
+LEASE_WIDE_HEADERS = ("cgroup", "created", "released", "release reason")
+
+
+def _lease_row(lease: Any, now: float, *, wide: bool) -> tuple[Any, ...]:
+    age = human_duration(max(0.0, now - lease.created_at)) if lease.created_at else None
+    expires = None
+    if lease.expires_at and lease.state != "released":
+        left = lease.expires_at - now
+        expires = f"in {human_duration(left)}" if left > 0 else "due"
+    row: tuple[Any, ...] = (lease.id, lease.tenant, lease.partition_uuid, lease.state, age, expires)
+    if wide:
+        created, released = table_time(lease.created_at), table_time(lease.released_at)
+        row += (lease.cgroup, created, released, lease.release_reason)
+    return row
 
 
 def _grant_waiting(client: Any, request: Any, wait_s: float) -> Any:

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from agent.cli.output import add_output
+
 if TYPE_CHECKING:
     from agent.config import Config
 
@@ -26,7 +28,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--no-tpm", action="store_true",
         help="enroll without TPM evidence (only where the controller allows unattested nodes)",
     )  # fmt: skip
-    enroll.add_argument("--json", action="store_true")
+    add_output(enroll)
 
 
 def run(args: argparse.Namespace, config: Config | None = None) -> int:

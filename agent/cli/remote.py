@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.layout import add_layout_arguments, layout_request
-from agent.cli.output import message_dict, print_json
+from agent.cli.output import add_output, message_dict, print_json, print_table, table_time
 from agent.errors import ExitCode, ValidationError
 
 VERBS = frozenset(
@@ -39,7 +39,7 @@ def _common(sub: argparse.ArgumentParser, *, node: bool = True) -> None:
         help="the command is valid S seconds (at most 600; default the controller's)",
     )  # fmt: skip
     if "--json" not in sub._option_string_actions:
-        sub.add_argument("--json", action="store_true")
+        add_output(sub)
 
 
 def add_parsers(ctl_verbs: argparse._SubParsersAction[Any]) -> None:
@@ -84,21 +84,21 @@ def add_parsers(ctl_verbs: argparse._SubParsersAction[Any]) -> None:
     commands = ctl_verbs.add_parser("commands", help="recent commands and their results")
     commands.add_argument("--node", default="")
     commands.add_argument("--limit", type=int, default=50)
-    commands.add_argument("--json", action="store_true")
+    add_output(commands)
 
     key = ctl_verbs.add_parser("command-key", help="the key that signs remote commands")
     key_verbs = key.add_subparsers(dest="key_verb", required=True)
     rotate = key_verbs.add_parser(
         "rotate", help="a new key for every node (or the current one again to lagging nodes)"
     )
-    rotate.add_argument("--json", action="store_true")
+    add_output(rotate)
 
     policy = ctl_verbs.add_parser("policy", help="attestation policies of node groups")
     policy_verbs = policy.add_subparsers(dest="policy_verb", required=True)
     set_policy = policy_verbs.add_parser("set", help="the policy (attest make-policy) of a group")
     set_policy.add_argument("--group", required=True)
     set_policy.add_argument("file", type=Path)
-    set_policy.add_argument("--json", action="store_true")
+    add_output(set_policy)
 
 
 def run(client: Any, args: argparse.Namespace) -> int:
@@ -110,8 +110,10 @@ def run(client: Any, args: argparse.Namespace) -> int:
         if args.json:
             print_json(message_dict(listing))
         else:
-            for status in listing.commands:
-                print(_status_line(status))
+            headers = ("command", "node", "kind", "state", "issued", "result")
+            rows = ((c.command_id, c.node_id, c.kind, c.state, table_time(c.issued_at),
+                     _result_text(c.result)) for c in listing.commands)  # fmt: skip
+            print_table(headers, rows, empty="no commands")
         return 0
     if args.verb == "command-key":
         rotated = client.rotate_command_key()
@@ -194,13 +196,10 @@ def _when(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _status_line(status: Any) -> str:
-    result = status.result
-    text = f"{status.command_id} {status.node_id} {status.kind} {status.state}"
-    if result.refusal:
-        text += f" ({result.refusal})"
+def _result_text(result: Any) -> str:
+    text = f"({result.refusal})" if result.refusal else ""
     if result.error:
-        text += f": {result.error}"
+        text += f"{' ' if text else ''}{result.error}"
     return text
 
 
@@ -234,8 +233,11 @@ def _print_status(status: Any) -> None:
     elif which == "layout":
         for gpu in result.layout.gpus:
             note = f" ({gpu.note})" if gpu.note else ""
+            wait = ", waiting for a GPU reset" if gpu.waiting_for_reset else ""
             print(f"gpu {gpu.gpu_index}: kept {len(gpu.kept)}, created {len(gpu.created)}, "
-                  f"destroyed {len(gpu.destroyed)}{note}")  # fmt: skip
+                  f"destroyed {len(gpu.destroyed)}{wait}{note}")  # fmt: skip
+        for hook in result.layout.hooks:
+            print(f"hook {hook.phase}: {'ok' if hook.ok else hook.error}")
     elif status.HasField("verdict"):
         verdict = status.verdict
         print(f"attestation {'passed' if verdict.passed else 'FAILED'}")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.cli.output import print_json
+from agent.cli.output import add_output, print_json
 from agent.config import Config, load_config
 from agent.errors import ExitCode, StoreError, ValidationError
 
@@ -47,7 +47,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--passphrase-file", type=Path, help="with --identity encrypt (else asked on a terminal)"
     )
     export.add_argument("--force", action="store_true", help="replace FILE if it exists")
-    export.add_argument("--json", action="store_true")
+    add_output(export)
     restore = state_verbs.add_parser(
         "import", help="restore a backup on a stopped agent (free partitions come back dirty)"
     )
@@ -62,7 +62,7 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--passphrase-file", type=Path, help="for a file with identity (else asked on a terminal)"
     )
     restore.add_argument("--force", action="store_true", help="accept a backup of another node")
-    restore.add_argument("--json", action="store_true")
+    add_output(restore)
 
 
 def run(args: argparse.Namespace, config: Config | None = None) -> int:

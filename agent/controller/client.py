@@ -18,6 +18,7 @@ from agent.errors import (
 )
 from agent.proto.accelguard.v1 import controller_pb2 as pb
 from agent.proto.accelguard.v1 import controller_pb2_grpc as pb_grpc
+from agent.runtime.net import why_nobody_listens
 
 T = TypeVar("T")
 
@@ -52,9 +53,10 @@ class ControllerClient:
             result = method(request, timeout=timeout_s or self._timeout_s)
         except grpc.RpcError as error:
             code = error.code()
-            if code == grpc.StatusCode.UNAVAILABLE and not self._socket.exists():
+            down = why_nobody_listens(self._socket) if code == grpc.StatusCode.UNAVAILABLE else None
+            if down is not None:
                 raise DaemonUnavailableError(
-                    f"cannot reach the controller at {self._socket}: is "
+                    f"cannot reach the controller at {self._socket} ({down}): is "
                     "`accelguard controller serve` running?"
                 ) from None
             raise _ERROR_FOR.get(code, LinkError)(error.details() or code.name) from None

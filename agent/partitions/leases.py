@@ -55,6 +55,7 @@ from agent.partitions.reconcile import Reconciler
 from agent.partitions.revocation import Revoker
 from agent.partitions.sanitize import Sanitizer
 from agent.runtime import failpoints
+from agent.runtime.durations import human_duration
 from agent.runtime.executor import BlockingExecutor
 from agent.runtime.failpoints import CrashPoint
 from agent.scrub.model import POLICY_PATTERNS
@@ -178,8 +179,8 @@ class LeaseManager:
             raise ValidationError("name either a partition UUID or a profile, not both or neither")
         if not math.isfinite(ttl_s) or ttl_s < 0 or ttl_s > self._ctx.config.leases.max_ttl_s:
             raise ValidationError(
-                f"ttl {ttl_s}s: must be a number of seconds between 0 (no expiry) and "
-                f"{self._ctx.config.leases.max_ttl_s:.0f}"
+                f"ttl {human_duration(ttl_s)}: must be between 0 (no expiry) and "
+                f"{human_duration(self._ctx.config.leases.max_ttl_s)} (leases.max_ttl_s)"
             )
         if scrub_policy and scrub_policy not in POLICY_PATTERNS:
             raise ValidationError(

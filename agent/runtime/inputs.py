@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.errors import ValidationError
+from agent.runtime.durations import parse_duration
 
 # Read size for files whose size fstat does not tell (pipes, devices, procfs).
 _CHUNK_BYTES: Final = 1024 * 1024
@@ -201,14 +202,11 @@ def _check_strings(document: object, source: str) -> None:
 
 
 def seconds(text: str) -> float:
-    """An argparse type: a finite, non-negative number of seconds."""
+    """An argparse type: a finite, non-negative duration, in seconds or with units (15m, 2h30m)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a finite, non-negative number of seconds")
-    return value
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def non_utf8_argument(arguments: Sequence[str]) -> str | None:

@@ -1,10 +1,11 @@
-"""Loopback plumbing shared by the admin gate, the benches and the tests."""
+"""Loopback plumbing shared by the admin gate, the admin clients, the benches and the tests."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -22,3 +23,21 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
             await writer.drain()
     with contextlib.suppress(OSError, RuntimeError):
         writer.write_eof()
+
+
+def why_nobody_listens(path: Path) -> str | None:
+    """Why no server answers on the Unix socket ``path``, or None where one listens (a gRPC
+    UNAVAILABLE is then the server's own answer, or a transport failure its details describe)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except FileNotFoundError:
+        return "no socket there"
+    except ConnectionRefusedError:
+        # A server removes its socket on a clean stop: this one is left from a crash or a kill.
+        return "a stale socket: nothing listens on it"
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None

@@ -79,6 +79,11 @@ _DOCUMENT_FIELDS: Final = frozenset({"payload", "signature", "public_key", "algo
 # Depth and items: the format needs 4 levels and 136 items; the slack leaves small malformed
 # documents to the checks below, which name the field that is wrong.
 CERTIFICATE_JSON_LIMITS: Final = JsonLimits(max_bytes=512 * 1024, max_depth=8, max_items=1024)
+# `scrub certs --json` output (``{"certificates": [...]}``) given to verify-cert: up to 1024
+# certificates; each is then held to CERTIFICATE_JSON_LIMITS on its own.
+CERTIFICATE_LIST_JSON_LIMITS: Final = JsonLimits(
+    max_bytes=64 * 1024 * 1024, max_depth=10, max_items=1024 * 1024
+)
 # A public key PEM is 113 bytes; room for a comment line or CRLFs (parsing bounds it to _MAX_PEM).
 MAX_PUBLIC_KEY_FILE_BYTES: Final = 4096
 

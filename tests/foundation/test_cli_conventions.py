@@ -15,7 +15,7 @@ import pytest
 
 from agent.cli import build_parser
 from agent.config import DEFAULT_CONFIG_PATH
-from tests.support import ACCELGUARD, REPO, RunningAgent, run_cli
+from tests.support import ACCELGUARD, REPO, RunningAgent, run_cli, wait_settled
 
 TESTDATA = REPO.parent / "shared/testdata/eventlogs/tpm2-tools"
 
@@ -54,6 +54,9 @@ def _run_reader_gone(*args: str) -> subprocess.CompletedProcess[bytes]:
     [["status"], ["status", "--json"], ["lease", "list", "--json"], ["partition", "list"]],
 )
 def test_reader_gone_exits_quietly(agent: RunningAgent, command: list[str]) -> None:
+    # Something to list: an empty list says so on stderr ("no partitions").
+    agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
+    wait_settled(agent)
     result = _run_reader_gone("--config", str(agent.config_path), *command)
     assert result.stderr == b""
     assert result.returncode == 141  # as for any tool SIGPIPE kills: `yes | head` under pipefail

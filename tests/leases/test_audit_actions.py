@@ -74,7 +74,7 @@ def test_every_action_leaves_one_record_with_its_actor(
     # The scrub's record names the certificate it signed.
     scrub = _one(of_lease, "scrub.result")
     assert scrub["outcome"] == "verified"
-    certificate = agent.cli_json("scrub", "certs", "--partition", partition)[-1]
+    certificate = agent.cli_json("scrub", "certs", "--partition", partition)["certificates"][-1]
     assert scrub["detail"]["certificate_sha256"] == certificate_digest(certificate)
     # The fence: applied at the grant, revoked at the release, each once for this cgroup.
     fences = [r for r in records if r["action"].startswith("fence.")

@@ -40,7 +40,7 @@ def test_release_certificate_verifies_and_tampering_is_refused(
     cgroup = any_tenant_cgroup(cgroup_parents, "cert")
     grant = _release_one(agent, cgroup, policy="multi-pass")
     partition = grant["partition"]["uuid"]
-    certificates = agent.cli_json("scrub", "certs", "--partition", partition)
+    certificates = agent.cli_json("scrub", "certs", "--partition", partition)["certificates"]
     # One for the scrub of the new instance, one for the release.
     assert len(certificates) == 2
     released = certificates[-1]
@@ -96,5 +96,5 @@ def test_coverage_below_minimum_quarantines(agent: RunningAgent) -> None:
         "covered 50.0%" in partition["reason"]
         and "below the configured minimum" in partition["reason"]
     )
-    [certificate] = agent.cli_json("scrub", "certs")
+    [certificate] = agent.cli_json("scrub", "certs")["certificates"]
     assert certificate["payload"]["coverage"].startswith("0.5")

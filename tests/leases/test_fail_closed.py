@@ -136,7 +136,7 @@ def test_mig_turned_on_and_off_again_leaves_no_stale_clean_whole_gpu(
     assert found["count"] == 0, found
     dev = agent.node.root / "dev"
     assert probe(alice_cgroup, [str(dev / "nvidia0")])[str(dev / "nvidia0")] == errno.EPERM
-    certificates = agent.cli_json("scrub", "certs", "--partition", whole["uuid"])
+    certificates = agent.cli_json("scrub", "certs", "--partition", whole["uuid"])["certificates"]
     assert certificates and certificates[-1]["payload"]["verified"] is True
 
 

@@ -135,7 +135,7 @@ def test_restore_on_a_wiped_node(
     alice_cgroup = any_tenant_cgroup(cgroup_parents, "alice")
     alice = grant(agent, "alice", alice_cgroup, profile="1g.10gb")
     own = alice["partition"]["device_nodes"]
-    certificates = agent.cli_json("scrub", "certs")
+    certificates = agent.cli_json("scrub", "certs")["certificates"]
     backup = tmp_path / "backup.agsb"
     exported = agent.cli("state", "export", str(backup))
     assert exported.returncode == 0, exported.stderr
@@ -185,7 +185,7 @@ def test_restore_on_a_wiped_node(
 
     rest = wait_for(settled, "the restored partitions scrubbed or quarantined")
     assert len(rest) == len(partitions) - 2
-    after = agent.cli_json("scrub", "certs")
+    after = agent.cli_json("scrub", "certs")["certificates"]
     signatures = {c["signature"] for c in after}
     assert {c["signature"] for c in certificates} <= signatures, "a certificate was lost"
     new = [c for c in after if c["signature"] not in {x["signature"] for x in certificates}]
@@ -336,8 +336,11 @@ def test_identity_round_trip(agent: RunningAgent, tmp_path: Path, passphrase_fil
         assert (cert_dir / name).stat().st_mode & 0o777 == 0o600
     agent.start()
     # The restored key signs again: a certificate of a scrub after the restore carries it.
-    wait_for(lambda: len(agent.cli_json("scrub", "certs")) == 4, "the restored partitions scrubbed")
-    for document in agent.cli_json("scrub", "certs"):
+    wait_for(
+        lambda: len(agent.cli_json("scrub", "certs")["certificates"]) == 4,
+        "the restored partitions scrubbed",
+    )
+    for document in agent.cli_json("scrub", "certs")["certificates"]:
         public = serialization.load_pem_public_key(document["public_key"].encode())
         assert (
             public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

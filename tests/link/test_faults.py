@@ -169,7 +169,7 @@ def test_controller_restored_from_older_backup_is_refilled(
     for verb in ("quarantine", "clear"):
         result = node.agent.cli("partition", verb, partition, "--reason", "backup test")
         assert result.returncode in (0, 3), result.stderr
-    local_certificates = len(node.agent.cli_json("scrub", "certs"))
+    local_certificates = len(node.agent.cli_json("scrub", "certs")["certificates"])
     wait_for(
         lambda: len(controller.query("SELECT 1 FROM scrub_certificates")) == local_certificates,
         "the new certificate at the controller",

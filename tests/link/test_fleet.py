@@ -45,7 +45,7 @@ def test_two_nodes_enroll_with_their_tpms_and_report(
     # the scrub key B enrolled.
     node_b = two_nodes[1]
     wait_all_clean(node_b.agent)
-    local = node_b.agent.cli_json("scrub", "certs")
+    local = node_b.agent.cli_json("scrub", "certs")["certificates"]
     wait_for(
         lambda: len(controller.ctl_json("certs", "--node", node_b.node_id)["certificates"])
         >= len(local),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,16 +138,15 @@ def test_non_numbers_are_refused(node: Node, tmp_path: Path, constant: str) -> N
 
 
 def test_huge_file_is_refused_before_it_is_read(node: Node, tmp_path: Path) -> None:
-    """5 GB: read whole, this was 4.9 GB of memory; the size is refused from fstat."""
+    """5 GB: read whole, this was 4.9 GB of memory; the size is refused from fstat (the message
+    gives the size fstat reports). The cap is a list of certificates' (`scrub certs --json`)."""
     file = tmp_path / "huge.json"
     with file.open("wb") as stream:
         stream.truncate(5 * 10**9)
-    started = time.monotonic()
     code, _, err = verify(file, "--public-key", str(node.public_pem))
-    assert time.monotonic() - started < 30
     assert code == 2
     assert err == (
-        f"accelguard: error: certificate {file}: 5000000000 bytes, over the 524288-byte limit"
+        f"accelguard: error: certificate {file}: 5000000000 bytes, over the 67108864-byte limit"
     )
 
 
