@@ -20,9 +20,11 @@ import os
 import platform
 import stat
 import struct
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from agent.errors import IsolationError
 
@@ -76,6 +78,8 @@ LINKER_CONFIG = "/etc/ld.so.conf"
 # runaway file must not stall a grant.
 MAX_CONFIG_BYTES = 1 << 16
 MAX_CONFIG_FILES = 256
+# A cached search is kept only when what it read is older than this (see _settled).
+RACY_NS = 2_000_000_000
 MAX_SYMLINK_HOPS = 40  # Linux's MAXSYMLINKS
 _ELF_MAGIC = b"\x7fELF"
 _OWN_ELF_CLASS = 2 if struct.calcsize("P") == 8 else 1  # ELFCLASS64 or ELFCLASS32
@@ -153,7 +157,7 @@ def discover(search: DriverSearch) -> DriverFiles:
     if _last is not None and _last[0] == key and _last[1] == state:
         return _last[2]
     found = _discover(search, directories)
-    _last = (key, state, found)
+    _last = (key, state, found) if _settled(state) else None
     return found
 
 
@@ -189,15 +193,45 @@ def _discover(search: DriverSearch, directories: tuple[str, ...]) -> DriverFiles
     return DriverFiles(tuple(libraries), tuple(binaries), hook)
 
 
+# The last linker_directories answer, and the mtimes of what it read (files, and the directories
+# its include patterns globbed): kept while none of them changed.
+_linker: tuple[Path, tuple[tuple[Path, int], ...], list[str]] | None = None
+
+
 def linker_directories(root: Path) -> list[str]:
     """The directories the dynamic linker searches, as paths inside ``root``: ld.so.conf's (in
     its order, includes expanded), then the standard ones."""
+    global _linker  # noqa: PLW0603 - one cache per process, read and written by one thread
+    if (
+        _linker is not None
+        and _linker[0] == root
+        and all(_mtime(path) == mtime for path, mtime in _linker[1])
+    ):
+        return list(_linker[2])
     found: list[str] = []
-    _read_linker_config(root, LINKER_CONFIG, found, set())
-    return list(dict.fromkeys([*found, *STANDARD_LIBRARY_DIRECTORIES]))
+    read: set[str] = set()
+    globbed: set[Path] = set()
+    _read_linker_config(root, LINKER_CONFIG, found, read, globbed)
+    watched = {_under(root, name) for name in read} | globbed
+    directories = list(dict.fromkeys([*found, *STANDARD_LIBRARY_DIRECTORIES]))
+    state = tuple((path, _mtime(path)) for path in sorted(watched))
+    _linker = (root, state, directories) if _settled(state) else None
+    return list(directories)
 
 
-def _read_linker_config(root: Path, name: str, found: list[str], read: set[str]) -> None:
+def _settled(state: tuple[tuple[Any, int], ...]) -> bool:
+    """Whether an answer read from files with these mtimes may be kept: not when one changed in
+    the last seconds, as file times move in clock ticks of several milliseconds and a change
+    later in the same tick would leave the same mtime (git's "racy" index entries)."""
+    recent = time.time_ns() - RACY_NS
+    return all(mtime < recent for _, mtime in state)
+
+
+def _read_linker_config(
+    root: Path, name: str, found: list[str], read: set[str], globbed: set[Path]
+) -> None:
+    """Append ``name``'s directories to ``found``; ``read`` and ``globbed`` collect the files
+    read and the directories include patterns searched (what a cached answer depends on)."""
     if name in read or len(read) >= MAX_CONFIG_FILES:
         return
     read.add(name)
@@ -212,9 +246,11 @@ def _read_linker_config(root: Path, name: str, found: list[str], read: set[str])
             # glibc: a relative pattern is relative to the including file's directory.
             for pattern in line.split()[1:]:
                 absolute = PurePosixPath(name).parent / pattern
+                globbed.add(_under(root, str(absolute.parent)))
                 matches = sorted(root.glob(str(absolute).lstrip("/")))
                 for match in matches:
-                    _read_linker_config(root, "/" + str(match.relative_to(root)), found, read)
+                    included = "/" + str(match.relative_to(root))
+                    _read_linker_config(root, included, found, read, globbed)
             continue
         # libc5-era entries carry "=<type>"; several directories may share a line.
         for entry in line.replace(",", " ").replace(":", " ").split():

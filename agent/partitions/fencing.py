@@ -19,7 +19,7 @@ from agent.errors import AccelguardError, IsolationError, ValidationError
 from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode, own_nodes
 from agent.isolation import fence_for
 from agent.isolation.cgroups import cgroup_hierarchy
-from agent.isolation.protocol import FenceState, fenced_rules
+from agent.isolation.protocol import DeviceFence, FenceState, fenced_rules
 from agent.isolation.rules import DeviceRule
 from agent.isolation.survey import SurveyedFence, related
 from agent.partitions.context import PartitionContext
@@ -29,6 +29,12 @@ log = structlog.get_logger(__name__)
 
 # The lease states whose nodes a fence allows; a releasing lease's fence is already revoked.
 FENCED = (LeaseState.GRANTING, LeaseState.ACTIVE)
+
+
+def _rules(nodes: list[tuple[str, int, int, str]]) -> list[DeviceRule]:
+    """Read-write rules for these nodes, once each, in a stable order."""
+    rules = {DeviceRule(kind, major, minor, frozenset("rw")) for kind, major, minor, _ in nodes}  # type: ignore[arg-type]
+    return sorted(rules, key=lambda r: (r.kind, r.major or 0, r.minor or 0))
 
 
 class TenantFences:
@@ -49,37 +55,31 @@ class TenantFences:
         if not path.is_dir():
             log.info("fence_cgroup_gone", cgroup=cgroup)
             return
-        rules: set[DeviceRule] = set()
-        for lease in await self._ctx.leases(live_only=True):
-            if lease.cgroup != cgroup or lease.state not in FENCED:
-                continue
-            for kind, major, minor, _path in await self.lease_nodes(lease):
-                rules.add(DeviceRule(kind, major, minor, frozenset("rw")))  # type: ignore[arg-type]
         fence = fence_for(path)
-        ordered = sorted(rules, key=lambda r: (r.kind, r.major or 0, r.minor or 0))
 
-        def apply_and_read_back() -> None:
-            try:
-                if ordered:
-                    fence.apply(path, ordered)
-                else:
-                    fence.revoke(path)
-            except AccelguardError:
-                # Whatever the kernel now holds is what the next grant is checked against.
-                try:
-                    state = fence.current(path)
-                except AccelguardError:
-                    state = FenceState(fence.mechanism, None)  # unknown: counts as allowing all
-                if state is None:
-                    self.fences.pop(cgroup, None)
-                else:
-                    self.fences[cgroup] = SurveyedFence(cgroup, state)
-                raise
-            # apply/revoke read the kernel back and raise unless it holds exactly this.
-            self.fences[cgroup] = SurveyedFence(
-                cgroup, FenceState(fence.mechanism, fenced_rules(ordered))
-            )
+        def from_journal() -> bool:
+            """Read the cgroup's leases, apply, read back and record, all in one trip to the
+            worker thread (a grant's latency is mostly such trips). False: a lease from an
+            older journal has no nodes of its own, and the inventory must be asked."""
+            leases = [lease for lease in self._ctx.store.leases(live_only=True)
+                      if lease.cgroup == cgroup and lease.state in FENCED]  # fmt: skip
+            if not all(lease.nodes for lease in leases):
+                return False
+            self._apply_and_record(fence, path, _rules([n for x in leases for n in x.nodes]))
+            return True
 
+        if await self._ctx.executor.call(from_journal):
+            return
+        nodes = []
+        for lease in await self._ctx.leases(live_only=True):
+            if lease.cgroup == cgroup and lease.state in FENCED:
+                nodes.extend(await self.lease_nodes(lease))
+        await self._ctx.executor.call(self._apply_and_record, fence, path, _rules(nodes))
+
+    def _apply_and_record(self, fence: DeviceFence, path: Path, ordered: list[DeviceRule]) -> None:
+        """In the worker thread: the fence applied and read back, and its audit record. A
+        journal that cannot take the record fails the fence: nothing unrecorded happens."""
+        cgroup = str(path)
         detail = {
             "cgroup": cgroup,
             "mechanism": fence.mechanism,
@@ -87,11 +87,27 @@ class TenantFences:
         }
         action = "fence.applied" if ordered else "fence.revoked"
         try:
-            await self._ctx.executor.call(apply_and_read_back)
+            if ordered:
+                fence.apply(path, ordered)
+            else:
+                fence.revoke(path)
         except AccelguardError as error:
-            await self._ctx.audit(action, outcome="failed", detail={**detail, "error": str(error)})
+            # Whatever the kernel now holds is what the next grant is checked against.
+            try:
+                state = fence.current(path)
+            except AccelguardError:
+                state = FenceState(fence.mechanism, None)  # unknown: counts as allowing all
+            if state is None:
+                self.fences.pop(cgroup, None)
+            else:
+                self.fences[cgroup] = SurveyedFence(cgroup, state)
+            self._ctx.store.audit(action, outcome="failed", detail={**detail, "error": str(error)})
             raise
-        await self._ctx.audit(action, detail=detail)
+        # apply/revoke read the kernel back and raise unless it holds exactly this.
+        self.fences[cgroup] = SurveyedFence(
+            cgroup, FenceState(fence.mechanism, fenced_rules(ordered))
+        )
+        self._ctx.store.audit(action, detail=detail)
 
     async def lease_nodes(self, lease: LeaseRecord) -> list[tuple[str, int, int, str]]:
         """The nodes a lease is fenced to: fixed at grant; older journals ask the inventory."""

@@ -233,21 +233,24 @@ class LeaseManager:
             try:
                 await self._fences.fence_cgroup(str(path))
                 failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_FENCE)
-                await self._ctx.executor.call(
-                    cdi.write_spec, self._ctx.config.leases.cdi_dir, lease_id, nodes,
-                    record.uuid, host_search(self._ctx.config.nvml.library),
-                )  # fmt: skip
-                failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_CDI)
-                if not await self._ctx.executor.call(self._ctx.store.activate_lease, lease_id):
-                    raise StoreError(f"lease {lease_id} changed state while being granted")
+                search = host_search(self._ctx.config.nvml.library)
+
+                def publish() -> tuple[LeaseRecord | None, PartitionRecord | None]:
+                    """CDI spec, activation and the rows to answer with: one worker trip."""
+                    cdi.write_spec(
+                        self._ctx.config.leases.cdi_dir, lease_id, nodes, record.uuid, search
+                    )
+                    failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_CDI)
+                    if not self._ctx.store.activate_lease(lease_id):
+                        raise StoreError(f"lease {lease_id} changed state while being granted")
+                    return self._ctx.store.lease(lease_id), self._ctx.store.partition(record.uuid)
+
+                lease, granted = await self._ctx.executor.call(publish)
                 await self._ctx.report_lease(lease_id)
             except AccelguardError as error:
                 log.error("lease_grant_failed", lease=lease_id, error=str(error))  # noqa: TRY400
                 await self._abandon_grant(lease_id, record, nodes, str(path), error)
                 raise
-        lease, granted = await self._ctx.executor.call(
-            lambda: (self._ctx.store.lease(lease_id), self._ctx.store.partition(record.uuid))
-        )
         if lease is None or granted is None:  # pragma: no cover - written above
             raise StoreError(f"lease {lease_id} vanished from the journal")
         log.info("lease_granted", lease=lease_id, partition=record.uuid, tenant=tenant)

@@ -10,7 +10,9 @@ simulated node and checks the spec a grant writes.
 from __future__ import annotations
 
 import json
+import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from agent.isolation.driver_files import (
     linker_directories,
 )
 from agent.sim.node import init_sim_node
+from tests.link.support import wait_for
 from tests.support import RunningAgent, running_agent, wait_all_clean
 
 SCHEMA = json.loads((Path(__file__).parent / "cdi-schema.json").read_text())
@@ -122,6 +125,31 @@ def test_linker_directories_follow_ld_so_conf_then_the_standard_ones(driver_root
     assert directories[:2] == [LIB32, LIB64]
     assert "/usr/lib64" in directories
     assert len(directories) == len(set(directories))
+
+
+def _installed_long_ago(root: Path) -> None:
+    """Every file and directory of the tree dated an hour back, as on an installed system (a
+    search answer is cached only from files that have not changed for seconds)."""
+    past = time.time() - 3600
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (past, past), follow_symlinks=False)
+
+
+def test_linker_directories_see_a_new_include_file(driver_root: Path) -> None:
+    """The answer is kept between grants while nothing it read changed; a driver package that
+    drops a file into an included directory, or edits one, changes it at the next call."""
+    _installed_long_ago(driver_root)
+    before = linker_directories(driver_root)
+    assert linker_directories(driver_root) == before
+    conf_d = driver_root / "etc" / "ld.so.conf.d"
+    (conf_d / "x9-new-driver.conf").write_text("/opt/new-driver/lib\n")
+    after = linker_directories(driver_root)
+    assert after == [*before[:2], "/opt/new-driver/lib", *before[2:]], after
+    _installed_long_ago(driver_root)
+    assert linker_directories(driver_root) == after
+    first = conf_d / "i386-linux-gnu.conf"
+    first.write_text(first.read_text() + "/opt/edited/lib\n")
+    assert "/opt/edited/lib" in linker_directories(driver_root)
 
 
 def test_discovery_finds_what_exists_by_soname(driver_root: Path) -> None:
@@ -310,13 +338,18 @@ def test_start_up_rewrites_the_complete_spec(sim_agent: RunningAgent, v2_cgroup:
     path.write_text(json.dumps(old))
     sim_agent.stop()
     sim_agent.start()
-    assert json.loads(path.read_text()) == complete
+    # The rewrite is part of start-up reconciliation, which may finish after the admin socket
+    # answers (grants wait for it; a reader of the spec may not).
+    wait_for(lambda: json.loads(path.read_text()) == complete, "the spec rewritten complete")
 
 
 def test_a_driver_upgrade_reaches_the_next_discovery(driver_root: Path) -> None:
     """Discovery is kept while the searched directories are unchanged; adding a library (or a
     binary) changes its directory, and the next spec has it."""
     search = DriverSearch(root=driver_root)
+    # Just written: too fresh to keep (a change in the same clock tick would not show).
+    assert discover(search) is not discover(search)
+    _installed_long_ago(driver_root)
     before = discover(search)
     assert discover(search) is before  # nothing changed: the kept result
     lib64 = driver_root / LIB64.lstrip("/")
