@@ -10,7 +10,7 @@ APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-dev libt
 	libssl-dev swtpm swtpm-tools tpm2-tools mosquitto udev prometheus systemd libcap2-bin
 NVML_SIM := native/nvml-sim/build/libnvidia-ml.so.1
 
-.PHONY: demo test deps native proto lint typecheck pytest clean
+.PHONY: demo test deps native proto lint typecheck pytest deb clean
 
 $(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
@@ -30,6 +30,7 @@ deps: $(STAMPS)/venv
 
 native: $(STAMPS)/apt
 	@$(MAKE) -s -C native/nvml-sim
+	@$(MAKE) -s -C native/dcmi-sim
 	@$(MAKE) -s -C native/imafast
 
 proto: deps
@@ -53,7 +54,23 @@ test: lint typecheck pytest
 demo: deps native
 	@bash tools/demo.sh
 
+# The Debian package (docs/operations.md, "Install"): build/accelguard_<version>_<arch>.deb, built
+# from the files git lists (packaging/deb/build.sh says what goes where). Rebuilt only when one
+# of them (or this Makefile) changed; the dependencies' wheels are kept in build/deb/wheelhouse.
+# `pytest` does not depend on it: tests/packaging/test_deb.py runs `make deb` itself, on one
+# worker while the other runs tests.
+DEB := $(or $(shell packaging/deb/build.sh --name 2>/dev/null),build/accelguard.deb)
+DEB_INPUTS := $(wildcard $(shell git ls-files --cached --others --exclude-standard -- \
+	agent native/imafast native/nvml-sim native/scrub systemd docs packaging pyproject.toml \
+	README.md 2>/dev/null))
+
+deb: $(DEB)
+
+$(DEB): $(STAMPS)/apt Makefile $(DEB_INPUTS)
+	@packaging/deb/build.sh $@
+
 clean:
 	@$(MAKE) -s -C native/nvml-sim clean
+	@$(MAKE) -s -C native/dcmi-sim clean
 	@$(MAKE) -s -C native/imafast clean
-	@rm -rf $(STAMPS) .pytest_cache .mypy_cache .ruff_cache
+	@rm -rf $(STAMPS) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,20 +1,35 @@
-"""``accelguard agent``, ``status`` and ``config check``: the daemon, what it sees, its config."""
+"""``accelguard agent``, ``status`` and ``config check|init``: the daemon, what it sees, its config.
+
+``config init`` writes the commented default config (``agent/config_template.toml``: every key at
+its default, commented out) and never replaces an existing file without ``--force``: the file is
+written in full under a temporary name, then linked into place (which fails if the path exists)
+or, with ``--force``, renamed over it, so a reader sees the old file or the new one, never a part.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from agent.cli.output import message_dict, print_json
-from agent.config import Config, load_config, to_toml
+from agent.cli.output import add_output, message_dict, print_json
+from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, to_toml
+from agent.errors import AccelguardError, ConfigError
+
+# The config holds no secret (keys live in node.state_dir and link.cert_dir, 0600), and every
+# user who may run `accelguard status` must read it to find the admin socket.
+CONFIG_FILE_MODE: Final = 0o644
+CONFIG_DIR_MODE: Final = 0o755
 
 
 def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     commands.add_parser("agent", help="run the daemon in the foreground")
 
     status = commands.add_parser("status", help="GPUs, MIG instances and partitions")
-    status.add_argument("--json", action="store_true")
+    add_output(status)
 
     config = commands.add_parser("config", help="configuration")
     config_verbs = config.add_subparsers(dest="verb", required=True)
@@ -23,9 +38,25 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--controller", type=Path, metavar="FILE",
         help="check a controller.toml instead of the agent's config",
     )  # fmt: skip
+    init = config_verbs.add_parser(
+        "init", help="write the commented default config (every key at its default)"
+    )
+    init.add_argument(
+        "--path", type=Path, metavar="FILE",
+        help=f"where to write it (default: --config, else {DEFAULT_CONFIG_PATH})",
+    )  # fmt: skip
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+    # `config check --controller` reads only that file; init has no such option.
+    init.set_defaults(controller=None)
 
 
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
+    if args.command == "config" and args.verb == "init":
+        path = args.path or args.config or DEFAULT_CONFIG_PATH
+        write_config_template(path, force=args.force)
+        print(f"wrote {path}: every key commented out at its default; check it with")
+        print(f"  {_check_hint(path)}")
+        return 0
     if args.command == "config" and args.controller is not None:
         from agent.controller.config import (  # noqa: PLC0415
             controller_config_toml,
@@ -87,3 +118,70 @@ def _print_status(status: Any) -> None:
                 f"placement {inst.placement_start}:{inst.placement_size}  "
                 f"{inst.uuid or '-'}  {state}"
             )
+
+
+def config_template() -> str:
+    """The commented default config, as shipped in the package."""
+    return resources.files("agent").joinpath("config_template.toml").read_text(encoding="utf-8")
+
+
+def write_config_template(path: Path, *, force: bool) -> None:
+    """Write :func:`config_template` to ``path`` (mode 0644), creating missing parent
+    directories 0755; an existing ``path`` is replaced only with ``force``."""
+    if not force and os.path.lexists(path):
+        raise ConfigError(f"{path} exists: not replaced (pass --force to overwrite it)")
+    data = config_template().encode()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _make_directories(path.parent)
+        descriptor = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.fchmod(descriptor, CONFIG_FILE_MODE)  # whatever the umask
+            with open(descriptor, "wb", closefd=False) as stream:
+                stream.write(data)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        if force:
+            temporary.replace(path)
+        else:
+            try:
+                # Unlike a rename, a link never replaces a file that appeared since the check.
+                os.link(temporary, path)
+            except FileExistsError:
+                raise ConfigError(
+                    f"{path} exists: not replaced (pass --force to overwrite it)"
+                ) from None
+        _fsync_directory(path.parent)
+    except OSError as error:
+        raise AccelguardError(f"cannot write {path}: {error.strerror}") from error
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def _make_directories(directory: Path) -> None:
+    """Create ``directory`` and missing parents with mode 0755 whatever the umask."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        created.mkdir(mode=CONFIG_DIR_MODE, exist_ok=True)
+        created.chmod(CONFIG_DIR_MODE)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _check_hint(path: Path) -> str:
+    if path == DEFAULT_CONFIG_PATH:
+        return "accelguard config check"
+    return f"accelguard --config {path} config check"
