@@ -26,6 +26,7 @@ import agent.cli.attest as attest_verbs
 import agent.cli.audit as audit_verbs
 import agent.cli.bench as bench_verbs
 import agent.cli.controller as controller_verbs
+import agent.cli.fences as fences_verbs
 import agent.cli.health as health_verbs
 import agent.cli.layout as layout_verbs
 import agent.cli.leases as leases_verbs
@@ -42,7 +43,7 @@ from agent.runtime.inputs import non_utf8_argument
 
 # In the order `accelguard --help` lists their commands.
 VERB_GROUPS = (
-    node_verbs, layout_verbs, leases_verbs, state_verbs, scrub_verbs, link_verbs,
+    node_verbs, layout_verbs, leases_verbs, fences_verbs, state_verbs, scrub_verbs, link_verbs,
     controller_verbs, sim_verbs, attest_verbs, bench_verbs, health_verbs, audit_verbs,
 )  # fmt: skip
 
@@ -51,7 +52,9 @@ VERB_GROUPS = (
 # config of their own (the controller's). Every other verb talks to the agent or reads its state
 # directory, so a missing config is an error there rather than a silent set of defaults.
 CONFIG_FREE: Final = frozenset({
-    ("controller", None), ("ctl", None), ("bench", None), ("sim", "init"),
+    ("controller", None), ("ctl", None), ("bench", None), ("sim", "init"), ("sim", "tpm"),
+    # Writes the config; one existing there is not read (nor replaced without --force).
+    ("config", "init"),
     ("attest", "verify"), ("attest", "eventlog"), ("attest", "ima"), ("attest", "make-policy"),
     # Reads this node's key from the state dir only without --public-key, and then says to pass one.
     ("scrub", "verify-cert"),

@@ -1,7 +1,8 @@
 """``accelguard sim ...``: the simulated node (no GPU needed) and its tenants' workloads.
 
-``sim init`` writes a node and its config, so it needs none; the other verbs act on the node a
-config names.
+``sim init`` writes a node and its config, so it needs none; ``sim tpm`` gives the node at
+``--dir`` a booted software TPM (agent/sim/tpm.py) until it is stopped; the other verbs act on
+the node a config names.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.cli.output import print_json
+from agent.cli.output import add_output, print_json
 from agent.config import Config, load_config
 from agent.errors import ValidationError
 
@@ -25,13 +26,21 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
                       help="cgroup under which tenant cgroups must live (repeatable)")  # fmt: skip
     init.add_argument("--mig-off", action="store_true", help="start with MIG mode disabled")
     init.add_argument("--slice-mib", type=int, default=16, help="simulated bytes per memory slice")
+    tpm = sim_verbs.add_parser(
+        "tpm", help="a software TPM booted with a real event log, until stopped (Ctrl-C)"
+    )
+    tpm.add_argument("--dir", type=Path, required=True, help="the simulated node (sim init --dir)")
+    tpm.add_argument(
+        "--event-log", type=Path, required=True,
+        help="a real firmware event log (e.g. a copy of this host's binary_bios_measurements)",
+    )  # fmt: skip
     write = sim_verbs.add_parser("write", help="a tenant fills its partition with a pattern")
     write.add_argument("--partition", required=True)
     write.add_argument("--pattern", required=True)
     read = sim_verbs.add_parser("read", help="a tenant searches every byte it can reach")
     read.add_argument("--partition", required=True)
     read.add_argument("--find", required=True)
-    read.add_argument("--json", action="store_true")
+    add_output(read)
     reset = sim_verbs.add_parser("reset-gpu", help="simulate the operator's GPU reset")
     reset.add_argument("--gpu", type=int, required=True)
     hold = sim_verbs.add_parser("hold", help="a tenant process using the partition until killed")
@@ -72,6 +81,8 @@ def _add_inject_parsers(sim_verbs: argparse._SubParsersAction[Any]) -> None:
 def run(args: argparse.Namespace, config: Config | None = None) -> int:
     if args.verb == "init":
         return _init(args)
+    if args.verb == "tpm":
+        return _tpm(args)
     if config is None:
         config = load_config(args.config)
     if args.verb == "inject":
@@ -105,6 +116,38 @@ def _init(args: argparse.Namespace) -> int:
     )
     print(f"simulated node with {len(node.gpus)} GPUs ({', '.join(node.gpus)}) in {node.root}")
     print(f"config: {node.config_path}")
+    return 0
+
+
+def _tpm(args: argparse.Namespace) -> int:
+    """Foreground: boot the TPM, point the node's config at it, wait for SIGINT or SIGTERM."""
+    import signal  # noqa: PLC0415
+
+    from agent.sim.tpm import start_sim_tpm  # noqa: PLC0415
+
+    def stopped(signum: int, frame: object) -> None:  # noqa: ARG001 - a signal handler's
+        raise SystemExit(0)  # unwinds through the finally below (and start_sim_tpm's own)
+
+    # SIGINT stays KeyboardInterrupt (exit 130); either way the swtpm child is stopped.
+    signal.signal(signal.SIGTERM, stopped)
+    tpm = start_sim_tpm(args.dir, args.event_log)
+    try:
+        config = args.dir / "agent.toml"
+        print(f"swtpm at {tpm.tcti}, booted with {args.event_log}")
+        print(f"{config}: [attest] now uses it, quoting {tpm.selection}")
+        if tpm.excluded:
+            print(
+                "PCR 0 left out: the log starts it at a locality swtpm cannot boot from "
+                "(a StartupLocality or H-CRTM event)"
+            )
+        print(f"try: accelguard --config {config} attest quote --nonce 00112233 -o ev.json")
+        print(f"     accelguard attest make-policy {tpm.event_log} -o policy.json")
+        print("     accelguard attest verify ev.json --nonce 00112233 --policy policy.json")
+        print("ready (Ctrl-C stops the TPM)", flush=True)
+        while True:
+            signal.pause()
+    finally:
+        tpm.stop()
     return 0
 
 
