@@ -9,7 +9,6 @@ or, with ``--force``, renamed over it, so a reader sees the old file or the new 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Final
 from agent.cli.output import add_output, message_dict, print_json
 from agent.config import DEFAULT_CONFIG_PATH, Config, load_config, to_toml
 from agent.errors import AccelguardError, ConfigError
+from agent.runtime.files import publish_file
 
 # The config holds no secret (keys live in node.state_dir and link.cert_dir, 0600), and every
 # user who may run `accelguard status` must read it to find the admin socket.
@@ -131,35 +131,13 @@ def write_config_template(path: Path, *, force: bool) -> None:
     if not force and os.path.lexists(path):
         raise ConfigError(f"{path} exists: not replaced (pass --force to overwrite it)")
     data = config_template().encode()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         _make_directories(path.parent)
-        descriptor = os.open(
-            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            os.fchmod(descriptor, CONFIG_FILE_MODE)  # whatever the umask
-            with open(descriptor, "wb", closefd=False) as stream:
-                stream.write(data)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        if force:
-            temporary.replace(path)
-        else:
-            try:
-                # Unlike a rename, a link never replaces a file that appeared since the check.
-                os.link(temporary, path)
-            except FileExistsError:
-                raise ConfigError(
-                    f"{path} exists: not replaced (pass --force to overwrite it)"
-                ) from None
-        _fsync_directory(path.parent)
+        publish_file(path, lambda stream: stream.write(data), mode=CONFIG_FILE_MODE, replace=force)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists: not replaced (pass --force to overwrite it)") from None
     except OSError as error:
         raise AccelguardError(f"cannot write {path}: {error.strerror}") from error
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
 
 
 def _make_directories(directory: Path) -> None:
@@ -171,14 +149,6 @@ def _make_directories(directory: Path) -> None:
     for created in reversed(missing):
         created.mkdir(mode=CONFIG_DIR_MODE, exist_ok=True)
         created.chmod(CONFIG_DIR_MODE)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _check_hint(path: Path) -> str:

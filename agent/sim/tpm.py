@@ -15,7 +15,6 @@ its reset value and replays from an empty list.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -24,6 +23,7 @@ from agent.attest.logs.eventlog import EventLog, parse_event_log
 from agent.attest.tpm.client import TpmClient
 from agent.config import load_config, to_toml
 from agent.errors import AccelguardError, ValidationError
+from agent.runtime.files import publish_file
 from agent.runtime.inputs import read_bounded
 from agent.sim.swtpm import Swtpm
 
@@ -93,15 +93,10 @@ def start_sim_tpm(node_dir: Path, event_log: Path) -> SimTpm:
         attest = dataclasses.replace(
             config.attest, tcti=swtpm.tcti, event_log=log_copy, ima_log=ima_copy, pcrs=selection
         )
-        _write_atomically(config_path, to_toml(dataclasses.replace(config, attest=attest)))
+        text = to_toml(dataclasses.replace(config, attest=attest)).encode()
+        mode = config_path.stat().st_mode & 0o777
+        publish_file(config_path, lambda stream: stream.write(text), mode=mode, replace=True)
     except BaseException:
         swtpm.stop()
         raise
     return SimTpm(swtpm, log_copy, ima_copy, selection, excluded)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    temporary.chmod(path.stat().st_mode & 0o777)
-    temporary.replace(path)

@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from agent.errors import StoreError, ValidationError
+from agent.runtime.files import publish_file
 from agent.runtime.inputs import JsonLimits, parse_json
 from agent.store.records import LIVE_LEASE_STATES
 
@@ -260,40 +261,26 @@ def _write_container(
     out: Path, manifest: Manifest, snapshot: Path, sealed: bytes, *, force: bool
 ) -> None:
     header = json.dumps(manifest.to_json(), sort_keys=True, separators=(",", ":")).encode()
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+
+    def write(stream: BinaryIO) -> None:
+        digest = hashlib.sha256()
+        with snapshot.open("rb") as journal:
+            for piece in (MAGIC, _LENGTH.pack(len(header)), header):
+                stream.write(piece)
+                digest.update(piece)
+            while chunk := journal.read(_CHUNK):
+                stream.write(chunk)
+                digest.update(chunk)
+        stream.write(sealed)
+        digest.update(sealed)
+        stream.write(digest.digest())
+
     try:
-        descriptor = os.open(
-            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            os.fchmod(descriptor, 0o600)  # whatever the umask
-            digest = hashlib.sha256()
-            with open(descriptor, "wb", closefd=False) as stream, snapshot.open("rb") as journal:
-                for piece in (MAGIC, _LENGTH.pack(len(header)), header):
-                    stream.write(piece)
-                    digest.update(piece)
-                while chunk := journal.read(_CHUNK):
-                    stream.write(chunk)
-                    digest.update(chunk)
-                stream.write(sealed)
-                digest.update(sealed)
-                stream.write(digest.digest())
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        if force:
-            temporary.replace(out)
-        else:
-            try:
-                os.link(temporary, out)
-            except FileExistsError:
-                raise ValidationError(f"{out} exists: pass --force to replace it") from None
-        fsync(out.parent)
+        publish_file(out, write, mode=0o600, replace=force)
+    except FileExistsError:
+        raise ValidationError(f"{out} exists: pass --force to replace it") from None
     except OSError as error:
         raise StoreError(f"cannot write {out}: {error.strerror}") from error
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
 
 
 # -- reading and checking a file ------------------------------------------------------------------
@@ -572,12 +559,3 @@ def _hash_file(path: Path) -> tuple[int, str]:
             f"the journal is {size} bytes, over the {MAX_JOURNAL_BYTES} a backup holds"
         )
     return size, digest.hexdigest()
-
-
-def fsync(path: Path) -> None:
-    """A file's data, or a directory's entries (a rename in it), on disk."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Final
 
 from agent.errors import StoreError, ValidationError
+from agent.runtime.files import fsync_path as fsync
 from agent.store import audit, put_meta, write_transaction
 from agent.store.backup import (
     CheckedBackup,
     Manifest,
     check_integrity,
-    fsync,
     live_leases_sql,
     open_copy,
     read_container,
