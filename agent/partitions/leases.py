@@ -359,11 +359,18 @@ class LeaseManager:
         lease = await self._ctx.executor.call(self._ctx.store.lease, lease_id)
         if lease is None:
             raise NotFoundError(f"lease {lease_id} does not exist")
-        if not lease.live:
-            return await self._recorded_outcome(lease)
-        task = self._releases.get(lease_id) or self._start_release(lease_id, reason)
         try:
-            return await asyncio.shield(task)
+            if not lease.live and not lease.outcome:  # its scrub was cut short: finish it
+                async with self._ctx.locks[lease.partition_uuid]:
+                    resumed = await self._sanitizer.resume(lease.partition_uuid, lease_id)
+                    if resumed is not None:
+                        return await self._record_outcome(lease_id, resumed)
+                lease = await self._ctx.executor.call(self._ctx.store.lease, lease_id) or lease
+            if not lease.live:
+                return await self._recorded_outcome(lease)
+            return await asyncio.shield(
+                self._releases.get(lease_id) or self._start_release(lease_id, reason)
+            )
         except StoreError as error:
             raise RetryLaterError(
                 f"release of {lease_id} was interrupted ({error}); the agent retries it on its "

@@ -131,6 +131,26 @@ class Sanitizer:
         await self._ctx.report_partition(partition_uuid)
         return await self._ctx.stored(partition_uuid)
 
+    async def resume(self, partition_uuid: str, lease_id: str) -> PartitionRecord | None:
+        """Finish the scrub of a released lease whose release a transient journal failure cut
+        short after the revoke (the lease is released, its outcome not recorded; the partition is
+        left scrubbing or releasing). Caller holds the partition lock, and every scrub runs under
+        it: a partition found scrubbing is one whose scrub was interrupted. None when the
+        partition has moved on (another lease, a finished scrub) and there is nothing to do."""
+        record = await self._ctx.stored(partition_uuid)
+        if record.lease_id is not None or record.last_lease_id != lease_id:
+            return None  # leased again, or released since by another lease
+        if record.state == PartitionState.SCRUBBING:
+            await self._ctx.executor.call(
+                lambda: self._ctx.store.transition(
+                    partition_uuid, (PartitionState.SCRUBBING,), PartitionState.RELEASING,
+                    clean=False,
+                )
+            )  # fmt: skip
+        elif record.state != PartitionState.RELEASING:
+            return None
+        return await self.scrub(partition_uuid, lease_id)
+
     async def certificates(self, partition_uuid: str = "") -> list[dict[str, object]]:
         return await self._ctx.executor.call(self._ctx.store.certificates, partition_uuid or None)
 

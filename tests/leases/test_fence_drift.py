@@ -54,7 +54,10 @@ def test_a_widened_fence_is_narrowed_back(
     assert set(probe(cgroup, other).values()) == {errno.EPERM}
     # Behind the agent's back: the tenant's fence now also allows the other instance.
     fence_for(cgroup).apply(cgroup, _rules(own) + _rules(other))
-    assert set(probe(cgroup, other).values()) == {errno.ENXIO}
+    # The kernel took the widening, unless the survey (every second here) narrowed it back before
+    # this probe's process started, as it did on a loaded machine.
+    widened = set(probe(cgroup, other).values())
+    assert widened == {errno.ENXIO} or "fence_drift_corrected" in agent.log(), widened
 
     wait_for(lambda: "fence_drift_corrected" in agent.log(), "the drift to be found", timeout=30)
     wait_for(lambda: set(probe(cgroup, other).values()) == {errno.EPERM}, "the fence re-applied")
