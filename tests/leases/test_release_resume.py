@@ -35,10 +35,10 @@ def test_a_scrub_cut_short_is_finished_by_the_next_release(
     # Large slices: the scrub takes long enough to be caught in the act.
     node = init_sim_node(
         tmp_path / "node", "h100x1", cgroup_parents=list(cgroup_parents.values()),
-        slice_bytes=256 << 20,
+        slice_bytes=128 << 20,
     )  # fmt: skip
     with running_agent(node) as agent:
-        agent.cli_json("layout", "apply", "--gpu", "0", "7g.80gb=1")
+        agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
         [partition] = wait_all_clean(agent, timeout=120)
         cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "r")
         lease = grant(agent, "cut", cgroup, partition=partition["uuid"])["lease"]["id"]
