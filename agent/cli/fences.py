@@ -100,11 +100,7 @@ def _survey(config: Config, parents: list[Path]) -> list[dict[str, Any]]:
             "mechanism": fence.state.mechanism,
             # v1 cannot mark its exceptions: a v1 fence is ours only where a lease explains it.
             "ours": fence.state.mechanism == "cgroup-v2-bpf" or bool(leases),
-            "allowed": None if allowed is None else [
-                f"{r.kind} {'*' if r.major is None else r.major}:"
-                f"{'*' if r.minor is None else r.minor} {''.join(sorted(r.access))}"
-                for r in allowed if r not in baseline
-            ],
+            "allowed": None if allowed is None else [str(r) for r in allowed if r not in baseline],
             "live_leases": live,
         })  # fmt: skip
     for problem in problems:

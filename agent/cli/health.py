@@ -4,10 +4,9 @@ health fault holds until ``partition clear`` (docs/health.md)."""
 from __future__ import annotations
 
 import argparse
-import datetime
 from typing import Any
 
-from agent.cli.output import add_output, message_dict, print_json
+from agent.cli.output import add_output, message_dict, print_json, table_time
 from agent.config import Config, load_config
 from agent.errors import ExitCode
 
@@ -35,10 +34,6 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
     return int(ExitCode.OK if all(g.state == "healthy" for g in report.gpus) else ExitCode.FAILED)
 
 
-def _when(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _print(report: Any) -> None:
     if not report.monitoring:
         print("the health monitor is not running ([health] enabled = false, or starting)")
@@ -51,8 +46,8 @@ def _print(report: Any) -> None:
                         f", remap pending {'yes' if gpu.remap_pending else 'no'}")  # fmt: skip
         print(f"gpu {gpu.index} {gpu.uuid}  {gpu.state}{reset}{readings}")
         for event in gpu.events:
-            print(f"  {_when(event.at)} {event.kind} {event.code} -> {event.action}: "
+            print(f"  {table_time(event.at)} {event.kind} {event.code} -> {event.action}: "
                   f"{event.detail}")  # fmt: skip
     for hold in report.holds:
-        print(f"held: {hold.partition_uuid} since {_when(hold.at)}: {hold.reason} "
+        print(f"held: {hold.partition_uuid} since {table_time(hold.at)}: {hold.reason} "
               "(ends with `accelguard partition clear`)")  # fmt: skip

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from ctypes import (
     POINTER,
@@ -30,6 +29,8 @@ from ctypes import (
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+from tests.support import fast_temp_dir, mutating_calls
 
 REPO = Path(__file__).resolve().parents[2]
 SIM_SOURCE = REPO / "native" / "dcmi-sim"
@@ -384,12 +385,8 @@ def topology(model: str, count: int = 8) -> str:
 
 
 # On tmpfs when there is one: every mutating call renames two files.
-_FAST_TMP = Path("/dev/shm")
-
-
 def new_sim_dir() -> Path:
-    base = _FAST_TMP if _FAST_TMP.is_dir() and os.access(_FAST_TMP, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="dcmisim-", dir=base))
+    return fast_temp_dir("dcmisim-")
 
 
 @dataclass
@@ -408,12 +405,7 @@ class SimNode:
         return int(self.lib.dcmi_init())
 
     def counter(self) -> int:
-        counters = self.path / "counters"
-        if not counters.exists():
-            return 0
-        name, value = counters.read_text().split()
-        assert name == "mutating_calls"
-        return int(value)
+        return mutating_calls(self.path)
 
     def append_health(self, *lines: str) -> None:
         with (self.path / "health").open("a") as handle:

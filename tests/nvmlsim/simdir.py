@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pynvml
+
+from tests.support import fast_temp_dir, mutating_calls
 
 REPO = Path(__file__).resolve().parents[2]
 SIM_SOURCE = REPO / "native" / "nvml-sim"
@@ -27,14 +28,9 @@ gpu 1 A100-40GB mig=1
 gpu 2 A100-80GB mig=0
 """
 
-# A state directory on tmpfs when there is one: every mutating NVML call renames two files and
-# fsyncs one, which costs milliseconds on a disk and microseconds in memory.
-_FAST_TMP = Path("/dev/shm")
-
 
 def new_state_dir() -> Path:
-    base = _FAST_TMP if _FAST_TMP.is_dir() and os.access(_FAST_TMP, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="nvmlsim-", dir=base))
+    return fast_temp_dir("nvmlsim-")
 
 
 @dataclass
@@ -49,12 +45,7 @@ class SimDir:
         return {**os.environ, "NVML_SIM_DIR": str(self.path)}
 
     def counter(self) -> int:
-        counters = self.path / "counters"
-        if not counters.exists():
-            return 0
-        name, value = counters.read_text().split()
-        assert name == "mutating_calls"
-        return int(value)
+        return mutating_calls(self.path)
 
     def _locked_rewrite(self, name: str, lines: list[str]) -> None:
         # The contract for DIR/processes: edited under an exclusive flock on DIR/state.lock.
