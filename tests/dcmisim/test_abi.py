@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.dcmisim import dcmi
-from tests.dcmisim.dcmi import HEADER, LIBRARY, PROTOTYPES, STRUCTS
+from agent.hw.ascend import dcmi
+from agent.hw.ascend.dcmi import PROTOTYPES, STRUCTS
+from tests.dcmisim.dcmi import HEADER, LIBRARY
 
 
 def probe_source() -> str:
@@ -110,9 +111,10 @@ def header_prototypes() -> dict[str, list[Any]]:
 
 def test_ctypes_prototypes_match_the_header() -> None:
     declared = header_prototypes()
-    assert sorted(declared) == sorted(PROTOTYPES)
-    for name, argtypes in PROTOTYPES.items():
-        assert declared[name] == argtypes, name
+    assert sorted(declared) == sorted(name for name, _, _ in PROTOTYPES)
+    for name, restype, argtypes in PROTOTYPES:
+        assert restype is c_int, name
+        assert declared[name] == list(argtypes), name
 
 
 def test_the_library_exports_exactly_the_declared_functions(dcmi_library: ctypes.CDLL) -> None:
@@ -123,7 +125,7 @@ def test_the_library_exports_exactly_the_declared_functions(dcmi_library: ctypes
         [nm, "-D", "--defined-only", str(LIBRARY)], capture_output=True, text=True, check=True
     ).stdout
     exported = sorted(line.split()[-1] for line in listing.splitlines() if " T " in line)
-    assert exported == sorted(PROTOTYPES)
+    assert exported == sorted(name for name, _, _ in PROTOTYPES)
     soname = subprocess.run(
         ["readelf", "-d", str(LIBRARY)], capture_output=True, text=True, check=False
     ).stdout
