@@ -81,10 +81,30 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class NvmlConfig:
+    # NVIDIA GPUs through NVML; off on a node without them (an NPU-only node).
+    enabled: bool = True
     # Empty: the driver's libnvidia-ml.so.1 from the loader path. A path: preload that library
     # (nvml-sim on a simulated node) before pynvml looks the SONAME up.
     library: str = ""
     sim_dir: str = ""
+
+
+@dataclass(frozen=True)
+class DcmiConfig:
+    # Huawei Ascend NPUs through DCMI (docs/npu.md); on where the node has them.
+    enabled: bool = False
+    # Empty: the driver's libdcmi.so from the loader path. A path: that library (dcmi-sim).
+    library: str = ""
+    # The dcmi-sim state directory of a simulated node (`accelguard sim init` sets it).
+    sim_dir: str = ""
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    # Every /dev/accel/accelN device (Intel Gaudi, client NPUs) leased whole (docs/npu.md).
+    enabled: bool = False
+    # Where /sys/class/accel and /sys/bus/pci/devices are (a simulated node's own tree).
+    sys_root: Path = _check(_absolute, Path("/sys"))
 
 
 @dataclass(frozen=True)
@@ -146,6 +166,10 @@ class ScrubConfig:
     min_coverage: float = _check(_fraction, 0.9)
     # Also fill and clear every SM's shared memory (the LeftoverLocals class, CVE-2023-4969).
     shared_memory: bool = True
+    # A device whose memory cannot be verified (a /dev/accel device: PCI function reset only)
+    # is quarantined after its reset unless this is on; then it is freed with a certificate
+    # that says `verified: false`.
+    accept_unverified: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,6 +400,8 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     nvml: NvmlConfig = field(default_factory=NvmlConfig)
+    dcmi: DcmiConfig = field(default_factory=DcmiConfig)
+    accel: AccelConfig = field(default_factory=AccelConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     inventory: InventoryConfig = field(default_factory=InventoryConfig)
     hotplug: HotplugConfig = field(default_factory=HotplugConfig)

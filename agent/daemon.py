@@ -22,6 +22,7 @@ from agent.health.monitor import HealthMonitor, HealthSettings
 from agent.health.xid import parse_overrides
 from agent.hw.devnodes import DeviceNodeMap
 from agent.hw.nvml import NvmlBackend
+from agent.hw.sources import node_backends
 from agent.identity.node_key import NODE_KEY_FILE, NodeKey
 from agent.identity.tls import IdentityPaths
 from agent.isolation.evict import Evictor
@@ -37,6 +38,7 @@ from agent.partitions.inventory import InventoryService
 from agent.partitions.layout import LayoutEngine
 from agent.partitions.layout_service import LayoutService
 from agent.partitions.leases import LeaseManager
+from agent.partitions.npu_layout import NpuLayoutEngine
 from agent.runtime.executor import BlockingExecutor
 from agent.runtime.statedir import StateDirLock
 from agent.runtime.systemd import SystemdNotifier
@@ -68,14 +70,17 @@ class Daemon:
         node_existed = key_path.exists()
         self.store = Store(config.node.store_path)
         journal_lost = node_existed and self.store.created
-        self.backend = NvmlBackend(library=config.nvml.library, sim_dir=config.nvml.sim_dir)
+        # NVML (or NoNvidia), and DCMI and /dev/accel where the config turns them on.
+        self.backends = node_backends(config)
+        self.backend = self.backends.nvml
         self.device_nodes = DeviceNodeMap(config.devices.dev_root, config.devices.proc_root)
         self.inventory = InventoryService(
-            self.backend,
+            self.backends.sources,
             self.store,
             self.device_nodes,
             self.executor,
             config.inventory.refresh_interval_s,
+            accel=self.backends.accel,
         )
         self.layout = LayoutEngine(self.backend, self.store)
         # The node's Ed25519 key signs scrub certificates; created 0600 on first start.
@@ -112,6 +117,7 @@ class Daemon:
             LayoutHooks(config.layout.before_apply, config.layout.after_apply,
                         config.layout.hook_timeout_s),
             node_id=config.node.id,
+            npu_engine=NpuLayoutEngine(self.backends.ascend, self.store),
         )  # fmt: skip
         # The desired layout the last applies recorded: shown, forgotten, re-applied at start.
         self.desired = DesiredLayoutService(
@@ -120,7 +126,8 @@ class Daemon:
         )  # fmt: skip
         # GPU health: XIDs, ECC, row remapping, lost GPUs; faults quarantine through the leases.
         self.health: HealthMonitor | None = None
-        if config.health.enabled:
+        # Through NVML only: an NPU-only node has no GPU health monitor (docs/npu.md).
+        if config.health.enabled and isinstance(self.backend, NvmlBackend):
             overrides = parse_overrides(
                 dict(item.split("=", 1) for item in config.health.xid_overrides)
             )
@@ -237,7 +244,7 @@ class Daemon:
         log.info("agent_starting", store=str(self.store.path))
         try:
             await self.audit.started(journal_lost=self.leases.journal_lost)
-            await self.executor.call(self.backend.open)
+            await self.executor.call(self.backends.open)
             await self.executor.call(self.layout.recover)
             if self.health is not None:
                 # The XID event set is registered before anything can be granted: an event set
@@ -273,9 +280,9 @@ class Daemon:
             except AccelguardError as error:
                 log.warning("audit_stop_not_recorded", error=str(error))
             try:
-                await self.executor.call(self.backend.close)
+                await self.executor.call(self.backends.close)
             except AccelguardError as error:
-                log.warning("nvml_shutdown_failed", error=str(error))
+                log.warning("backend_shutdown_failed", error=str(error))
             await self.executor.call(self.store.close)
             self.executor.shutdown()
             log.info("agent_stopped")

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from agent.errors import ValidationError
 from agent.health.monitor import HealthReport
-from agent.hw.model import GpuInfo, MigInstanceInfo
+from agent.hw.model import DeviceInfo, InstanceInfo
 from agent.partitions.desired import DesiredView
 from agent.partitions.hooks import HookRun
 from agent.partitions.layout import GpuLayoutResult, LayoutTarget
@@ -19,7 +19,7 @@ from agent.proto.accelguard.v1 import admin_pb2 as pb
 from agent.store import LeaseRecord, PartitionRecord
 
 
-def instance_message(instance: MigInstanceInfo) -> pb.MigInstance:
+def instance_message(instance: InstanceInfo) -> pb.MigInstance:
     return pb.MigInstance(
         uuid=instance.uuid,
         gpu_instance_id=instance.gpu_instance_id,
@@ -32,7 +32,7 @@ def instance_message(instance: MigInstanceInfo) -> pb.MigInstance:
     )
 
 
-def gpu_message(gpu: GpuInfo) -> pb.Gpu:
+def gpu_message(gpu: DeviceInfo) -> pb.Gpu:
     return pb.Gpu(
         index=gpu.index,
         uuid=gpu.uuid,
@@ -43,6 +43,8 @@ def gpu_message(gpu: GpuInfo) -> pb.Gpu:
         memory_total_bytes=gpu.memory_total_bytes,
         instances=[instance_message(i) for i in gpu.instances],
         reset_required=gpu.reset_required,
+        vendor=gpu.vendor,
+        kind=gpu.kind,
     )
 
 
@@ -135,6 +137,7 @@ def layout_targets(request: pb.LayoutRequest) -> list[LayoutTarget]:
                 counts=dict(target.counts),
                 device_filter=tuple(target.device_filter),
                 clear=target.clear,
+                npu=target.npu,
             )
         )
     return targets

@@ -84,7 +84,11 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
 
 def add_layout_arguments(sub: argparse.ArgumentParser) -> None:
     """The arguments of a layout (local `layout plan|apply|assert` and `ctl layout apply`)."""
-    sub.add_argument("--gpu", help="GPU index, comma-separated indices, or 'all'")
+    which = sub.add_mutually_exclusive_group()
+    which.add_argument("--gpu", help="GPU index, comma-separated indices, or 'all'")
+    which.add_argument(
+        "--npu", help="Ascend NPU logic id, comma-separated ids, or 'all': TEMPLATE=COUNT vNPUs"
+    )
     sub.add_argument("--mig", choices=["on", "off"], default="on", help="MIG mode (default on)")
     sub.add_argument(
         "--clear", action="store_true",
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace, config: Config | None = None) -> int:
         if args.json:
             print_json(message_dict(response))
         else:
-            _print_layout(response, args.verb == "apply")
+            device = "NPU" if getattr(args, "npu", None) is not None else "GPU"
+            _print_layout(response, args.verb == "apply", device)
         failed_hooks = [hook for hook in response.hooks if not hook.ok]
         for hook in failed_hooks:
             print(f"{PROG}: {hook.error}; the layout was applied and stays", file=sys.stderr)
@@ -164,9 +169,11 @@ def layout_request(args: argparse.Namespace) -> Any:
             for entry in entries
         ]
         return pb.LayoutRequest(targets=targets)
+    if getattr(args, "npu", None) is not None:
+        return _npu_request(args)
     if args.gpu is None:
         raise LayoutError(
-            "say which GPUs: --gpu N, --gpu 0,1 or --gpu all (or use -f FILE -c NAME)"
+            "say which GPUs: --gpu N, --gpu 0,1 or --gpu all (or --npu N, or -f FILE -c NAME)"
         )
     counts = parse_layout_spec(args.profiles)
     if args.mig == "off" and (any(counts.values()) or args.clear):
@@ -194,16 +201,39 @@ def layout_request(args: argparse.Namespace) -> Any:
     )
 
 
-def _gpu_indices(text: str) -> list[int] | None:
-    """``--gpu``: None for 'all', else the indices."""
+def _npu_request(args: argparse.Namespace) -> Any:
+    """``--npu N TEMPLATE=COUNT...`` or ``--npu N --clear`` (no vNPUs: the NPU whole)."""
+    from agent.hw.mig.planner import parse_layout_spec  # noqa: PLC0415
+    from agent.proto.accelguard.v1 import admin_pb2 as pb  # noqa: PLC0415
+
+    if args.mig == "off":
+        raise LayoutError("--npu takes no --mig: NPUs have no MIG mode")
+    counts = parse_layout_spec(args.profiles)
+    if args.clear and args.profiles:
+        raise LayoutError("--clear takes no TEMPLATE=COUNT: it asks for no vNPUs at all")
+    if not any(counts.values()) and not args.clear:
+        raise LayoutError(
+            f"no TEMPLATE=COUNT above 0 given for --npu {args.npu}: pass the vNPUs to have "
+            "(e.g. vir08=2), or --clear to remove every vNPU"
+        )
+    indices = _gpu_indices(args.npu, "--npu")
+    target = pb.LayoutTarget(
+        all_gpus=indices is None, gpu_indices=indices or [], mig_enabled=True, counts=counts,
+        clear=args.clear, npu=True,
+    )  # fmt: skip
+    return pb.LayoutRequest(targets=[target])
+
+
+def _gpu_indices(text: str, option: str = "--gpu") -> list[int] | None:
+    """``--gpu`` (or ``--npu``): None for 'all', else the indices."""
     if text == "all":
         return None
     try:
         indices = [int(item) for item in text.split(",")]
     except ValueError:
-        raise LayoutError(f"--gpu {text!r}: expected an index, a comma list or 'all'") from None
+        raise LayoutError(f"{option} {text!r}: expected an index, a comma list or 'all'") from None
     if any(i < 0 for i in indices):
-        raise LayoutError(f"--gpu {text!r}: GPU indices are not negative")
+        raise LayoutError(f"{option} {text!r}: indices are not negative")
     return indices
 
 
@@ -390,7 +420,7 @@ def _export(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_layout(response: Any, applied: bool) -> None:
+def _print_layout(response: Any, applied: bool, device: str = "GPU") -> None:
     for gpu in response.gpus:
         verb = "unchanged" if gpu.noop else ("applied" if applied else "plan")
         if gpu.waiting_for_reset:
@@ -399,7 +429,7 @@ def _print_layout(response: Any, applied: bool) -> None:
                 f", waiting for a GPU reset (MIG {'on' if mode.pending else 'off'} set, "
                 f"{'on' if mode.current else 'off'} in effect)"
             )
-        print(f"GPU {gpu.gpu_index}: {verb}")
+        print(f"{device} {gpu.gpu_index}: {verb}")
         for label, items in (
             ("keep", gpu.kept),
             ("destroy", gpu.destroyed),

@@ -106,7 +106,13 @@ def _print_status(status: Any) -> None:
         mig = "on" if gpu.mig_mode.current else "off"
         if gpu.reset_required:
             mig += f" (pending {'on' if gpu.mig_mode.pending else 'off'}: GPU reset required)"
-        print(f"GPU {gpu.index}  {gpu.uuid}  {gpu.name}  MIG {mig}")
+        if gpu.vendor == "huawei":
+            split = f"{len(gpu.instances)} vNPUs" if gpu.instances else "whole (no vNPUs)"
+            print(f"NPU {gpu.index}  {gpu.uuid}  {gpu.name}  {split}")
+        elif gpu.vendor == "accel":
+            print(f"accel {gpu.index}  {gpu.uuid}  {gpu.name}  {gpu.pci_bus_id}")
+        else:
+            print(f"GPU {gpu.index}  {gpu.uuid}  {gpu.name}  MIG {mig}")
         whole = states.get(gpu.uuid)
         if whole is not None:
             print(f"  partition {whole.uuid}  {whole.state}  {'clean' if whole.clean else 'dirty'}")

@@ -177,11 +177,25 @@ def progress(text: str) -> None:
         sys.stderr.flush()
 
 
+# A partition's device as operators name it, by partition kind.
+_DEVICE_LABELS: Final = {"npu": "NPU", "vnpu": "NPU", "accel": "accel"}
+
+
+def device_label(kind: str) -> str:
+    """``GPU``, ``NPU`` or ``accel`` for a partition kind (gpu, mig, npu, vnpu, accel)."""
+    return _DEVICE_LABELS.get(kind, "GPU")
+
+
+def _profile_text(p: Any) -> str:
+    return str(p.profile) if p.profile else f"whole {device_label(p.kind)}"
+
+
 def partition_line(p: Any) -> str:
     state = p.state if p.state != "free" else ("free  clean" if p.clean else "free  dirty")
     holder = f"  lease {p.holder}" if p.holder else ""
     reason = f"  ({p.reason})" if p.reason else ""
-    return f"{p.uuid}  GPU {p.gpu_index}  {p.profile or 'whole GPU'}  {state}{holder}{reason}"
+    where = f"{device_label(p.kind)} {p.gpu_index}"
+    return f"{p.uuid}  {where}  {_profile_text(p)}  {state}{holder}{reason}"
 
 
 PARTITION_HEADERS: Final = ("uuid", "gpu", "profile", "state", "clean", "lease", "reason")
@@ -189,4 +203,4 @@ PARTITION_HEADERS: Final = ("uuid", "gpu", "profile", "state", "clean", "lease",
 
 def partition_row(p: Any) -> tuple[Any, ...]:
     clean = "yes" if p.clean else "no"
-    return (p.uuid, p.gpu_index, p.profile or "whole GPU", p.state, clean, p.holder, p.reason)
+    return (p.uuid, p.gpu_index, _profile_text(p), p.state, clean, p.holder, p.reason)

@@ -21,7 +21,11 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     sim_verbs = sim.add_subparsers(dest="verb", required=True)
     init = sim_verbs.add_parser("init", help="build a simulated node under a directory")
     init.add_argument("--dir", type=Path, required=True)
-    init.add_argument("--topology", default="h100x2", help="e.g. h100x2, a100x2, h100x1,a100-80x1")
+    init.add_argument(
+        "--topology", default="h100x2",
+        help="e.g. h100x2, a100x2, h100x1,a100-80x1, ascend910x8, ascend910bx8, accel2, "
+        "h100x1,ascend910bx2",
+    )  # fmt: skip
     init.add_argument("--cgroup-parent", type=Path, action="append", default=[],
                       help="cgroup under which tenant cgroups must live (repeatable)")  # fmt: skip
     init.add_argument("--mig-off", action="store_true", help="start with MIG mode disabled")
@@ -114,7 +118,7 @@ def _init(args: argparse.Namespace) -> int:
     node = init_sim_node(
         args.dir, args.topology, args.cgroup_parent, not args.mig_off, args.slice_mib << 20
     )
-    print(f"simulated node with {len(node.gpus)} GPUs ({', '.join(node.gpus)}) in {node.root}")
+    print(f"simulated node with {node.describe()} in {node.root}")
     print(f"config: {node.config_path}")
     return 0
 

@@ -66,11 +66,18 @@ def mig_minors(proc_root: Path) -> dict[str, int]:
     return minors
 
 
+# Nodes every partition of a vendor opens: NVIDIA's control and UVM nodes, Ascend's manager,
+# shared-virtual-memory and host-device-communication nodes.
+SHARED_NODE_NAMES = frozenset(
+    {"nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "davinci_manager", "devmm_svm", "hisi_hdc"}
+)
+
+
 def own_nodes(nodes: list[DeviceNode]) -> list[DeviceNode]:
     """The nodes no other partition shares: a MIG instance's GI and CI capabilities, or a whole
-    GPU's /dev/nvidiaN (nvidiactl and the UVM nodes are every partition's)."""
+    GPU's /dev/nvidiaN, an NPU's /dev/davinciN, a vNPU's /dev/vdavinciN, /dev/accel/accelN."""
     caps = [n for n in nodes if n.path.parent.name == "nvidia-caps"]
-    return caps or [n for n in nodes if n.major == NVIDIA_MAJOR and n.minor != NVIDIACTL_MINOR]
+    return caps or [n for n in nodes if n.path.name not in SHARED_NODE_NAMES]
 
 
 class DeviceNodeMap:

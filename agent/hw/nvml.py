@@ -28,7 +28,7 @@ from agent.errors import (
     NotFoundError,
 )
 from agent.hw.mig.geometry import GiProfile, GpuGeometry, Instance, Placement
-from agent.hw.model import GpuInfo, MigInstanceInfo
+from agent.hw.model import NVIDIA, DeviceInfo, InstanceInfo
 from agent.runtime import failpoints
 from agent.runtime.failpoints import CrashPoint
 
@@ -70,6 +70,8 @@ def _text(value: Any) -> str:
 
 class NvmlBackend:
     """Blocking NVML calls; the daemon runs them on its executor thread."""
+
+    vendor = NVIDIA
 
     def __init__(self, library: str = "", sim_dir: str = "") -> None:
         self._library = library
@@ -125,7 +127,7 @@ class NvmlBackend:
         with nvml_errors(f"GPU {gpu_index}: getting its handle"):
             return pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
 
-    def inventory(self) -> list[GpuInfo]:
+    def inventory(self) -> list[DeviceInfo]:
         """Every GPU that answers. One that fell off the bus (NVML_ERROR_GPU_IS_LOST) is left
         out, so the rest of the node stays managed: its partitions are then absent, which the
         reconciler treats as hardware gone (leases lost, fences revoked), and the health monitor
@@ -136,7 +138,7 @@ class NvmlBackend:
                 gpus.append(self.gpu(index))
         return gpus
 
-    def gpu(self, gpu_index: int) -> GpuInfo:
+    def gpu(self, gpu_index: int) -> DeviceInfo:
         handle = self._handle(gpu_index)
         where = f"GPU {gpu_index}"
         with nvml_errors(f"{where}: reading identity"):
@@ -151,7 +153,7 @@ class NvmlBackend:
             serial = ""  # consumer boards have no serial; not an error
         current, pending = self._mig_mode(handle, where)
         instances = tuple(self._instances(gpu_index, handle)) if current else ()
-        return GpuInfo(
+        return DeviceInfo(
             index=gpu_index,
             uuid=uuid,
             name=name,
@@ -297,7 +299,7 @@ class NvmlBackend:
                 )
         return devices
 
-    def _instances(self, gpu_index: int, handle: Any) -> Iterator[MigInstanceInfo]:
+    def _instances(self, gpu_index: int, handle: Any) -> Iterator[InstanceInfo]:
         names = {p.profile_id: p.name for p in self.geometry(gpu_index).profiles}
         mig_devices = self._mig_devices(gpu_index, handle)
         for gi_handle, gi in self._gpu_instance_handles(gpu_index, handle):
@@ -310,7 +312,7 @@ class NvmlBackend:
                 if ci is not None:
                     ci_id = int(ci.id)
                     uuid, memory = mig_devices.get((int(gi.id), ci_id), ("", 0))
-                yield MigInstanceInfo(
+                yield InstanceInfo(
                     uuid=uuid,
                     gpu_instance_id=int(gi.id),
                     compute_instance_id=ci_id,
@@ -367,7 +369,7 @@ class NvmlBackend:
             )
         return bool(status != pynvml.NVML_SUCCESS)
 
-    def create_instance(self, gpu_index: int, placement: Placement) -> MigInstanceInfo:
+    def create_instance(self, gpu_index: int, placement: Placement) -> InstanceInfo:
         """Create a GPU instance at an exact placement, then its full compute instance."""
         handle = self._handle(gpu_index)
         where = f"GPU {gpu_index}: creating profile {placement.profile_id} at {placement.start}"
@@ -382,7 +384,7 @@ class NvmlBackend:
         failpoints.hit(CrashPoint.LAYOUT_BETWEEN_GI_AND_CI)
         return self.add_compute_instance(gpu_index, int(gi.id))
 
-    def add_compute_instance(self, gpu_index: int, gpu_instance_id: int) -> MigInstanceInfo:
+    def add_compute_instance(self, gpu_index: int, gpu_instance_id: int) -> InstanceInfo:
         """Give a GPU instance the compute instance that spans all of its slices."""
         handle = self._handle(gpu_index)
         where = f"GPU {gpu_index} GI {gpu_instance_id}"

@@ -127,6 +127,8 @@ class GpuLike(Protocol):
     def mig_pending(self) -> bool | None: ...
     @property
     def memory_total_bytes(self) -> int: ...
+    @property
+    def vendor(self) -> str: ...
 
 
 def inventory_snapshot(
@@ -152,6 +154,7 @@ def inventory_snapshot(
                     memory_total_bytes=gpu.memory_total_bytes,
                     health=health.get(gpu.uuid, ("healthy", False))[0],
                     reset_required=health.get(gpu.uuid, ("healthy", False))[1],
+                    vendor=gpu.vendor,
                 )
                 for gpu in gpus
             ],

@@ -40,7 +40,9 @@ _MIN_TIME: Final = 1e9
 _MAX_TIME: Final = 1e10
 _STATES: Final = frozenset({"free", "leased", "releasing", "scrubbing", "quarantined"})
 _LEASE_STATES: Final = frozenset({"granting", "active", "releasing", "released", "lost"})
-_KINDS: Final = frozenset({"gpu", "mig"})
+_KINDS: Final = frozenset({"gpu", "mig", "npu", "vnpu", "accel"})
+# "" from agents that predate NPU support (their devices are NVIDIA GPUs).
+_VENDORS: Final = frozenset({"", "nvidia", "huawei", "accel"})
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 M = TypeVar("M", bound=Message)
@@ -298,10 +300,16 @@ def _inventory(snapshot: pb.InventorySnapshot, where: str) -> None:
         _text(gpu.name, f"{where}.gpus.name")
         _text(gpu.serial, f"{where}.gpus.serial")
         _text(gpu.health, f"{where}.gpus.health", 32)
+        if gpu.vendor not in _VENDORS:
+            raise LinkProtocolError(
+                f"{where}.gpus.vendor: {gpu.vendor[:16]!r} is not one of {sorted(_VENDORS)}"
+            )
     for part in snapshot.partitions:
         _text(part.uuid, f"{where}.partitions.uuid", required=True)
         if part.kind not in _KINDS:
-            raise LinkProtocolError(f"{where}.partitions.kind: {part.kind[:16]!r} is not gpu/mig")
+            raise LinkProtocolError(
+                f"{where}.partitions.kind: {part.kind[:16]!r} is not one of {sorted(_KINDS)}"
+            )
         if part.state not in _STATES:
             raise LinkProtocolError(f"{where}.partitions.state: {part.state[:32]!r} unknown")
         _text(part.profile, f"{where}.partitions.profile")

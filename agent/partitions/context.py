@@ -17,7 +17,7 @@ import structlog
 from agent.config import Config
 from agent.errors import AccelguardError, NotFoundError, OutboxFullError, StoreError
 from agent.hw.devnodes import DeviceNode
-from agent.hw.model import AcceleratorBackend, GpuInfo
+from agent.hw.model import AcceleratorBackend, DeviceInfo
 from agent.partitions.inventory import InventoryService
 from agent.runtime.executor import BlockingExecutor
 from agent.store import LeaseRecord, PartitionRecord, Store
@@ -137,7 +137,7 @@ class PartitionContext:
             raise NotFoundError(f"partition {record.uuid}: its GPU is not in the inventory")
         return nodes
 
-    def gpu(self, record: PartitionRecord) -> GpuInfo:
+    def gpu(self, record: PartitionRecord) -> DeviceInfo:
         for gpu in self.inventory.snapshot.gpus:
             if gpu.uuid == record.gpu_uuid:
                 return gpu

@@ -28,6 +28,7 @@ import structlog
 
 import agent.store.layouts as desired_layouts
 from agent.errors import AccelguardError, NotFoundError, ValidationError
+from agent.hw.model import HUAWEI
 from agent.partitions.inventory import InventoryService
 from agent.partitions.layout import LayoutTarget
 from agent.partitions.layout_service import LayoutService, Outcomes
@@ -131,6 +132,7 @@ class DesiredLayoutService:
                 mig_enabled=row.mig_enabled,
                 counts={} if row.clear else dict(row.counts),
                 clear=row.clear,
+                npu=gpu.vendor == HUAWEI,
             )
         outcomes.update(await self._layouts.converge(targets, apply=self.reapply_at_start))
         await self._executor.call(lambda: desired_layouts.set_outcomes(self._store, outcomes))

@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from agent.errors import AccelguardError, IsolationError, ValidationError
+from agent.hw.ascend.nodes import npu_nodes
 from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode, own_nodes
 from agent.isolation import fence_for
 from agent.isolation.cgroups import cgroup_hierarchy
@@ -190,6 +191,15 @@ class TenantFences:
                     f"partition {record.uuid} is not granted: the fence on {other} allows "
                     f"/dev/nvidia{gpu.minor} without a MIG lease on that GPU"
                 )
+            # A vNPU's chip node (/dev/davinciN) reaches the whole chip: a fence that still
+            # allows it (a whole-NPU tenant from before the split) shares the vNPU's chip.
+            if record.kind == "vnpu":
+                chip = own_nodes(npu_nodes(self._ctx.config.devices.dev_root, gpu.minor))
+                if any(fence.allows(n.kind, n.major, n.minor) for n in chip):
+                    raise IsolationError(
+                        f"partition {record.uuid} is not granted: the fence on {other} allows "
+                        f"{chip[0].path}, the whole NPU the vNPU is part of"
+                    )
 
     def partitions_allowed(
         self, fence: SurveyedFence, partitions: list[PartitionRecord]

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
 from agent.errors import AccelguardError, HardwareError
+from agent.hw.ascend.nodes import npu_nodes, vnpu_nodes
 from agent.hw.devnodes import DeviceNode, DeviceNodeMap
-from agent.hw.model import AcceleratorBackend, GpuInfo
+from agent.hw.model import ACCEL, HUAWEI, NVIDIA, DeviceInfo, DeviceSource
 from agent.runtime.executor import BlockingExecutor
 from agent.store import PartitionRecord, Store, SyncResult
 
@@ -27,13 +29,59 @@ NEW_PARTITION_REASON = "new partition: memory not yet scrubbed"
 @dataclass(frozen=True)
 class Snapshot:
     driver_version: str
-    gpus: tuple[GpuInfo, ...]
+    # Every accelerator of the node, GPUs first, then NPUs, then /dev/accel devices.
+    gpus: tuple[DeviceInfo, ...]
+    # (vendor, driver version) of every backend that answered.
+    drivers: tuple[tuple[str, str], ...] = ()
+
+    def devices(self, vendor: str) -> list[DeviceInfo]:
+        return [device for device in self.gpus if device.vendor == vendor]
 
 
-def partitions_of(gpus: tuple[GpuInfo, ...]) -> list[PartitionRecord]:
-    """The partitions the hardware offers: whole GPUs with MIG off, MIG instances with MIG on."""
+def _whole(device: DeviceInfo, identity: str) -> PartitionRecord:
+    return PartitionRecord(
+        uuid=device.uuid, kind=device.kind, gpu_uuid=device.uuid, gpu_index=device.index,
+        gi_id=None, ci_id=None, profile="", placement_start=None, placement_size=None,
+        state="free", clean=False, reason=NEW_PARTITION_REASON, present=True, updated_at=0.0,
+        identity=identity,
+    )  # fmt: skip
+
+
+def _npu_partitions(npu: DeviceInfo) -> list[PartitionRecord]:
+    """A whole NPU while it has no vNPUs; once split, only its vNPUs (a split chip is not
+    usable whole, as in Ascend's container mode)."""
+    if not npu.instances:
+        return [_whole(npu, f"npu {npu.uuid} whole (no vNPUs)")]
+    result = []
+    for vnpu in npu.instances:
+        mask = sum(1 << unit for unit in vnpu.units)
+        result.append(
+            PartitionRecord(
+                uuid=vnpu.uuid, kind="vnpu", gpu_uuid=npu.uuid, gpu_index=npu.index,
+                gi_id=vnpu.gpu_instance_id, ci_id=None, profile=vnpu.profile,
+                placement_start=vnpu.placement_start, placement_size=vnpu.placement_size,
+                state="free", clean=False, reason=NEW_PARTITION_REASON, present=True,
+                updated_at=0.0,
+                identity=(
+                    f"npu {npu.uuid} vNPU {vnpu.gpu_instance_id} template {vnpu.profile} "
+                    f"units {mask:#x}"
+                ),
+            )
+        )  # fmt: skip
+    return result
+
+
+def partitions_of(gpus: tuple[DeviceInfo, ...]) -> list[PartitionRecord]:
+    """The partitions the hardware offers: whole GPUs with MIG off, MIG instances with MIG on;
+    whole NPUs or their vNPUs; whole /dev/accel devices."""
     result: list[PartitionRecord] = []
     for gpu in gpus:
+        if gpu.vendor == HUAWEI:
+            result.extend(_npu_partitions(gpu))
+            continue
+        if gpu.vendor == ACCEL:
+            result.append(_whole(gpu, f"accel {gpu.uuid} {gpu.driver} whole"))
+            continue
         if not gpu.mig_current:
             result.append(
                 PartitionRecord(
@@ -65,16 +113,52 @@ def partitions_of(gpus: tuple[GpuInfo, ...]) -> list[PartitionRecord]:
     return result
 
 
+class AccelDevices(DeviceSource, Protocol):
+    """The /dev/accel backend as the inventory and the sanitiser need it."""
+
+    def nodes(self, device: DeviceInfo) -> list[DeviceNode]: ...
+
+    def reset(self, device: DeviceInfo) -> None: ...
+
+
+def partition_nodes(
+    device_nodes: DeviceNodeMap,
+    accel: AccelDevices | None,
+    device: DeviceInfo,
+    partition: PartitionRecord,
+) -> list[DeviceNode]:
+    """The device nodes a tenant of ``partition`` (a partition of ``device``) opens."""
+    dev_root = device_nodes.dev_root
+    if partition.kind == "npu":
+        return npu_nodes(dev_root, device.minor)
+    if partition.kind == "vnpu":
+        if partition.gi_id is None:
+            raise HardwareError(f"partition {partition.uuid} is a vNPU without its vdev id")
+        return vnpu_nodes(dev_root, partition.gi_id)
+    if partition.kind == "accel":
+        if accel is None:
+            raise HardwareError(f"partition {partition.uuid}: the accel backend is off")
+        return accel.nodes(device)
+    if partition.kind == "gpu":
+        return device_nodes.gpu_nodes(device.minor)
+    if partition.gi_id is None or partition.ci_id is None:
+        raise HardwareError(f"partition {partition.uuid} is a MIG partition without GI/CI ids")
+    return device_nodes.mig_nodes(device.minor, partition.gi_id, partition.ci_id)
+
+
 class InventoryService:
     def __init__(
         self,
-        backend: AcceleratorBackend,
+        sources: Sequence[DeviceSource],
         store: Store,
         device_nodes: DeviceNodeMap,
         executor: BlockingExecutor,
         interval_s: float,
+        accel: AccelDevices | None = None,
     ) -> None:
-        self._backend = backend
+        self._sources = tuple(sources)
+        # The /dev/accel backend, where it is on: its nodes, and its reset for the sanitiser.
+        self.accel = accel
         self._store = store
         self._device_nodes = device_nodes
         self._executor = executor
@@ -90,17 +174,27 @@ class InventoryService:
         self.on_sync: list[Callable[[SyncResult], Awaitable[None]]] = []
 
     def summary(self) -> str:
-        gpus = self.snapshot.gpus
+        gpus = self.snapshot.devices(NVIDIA)
         instances = sum(len(gpu.instances) for gpu in gpus)
-        return f"{len(gpus)} GPUs, {instances} MIG instances"
+        text = f"{len(gpus)} GPUs, {instances} MIG instances"
+        npus = self.snapshot.devices(HUAWEI)
+        if npus:
+            text += f", {len(npus)} NPUs, {sum(len(n.instances) for n in npus)} vNPUs"
+        accels = self.snapshot.devices(ACCEL)
+        if accels:
+            text += f", {len(accels)} accel devices"
+        return text
 
     def refresh_soon(self) -> None:
         self._wake.set()
 
     def _collect(self) -> tuple[Snapshot, SyncResult]:
+        # Every backend must answer: a partial inventory would mark the silent backend's
+        # partitions vanished and revoke their leases.
+        drivers = tuple((source.vendor, source.driver_version()) for source in self._sources)
+        devices = tuple(device for source in self._sources for device in source.inventory())
         snapshot = Snapshot(
-            driver_version=self._backend.driver_version(),
-            gpus=tuple(self._backend.inventory()),
+            driver_version=drivers[0][1] if drivers else "", gpus=devices, drivers=drivers
         )
         result = self._store.sync_partitions(partitions_of(snapshot.gpus))
         return snapshot, result
@@ -134,8 +228,4 @@ class InventoryService:
         gpu = next((g for g in self.snapshot.gpus if g.uuid == partition.gpu_uuid), None)
         if gpu is None:
             return []
-        if partition.kind == "gpu":
-            return self._device_nodes.gpu_nodes(gpu.minor)
-        if partition.gi_id is None or partition.ci_id is None:
-            raise HardwareError(f"partition {partition.uuid} is a MIG partition without GI/CI ids")
-        return self._device_nodes.mig_nodes(gpu.minor, partition.gi_id, partition.ci_id)
+        return partition_nodes(self._device_nodes, self.accel, gpu, partition)

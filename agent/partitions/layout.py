@@ -17,7 +17,7 @@ import structlog
 from agent.errors import HardwareError, LayoutError, NotFoundError
 from agent.hw.mig.geometry import GpuGeometry, Instance, Placement
 from agent.hw.mig.planner import LayoutPlan, plan_layout
-from agent.hw.model import AcceleratorBackend, GpuInfo, MigInstanceInfo
+from agent.hw.model import HUAWEI, NVIDIA, AcceleratorBackend, DeviceInfo, InstanceInfo
 from agent.runtime import failpoints
 from agent.runtime.failpoints import CrashPoint
 from agent.store import Store
@@ -39,8 +39,17 @@ class LayoutTarget:
     counts: Mapping[str, int]
     device_filter: tuple[str, ...] = ()
     clear: bool = False
+    # A target for Ascend NPUs (``layout apply --npu N vir08=2``): ``gpu_indices`` are NPU logic
+    # ids, ``counts`` vNPU templates, ``clear`` no vNPUs (the NPU whole), ``mig_enabled`` true
+    # (an NPU has no mode; agent/partitions/npu_layout.py).
+    npu: bool = False
 
     def __post_init__(self) -> None:
+        if self.npu and not self.mig_enabled:
+            raise LayoutError(
+                f"the layout for {self.describe_gpus()} turns MIG off: NPUs have no MIG mode; "
+                "give vNPU templates (e.g. vir08=2) or clear"
+            )
         gpus = self.describe_gpus()
         wanted = any(count > 0 for count in self.counts.values())
         if self.clear and self.counts:
@@ -66,10 +75,11 @@ class LayoutTarget:
             )
 
     def describe_gpus(self) -> str:
+        kind = "NPU" if self.npu else "GPU"
         if self.gpu_indices is None:
-            which = "all GPUs"
+            which = f"all {kind}s"
         else:
-            which = "GPU " + ",".join(map(str, self.gpu_indices))
+            which = f"{kind} " + ",".join(map(str, self.gpu_indices))
         if self.device_filter:
             which += f" (device-filter {','.join(self.device_filter)})"
         return which
@@ -83,9 +93,9 @@ def _counts_text(counts: Mapping[str, int]) -> str:
 class GpuLayoutResult:
     gpu_index: int
     gpu_uuid: str
-    kept: list[MigInstanceInfo] = field(default_factory=list)
-    created: list[MigInstanceInfo] = field(default_factory=list)
-    destroyed: list[MigInstanceInfo] = field(default_factory=list)
+    kept: list[InstanceInfo] = field(default_factory=list)
+    created: list[InstanceInfo] = field(default_factory=list)
+    destroyed: list[InstanceInfo] = field(default_factory=list)
     noop: bool = True
     note: str = ""
     # The MIG mode once the plan is applied: in effect now, and set for the next GPU reset.
@@ -99,17 +109,23 @@ class GpuLayoutResult:
         return self.mig_current is not None and self.mig_current != self.mig_pending
 
 
-def _matches_filter(gpu: GpuInfo, device_filter: Sequence[str]) -> bool:
+def _matches_filter(gpu: DeviceInfo, device_filter: Sequence[str]) -> bool:
     if not device_filter:
         return True
     return any(int(item, 16) == gpu.pci_device_id for item in device_filter)
 
 
 def resolve_targets(
-    gpus: Sequence[GpuInfo], targets: Sequence[LayoutTarget]
+    gpus: Sequence[DeviceInfo], targets: Sequence[LayoutTarget]
 ) -> dict[int, LayoutTarget]:
-    """Which target applies to which GPU index; each GPU may be named by at most one target."""
-    by_index = {gpu.index: gpu for gpu in gpus}
+    """Which target applies to which GPU (or NPU) index; each may be named by at most one target.
+    GPU and NPU targets are applied separately (their indices overlap on a mixed node)."""
+    npu = any(target.npu for target in targets)
+    if npu and not all(target.npu for target in targets):
+        raise LayoutError("give GPU and NPU layouts in separate applies")
+    kind = "NPU" if npu else "GPU"
+    vendor = HUAWEI if npu else NVIDIA
+    by_index = {gpu.index: gpu for gpu in gpus if gpu.vendor == vendor}
     chosen: dict[int, LayoutTarget] = {}
     for target in targets:
         for item in target.device_filter:
@@ -123,7 +139,7 @@ def resolve_targets(
         for index in indices:
             if index not in by_index:
                 raise NotFoundError(
-                    f"GPU index {index} does not exist (this node has GPUs "
+                    f"{kind} index {index} does not exist (this node has {kind}s "
                     f"{', '.join(map(str, sorted(by_index))) or 'none'})"
                 )
             if not _matches_filter(by_index[index], target.device_filter):
@@ -136,11 +152,11 @@ def resolve_targets(
     return chosen
 
 
-def _info_for(instance: Instance, geometry: GpuGeometry, gpu: GpuInfo) -> MigInstanceInfo:
+def _info_for(instance: Instance, geometry: GpuGeometry, gpu: DeviceInfo) -> InstanceInfo:
     for existing in gpu.instances:
         if existing.gpu_instance_id == instance.gi_id:
             return existing
-    return MigInstanceInfo(
+    return InstanceInfo(
         uuid="",
         gpu_instance_id=instance.gi_id,
         compute_instance_id=None,
@@ -152,8 +168,8 @@ def _info_for(instance: Instance, geometry: GpuGeometry, gpu: GpuInfo) -> MigIns
     )
 
 
-def _planned(placement: Placement, geometry: GpuGeometry) -> MigInstanceInfo:
-    return MigInstanceInfo(
+def _planned(placement: Placement, geometry: GpuGeometry) -> InstanceInfo:
+    return InstanceInfo(
         uuid="",
         gpu_instance_id=0,
         compute_instance_id=None,
@@ -190,7 +206,7 @@ def _blockers(
 
 
 def _on_gpu(
-    gpu: GpuInfo, error: LayoutError, blockers: Sequence[int], holders: Mapping[int, str]
+    gpu: DeviceInfo, error: LayoutError, blockers: Sequence[int], holders: Mapping[int, str]
 ) -> LayoutError:
     """The planner's error with the GPU it is about and what holds each blocking instance, so an
     operator knows which lease to release (the planner knows instances, not leases)."""
@@ -248,7 +264,7 @@ class LayoutEngine:
 
     def _plan(
         self,
-        gpu: GpuInfo,
+        gpu: DeviceInfo,
         target: LayoutTarget,
         pinned: Collection[int],
         holders: Mapping[int, str],
@@ -295,7 +311,7 @@ class LayoutEngine:
 
     def _apply(
         self,
-        gpu: GpuInfo,
+        gpu: DeviceInfo,
         result: GpuLayoutResult,
         plan: LayoutPlan | None,
         geometry: GpuGeometry | None,

@@ -28,11 +28,12 @@ import structlog
 
 import agent.store.layouts as desired_layouts
 from agent.errors import AccelguardError, LayoutError, ValidationError
-from agent.hw.model import GpuInfo
+from agent.hw.model import HUAWEI, DeviceInfo
 from agent.partitions.hooks import HookPhase, HookRun, LayoutHooks
 from agent.partitions.inventory import InventoryService
 from agent.partitions.layout import GpuLayoutResult, LayoutEngine, LayoutTarget, resolve_targets
 from agent.partitions.leases import LeaseManager
+from agent.partitions.npu_layout import NpuLayoutEngine
 from agent.runtime.executor import BlockingExecutor
 from agent.store import Store
 from agent.store.audit import current_actor
@@ -86,8 +87,10 @@ class LayoutService:
         store: Store,
         hooks: LayoutHooks | None = None,
         node_id: str = "",
+        npu_engine: NpuLayoutEngine | None = None,
     ) -> None:
-        self._engine = engine
+        self._gpu_engine = engine
+        self._npu_engine = npu_engine or NpuLayoutEngine(None, store)
         self._leases = leases
         self._inventory = inventory
         self._executor = executor
@@ -104,9 +107,10 @@ class LayoutService:
                 return await self._apply(targets, record=True)
             holders = await self._holders()
             pinned = await self._leases.pinned(dirty_too=False)
+            engine = self._engine(targets)
             return LayoutRun(
                 await self._executor.call(
-                    lambda: self._engine.run(targets, apply=False, pinned=pinned, holders=holders)
+                    lambda: engine.run(targets, apply=False, pinned=pinned, holders=holders)
                 )
             )
 
@@ -134,18 +138,28 @@ class LayoutService:
                 return outcomes
             if not ready:
                 return outcomes
-            try:
-                run = await self._apply([targets[uuid] for uuid in ready], record=False)
-            except AccelguardError as error:
-                outcomes.update({uuid: (DesiredOutcome.FAILED, str(error)) for uuid in ready})
-                return outcomes
-            by_uuid = {result.gpu_uuid: result for result in run.gpus}
-            hook_note = "; ".join(
-                f"{hook.error} (the layout stays applied)" for hook in run.failed_hooks
-            )
-            for uuid in ready:
-                outcome, detail = outcome_of(by_uuid[uuid])
-                outcomes[uuid] = (outcome, "; ".join(d for d in (detail, hook_note) if d))
+            # GPUs together, NPUs together (one engine each).
+            for npu in (False, True):
+                group = [uuid for uuid in ready if targets[uuid].npu == npu]
+                if group:
+                    outcomes.update(await self._converge_group(targets, group))
+        return outcomes
+
+    async def _converge_group(
+        self, targets: Mapping[str, LayoutTarget], group: Sequence[str]
+    ) -> Outcomes:
+        try:
+            run = await self._apply([targets[uuid] for uuid in group], record=False)
+        except AccelguardError as error:
+            return {uuid: (DesiredOutcome.FAILED, str(error)) for uuid in group}
+        by_uuid = {result.gpu_uuid: result for result in run.gpus}
+        hook_note = "; ".join(
+            f"{hook.error} (the layout stays applied)" for hook in run.failed_hooks
+        )
+        outcomes: Outcomes = {}
+        for uuid in group:
+            outcome, detail = outcome_of(by_uuid[uuid])
+            outcomes[uuid] = (outcome, "; ".join(d for d in (detail, hook_note) if d))
         return outcomes
 
     async def _plan_apply(
@@ -159,8 +173,9 @@ class LayoutService:
         await self._refuse_mode_change_under_lease(gpus, chosen)
         holders = await self._holders()
         pinned = await self._leases.pinned(dirty_too=False, scrubbing_too=False)
+        engine = self._engine(targets)
         plan = await self._executor.call(
-            lambda: self._engine.run(list(targets), apply=False, pinned=pinned, holders=holders)
+            lambda: engine.run(list(targets), apply=False, pinned=pinned, holders=holders)
         )
         return plan, chosen
 
@@ -220,9 +235,14 @@ class LayoutService:
                 await self._leases.sanitize(record.uuid)
         pinned = await self._leases.pinned(dirty_too=True)
         holders = await self._holders()
+        engine = self._engine(targets)
         return await self._executor.call(
-            lambda: self._engine.run(list(targets), apply=True, pinned=pinned, holders=holders)
+            lambda: engine.run(list(targets), apply=True, pinned=pinned, holders=holders)
         )
+
+    def _engine(self, targets: Sequence[LayoutTarget]) -> LayoutEngine | NpuLayoutEngine:
+        """NPU targets go to the vNPU engine (resolve_targets refuses a mix of both)."""
+        return self._npu_engine if any(t.npu for t in targets) else self._gpu_engine
 
     def _environment(self, changing: Sequence[GpuLayoutResult]) -> dict[str, str]:
         """What a hook is told (docs/layouts.md "Hooks")."""
@@ -257,7 +277,7 @@ class LayoutService:
         """GPU UUID -> GI id -> why its MIG instance cannot be destroyed now, for errors."""
         holders: dict[str, dict[int, str]] = {}
         for record in await self._leases.partitions():
-            if record.kind != "mig" or record.gi_id is None or not record.present:
+            if record.kind not in ("mig", "vnpu") or record.gi_id is None or not record.present:
                 continue
             if record.state == "leased" and record.lease_id:
                 why = f"held by lease {record.lease_id}"
@@ -277,19 +297,28 @@ class LayoutService:
         return holders
 
     async def _refuse_mode_change_under_lease(
-        self, gpus: Sequence[GpuInfo], chosen: Mapping[int, LayoutTarget]
+        self, gpus: Sequence[DeviceInfo], chosen: Mapping[int, LayoutTarget]
     ) -> None:
         """A MIG mode change takes a GPU leased whole away from its tenant at the next reset:
         refuse it while the whole-GPU partition is not free."""
-        by_index = {gpu.index: gpu for gpu in gpus}
+        npu = any(target.npu for target in chosen.values())
+        by_index = {gpu.index: gpu for gpu in gpus if (gpu.vendor == HUAWEI) == npu}
         busy = {
             record.gpu_uuid: record
             for record in await self._leases.partitions()
-            if record.kind == "gpu" and record.present and record.state != "free"
+            if record.kind in ("gpu", "npu") and record.present and record.state != "free"
         }
         for index, target in chosen.items():
             gpu = by_index[index]
             record = busy.get(gpu.uuid)
+            if npu:
+                if record is not None and not target.clear:
+                    holder = f"lease {record.lease_id}" if record.lease_id else record.state
+                    raise LayoutError(
+                        f"NPU {index} is {record.state} as a whole NPU ({holder}): splitting it "
+                        "into vNPUs would take it from under that; release it first"
+                    )
+                continue
             if gpu.mig_current is None or record is None or target.mig_enabled == gpu.mig_pending:
                 continue
             holder = f"lease {record.lease_id}" if record.lease_id else record.state

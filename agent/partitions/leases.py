@@ -154,7 +154,7 @@ class LeaseManager:
         (as asked) being scrubbed or not yet clean (invariant 5)."""
         result: dict[str, set[int]] = defaultdict(set)
         for record in await self.partitions():
-            if record.kind != "mig" or record.gi_id is None:
+            if record.kind not in ("mig", "vnpu") or record.gi_id is None:
                 continue
             waitable = record.state == "scrubbing" and not scrubbing_too
             if (record.state != "free" and not waitable) or (dirty_too and not record.clean):
@@ -504,7 +504,7 @@ class LeaseManager:
             except AccelguardError as error:
                 return await self._sanitizer.quarantine(partition_uuid, f"clear refused: {error}")
             log.info("quarantine_cleared", partition=partition_uuid, reason=reason)
-            return await self._sanitizer.scrub(partition_uuid, None)
+            return await self._sanitizer.scrub(partition_uuid, None, operator_accepts=True)
 
     async def sanitize(self, partition_uuid: str) -> PartitionRecord:
         """Scrub a free dirty partition (new, unknown to the journal, or before destroying it)."""

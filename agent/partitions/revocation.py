@@ -80,6 +80,8 @@ class Revoker:
             )  # fmt: skip
 
     async def nvml_holders(self, record: PartitionRecord) -> set[int]:
+        if record.kind not in ("gpu", "mig"):
+            return set()  # NVML knows only NVIDIA's processes; the fd scan finds the others
         processes = await self._ctx.executor.call(
             self._ctx.backend.running_processes, record.gpu_index
         )

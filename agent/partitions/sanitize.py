@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 
 import structlog
 
-from agent.errors import AccelguardError, StoreError
+from agent.errors import AccelguardError, ScrubError, StoreError
 from agent.identity.node_key import NodeKey
 from agent.partitions.context import PartitionContext
 from agent.runtime import failpoints
 from agent.runtime.failpoints import CrashPoint
 from agent.scrub.certificate import issue_certificate
-from agent.scrub.model import ScrubTarget
+from agent.scrub.model import RESET_POLICY, ScrubResult, ScrubTarget
+from agent.scrub.reset import reset_scrub
 from agent.scrub.runner import ScrubOutcome, ScrubRunner
 from agent.store import PartitionRecord, PartitionState
 from agent.store.health import HealthLog
@@ -45,22 +46,35 @@ class Sanitizer:
     def scrub_target(self, record: PartitionRecord) -> ScrubTarget:
         gpu = self._ctx.gpu(record)
         total = gpu.memory_total_bytes
+        units: tuple[int, ...] = ()
         for instance in gpu.instances:
             if instance.uuid == record.uuid:
                 total = instance.memory_bytes
-        mig = record.kind == "mig"
+                units = instance.units
+        kinds = {"mig": "mig", "npu": "npu", "vnpu": "vnpu", "accel": "accel"}
+        kind = kinds.get(record.kind, "gpu")
+        mig = kind == "mig"
+        if kind == "vnpu" and not units:
+            raise ScrubError(f"vNPU {record.uuid}: DCMI does not say which memory it owns")
         return ScrubTarget(
             partition_uuid=record.uuid, gpu_uuid=gpu.uuid, gpu_index=gpu.index,
-            kind="mig" if mig else "gpu", visible_device=record.uuid, total_bytes=total,
+            kind=kind,  # type: ignore[arg-type] # one of the Literal's values, from the dict
+            visible_device=record.uuid, total_bytes=total,
             placement_start=record.placement_start if mig else None,
             placement_size=record.placement_size if mig else None,
+            units=units, unit_total=gpu.memory_units,
         )  # fmt: skip
 
-    async def scrub(self, partition_uuid: str, lease_id: str | None) -> PartitionRecord:
+    async def scrub(
+        self, partition_uuid: str, lease_id: str | None, *, operator_accepts: bool = False
+    ) -> PartitionRecord:
         """Scrub a partition nobody holds; clean only on a verified result (invariant 2).
 
         Every scrub that produced a result gets a signed certificate, failed ones included (they
-        say ``verified: false``): the evidence of what was and was not proven.
+        say ``verified: false``): the evidence of what was and was not proven. A /dev/accel
+        device can only be reset, never verified: it is freed only where ``[scrub]
+        accept_unverified`` is on or an operator clearing its quarantine accepts it
+        (``operator_accepts``); otherwise it is quarantined.
         """
         lease = await self._ctx.executor.call(self._ctx.store.lease, lease_id) if lease_id else None
         policy = (lease.scrub_policy if lease else "") or self._ctx.config.scrub.policy
@@ -82,7 +96,16 @@ class Sanitizer:
         started = time.time()
         try:
             target = self.scrub_target(record)
-            outcome: ScrubOutcome = await self._scrubber.scrub(target, policy)
+            if record.kind == "accel":
+                outcome: ScrubOutcome = await self._reset(record)
+            elif record.kind in ("npu", "vnpu") and self._ctx.config.scrub.backend != "simmem":
+                # No NPU scrub worker yet (it would use CANN's aclrtMemset): fail closed.
+                raise ScrubError(
+                    f"no scrub backend for Ascend NPU memory ([scrub] backend is "
+                    f"{self._ctx.config.scrub.backend!r}; docs/npu.md)"
+                )
+            else:
+                outcome = await self._scrubber.scrub(target, policy)
         except AccelguardError as error:
             await self._ctx.executor.call(
                 self._ctx.store.record_scrub,
@@ -101,7 +124,8 @@ class Sanitizer:
             started_at=datetime.fromtimestamp(outcome.started_at, UTC),
             finished_at=datetime.fromtimestamp(outcome.finished_at, UTC),
         )
-        clean = outcome.failure is None
+        # The journal's scrub row says whether it was verified; an accepted reset is not.
+        clean = outcome.failure is None and outcome.result.verified
         await self._ctx.executor.call(
             self._ctx.store.record_scrub, partition_uuid, lease_id, outcome.started_at,
             outcome.finished_at, clean, outcome.result.to_dict(), outcome.failure or "",
@@ -109,6 +133,14 @@ class Sanitizer:
         )  # fmt: skip
         if outcome.failure is not None:
             return await self.quarantine(partition_uuid, f"scrub failed: {outcome.failure}")
+        if outcome.result.policy == RESET_POLICY:
+            accepted = operator_accepts or self._ctx.config.scrub.accept_unverified
+            if not accepted:
+                return await self.quarantine(
+                    partition_uuid,
+                    "unverifiable scrub: a PCI function reset cannot prove the memory clean "
+                    "([scrub] accept_unverified is off; `partition clear` accepts it)",
+                )
         # A GPU health fault holds the partition until an operator clears it: no scrub frees it
         # (the scrub's certificate above is kept all the same).
         hold = await self._ctx.executor.call(self._health.hold, partition_uuid)
@@ -130,6 +162,20 @@ class Sanitizer:
         )  # fmt: skip
         await self._ctx.report_partition(partition_uuid)
         return await self._ctx.stored(partition_uuid)
+
+    async def _reset(self, record: PartitionRecord) -> ScrubOutcome:
+        """A /dev/accel device's only scrub: a PCI function reset, which nothing verifies."""
+        accel = self._ctx.inventory.accel
+        if accel is None:
+            raise ScrubError(f"partition {record.uuid}: the accel backend is off")
+        device = self._ctx.gpu(record)
+        started = time.time()
+        reset = await self._ctx.executor.call(reset_scrub, accel, device)
+        result = ScrubResult(
+            backend="pci-reset", policy=RESET_POLICY, total_bytes=device.memory_total_bytes,
+            detail=f"{reset.detail}; the device's memory cannot be read back: nothing verified",
+        )  # fmt: skip
+        return ScrubOutcome(result, started, time.time(), failure=None)
 
     async def resume(self, partition_uuid: str, lease_id: str) -> PartitionRecord | None:
         """Finish the scrub of a released lease whose release a transient journal failure cut

@@ -55,7 +55,7 @@ import agent
 from agent.errors import ScrubError
 from agent.identity.node_key import NodeKey, public_pem_of
 from agent.runtime.inputs import JsonLimits
-from agent.scrub.model import POLICY_PATTERNS, ScrubResult, ScrubTarget
+from agent.scrub.model import POLICY_PATTERNS, RESET_POLICY, ScrubResult, ScrubTarget
 
 CERTIFICATE_FORMAT: Final = "accelguard-scrub-certificate/1"
 ALGORITHM: Final = "Ed25519"
@@ -370,6 +370,7 @@ _PASS_FIELDS: Final = frozenset(
         "verify_seconds",
     }
 )
+_PARTITION_KINDS: Final = ("gpu", "mig", "npu", "vnpu", "accel")
 _PAYLOAD_FIELDS: Final = frozenset(
     {
         "format",
@@ -417,14 +418,16 @@ def _check_payload(value: object) -> None:
         _required_text(payload[field], field)
     for field in ("gpu_serial", "previous_lease_id", "previous_tenant", "detail"):
         _text(payload[field], field)
-    if payload["partition_kind"] not in ("gpu", "mig"):
+    if payload["partition_kind"] not in _PARTITION_KINDS:
         raise ScrubError(
-            f"payload.partition_kind must be 'gpu' or 'mig', not {payload['partition_kind']!r:.40}"
+            f"payload.partition_kind must be one of {', '.join(_PARTITION_KINDS)}, "
+            f"not {payload['partition_kind']!r:.40}"
         )
     policy = payload["policy"]
-    if not isinstance(policy, str) or policy not in POLICY_PATTERNS:
+    if not isinstance(policy, str) or policy not in (*POLICY_PATTERNS, RESET_POLICY):
         raise ScrubError(
-            f"payload.policy must be one of {sorted(POLICY_PATTERNS)}, not {policy!r:.40}"
+            f"payload.policy must be one of {sorted((*POLICY_PATTERNS, RESET_POLICY))}, "
+            f"not {policy!r:.40}"
         )
     total = _integer(payload["bytes_total"], "bytes_total")
     written = _integer(payload["bytes_written"], "bytes_written")
@@ -458,6 +461,8 @@ def _check_payload(value: object) -> None:
     # The summary fields must follow from the passes (as ScrubResult computes them): a verifier
     # must not have to trust the node's `verified` flag on its own.
     patterns = tuple(p[0] for p in passes)
+    if policy == RESET_POLICY and passes:
+        raise ScrubError("payload.passes must be empty for policy 'reset' (nothing is written)")
     if passes and patterns != POLICY_PATTERNS[policy]:
         raise ScrubError(
             f"payload.passes patterns {[f'0x{p:08x}' for p in patterns]} are not policy "

@@ -21,6 +21,9 @@ POLICY_PATTERNS: dict[str, tuple[int, ...]] = {
     "zero": (0x00000000,),
     "multi-pass": (0x55555555, 0xAAAAAAAA, 0x00000000),
 }
+# The policy a certificate names for a device that can only be reset (a /dev/accel device): no
+# passes, never verified (docs/npu.md).
+RESET_POLICY = "reset"
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class ScrubTarget:
     partition_uuid: str
     gpu_uuid: str
     gpu_index: int
-    kind: Literal["gpu", "mig"]
+    kind: Literal["gpu", "mig", "npu", "vnpu", "accel"]
     # What CUDA_VISIBLE_DEVICES names for this partition: the GPU UUID or the MIG UUID.
     visible_device: str
     # Bytes of device memory the partition owns (the coverage denominator).
@@ -41,6 +44,12 @@ class ScrubTarget:
     # file and the partition's byte range in it).
     memory_file: str = ""
     offset: int = 0
+    # Memory units the partition owns when they are not one placement (a vNPU's units), and how
+    # many units its device has (0: the GPU's 8 MIG memory slices).
+    units: tuple[int, ...] = ()
+    unit_total: int = 0
+    # (offset, bytes) of each range of the memory file, filled in by ``resolve``.
+    ranges: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,9 +1,12 @@
-"""Simulated device memory: one file per GPU, each partition owning the byte range of its slices.
+"""Simulated device memory: one file per device, each partition owning the bytes of its units.
 
-A MIG instance at placement (start, size) owns bytes [start * slice, (start + size) * slice) of
-its GPU's file; a whole GPU owns the file. Residue therefore behaves as on hardware: what a 3g
-instance left in slices 0-3 is readable by a later 1g instance placed on slice 2 unless scrubbed.
-The tenant-workload simulator and the scrubber use the same mapping.
+A device's memory is a sequence of equal units of ``slice_bytes``: a GPU's 8 MIG memory slices,
+an NPU's units (one per AI Core, docs/dcmi-sim.md). A MIG instance at placement (start, size)
+owns bytes [start * slice, (start + size) * slice) of its GPU's file; a vNPU owns the units of
+its mask (adjacent ones merged into one range); a whole device owns the file. Residue therefore
+behaves as on hardware: what a 3g instance left in slices 0-3 is readable by a later 1g instance
+placed on slice 2 unless scrubbed. The tenant-workload simulator and the scrubber use the same
+mapping.
 """
 
 from __future__ import annotations
@@ -33,14 +36,27 @@ class MemoryRange:
     length: int
 
 
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A partition's memory: one range, or several for a vNPU whose units are not adjacent."""
+
+    ranges: tuple[MemoryRange, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(r.length for r in self.ranges)
+
+
 def memory_file(memory_dir: Path, gpu_uuid: str) -> Path:
     return memory_dir / f"{gpu_uuid}.mem"
 
 
-def ensure_memory_file(memory_dir: Path, gpu_uuid: str, slice_bytes: int) -> Path:
-    """Create the GPU's memory file (sparse, zero) if it does not exist yet."""
+def ensure_memory_file(
+    memory_dir: Path, gpu_uuid: str, slice_bytes: int, units: int = MEMORY_SLICES
+) -> Path:
+    """Create the device's memory file (sparse, zero) if it does not exist yet."""
     path = memory_file(memory_dir, gpu_uuid)
-    size = MEMORY_SLICES * slice_bytes
+    size = units * slice_bytes
     if not path.exists() or path.stat().st_size != size:
         memory_dir.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as handle:
@@ -48,25 +64,55 @@ def ensure_memory_file(memory_dir: Path, gpu_uuid: str, slice_bytes: int) -> Pat
     return path
 
 
-def partition_range(
+def unit_runs(units: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(first unit, count) of each run of adjacent units, in order."""
+    runs: list[tuple[int, int]] = []
+    for unit in sorted(set(units)):
+        if runs and runs[-1][0] + runs[-1][1] == unit:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((unit, 1))
+    return runs
+
+
+def partition_region(
     memory_dir: Path,
-    gpu_uuid: str,
+    device_uuid: str,
     slice_bytes: int,
-    placement: tuple[int, int] | None,
-) -> MemoryRange:
-    """Byte range of a partition: a MIG placement (start, size) or the whole GPU (None)."""
-    path = ensure_memory_file(memory_dir, gpu_uuid, slice_bytes)
-    if placement is None:
-        return MemoryRange(path, 0, MEMORY_SLICES * slice_bytes)
-    start, size = placement
-    if start < 0 or size <= 0 or start + size > MEMORY_SLICES:
+    units: tuple[int, ...] | None,
+    unit_total: int = MEMORY_SLICES,
+) -> MemoryRegion:
+    """The bytes of a partition: its units (a MIG placement's slices, a vNPU's units) or, for
+    None, the whole device."""
+    if unit_total <= 0:
+        raise ValidationError(f"device {device_uuid} has no memory units")
+    path = ensure_memory_file(memory_dir, device_uuid, slice_bytes, unit_total)
+    if units is None:
+        return MemoryRegion((MemoryRange(path, 0, unit_total * slice_bytes),))
+    if not units or min(units) < 0 or max(units) >= unit_total:
         raise ValidationError(
-            f"placement {start}:{size} is outside the GPU's {MEMORY_SLICES} slices"
+            f"memory units {sorted(units)} are outside the device's {unit_total} units"
         )
-    return MemoryRange(path, start * slice_bytes, size * slice_bytes)
+    return MemoryRegion(
+        tuple(
+            MemoryRange(path, start * slice_bytes, count * slice_bytes)
+            for start, count in unit_runs(units)
+        )
+    )
 
 
-def fill(region: MemoryRange, pattern: bytes) -> None:
+def fill(region: MemoryRegion, pattern: bytes) -> None:
+    """Fill every range of the region with ``pattern`` repeated."""
+    for piece in region.ranges:
+        _fill_range(piece, pattern)
+
+
+def count_occurrences(region: MemoryRegion, needle: bytes) -> int:
+    """How often ``needle`` occurs in the region, reading every byte of it."""
+    return sum(_count_in_range(piece, needle) for piece in region.ranges)
+
+
+def _fill_range(region: MemoryRange, pattern: bytes) -> None:
     """Fill the range with ``pattern`` repeated (what a tenant workload leaves behind)."""
     if not pattern:
         raise ValidationError("the pattern is empty")
@@ -83,7 +129,7 @@ def fill(region: MemoryRange, pattern: bytes) -> None:
         os.close(fd)
 
 
-def count_occurrences(region: MemoryRange, needle: bytes) -> int:
+def _count_in_range(region: MemoryRange, needle: bytes) -> int:
     """How often ``needle`` occurs in the range, reading every byte of it."""
     if not needle:
         raise ValidationError("the text to find is empty")
@@ -104,18 +150,26 @@ class SimMemoryScrubBackend:
         self._slice_bytes = slice_bytes
 
     def resolve(self, target: ScrubTarget) -> ScrubTarget:
-        """The partition's byte range of its GPU's memory file (its MIG placement's slices)."""
+        """The partition's bytes of its device's memory file (its MIG placement's slices, its
+        vNPU's units, or all of it)."""
         if target.memory_file or not self._memory_dir or self._slice_bytes <= 0:
             return target
-        placement = None
-        if target.placement_start is not None and target.placement_size:
-            placement = (target.placement_start, target.placement_size)
-        region = partition_range(
-            Path(self._memory_dir), target.gpu_uuid, self._slice_bytes, placement
-        )
+        units: tuple[int, ...] | None = None
+        if target.units:
+            units = tuple(target.units)
+        elif target.placement_start is not None and target.placement_size:
+            units = tuple(
+                range(target.placement_start, target.placement_start + target.placement_size)
+            )
+        region = partition_region(
+            Path(self._memory_dir), target.gpu_uuid, self._slice_bytes, units,
+            target.unit_total or MEMORY_SLICES,
+        )  # fmt: skip
+        first = region.ranges[0]
         return replace(
-            target, total_bytes=region.length, memory_file=str(region.path), offset=region.offset
-        )
+            target, total_bytes=region.length, memory_file=str(first.path), offset=first.offset,
+            ranges=tuple((r.offset, r.length) for r in region.ranges),
+        )  # fmt: skip
 
     def scrub(self, target: ScrubTarget, patterns: tuple[int, ...]) -> tuple[PassResult, ...]:
         if not target.memory_file:
@@ -128,33 +182,49 @@ class SimMemoryScrubBackend:
     def _pass(self, target: ScrubTarget, pattern: int) -> PassResult:
         word = pattern.to_bytes(4, "little")
         block = word * (_CHUNK // 4)
+        ranges = [tuple(r) for r in target.ranges] or [(target.offset, target.total_bytes)]
         with Path(target.memory_file).open("r+b") as handle:
             fd = handle.fileno()
-            if os.fstat(fd).st_size < target.offset + target.total_bytes:
+            end = max(offset + length for offset, length in ranges)
+            if os.fstat(fd).st_size < end:
                 raise ScrubError(
                     f"partition {target.partition_uuid}: memory file is shorter than its range"
                 )
-            reach = target.total_bytes
+            budget = target.total_bytes
             if failpoints.active(Fault.SCRUB_SHORT_COVERAGE):
-                reach //= 2
+                budget //= 2
+            # (offset, bytes) this pass reaches: every range, or the first half of the bytes.
+            reach: list[tuple[int, int]] = []
+            for offset, length in ranges:
+                if budget <= 0:
+                    break
+                reach.append((offset, min(length, budget)))
+                budget -= length
             started = time.perf_counter()
             written = 0
-            while written < reach:
-                written += os.pwrite(fd, block[: reach - written], target.offset + written)
+            for offset, length in reach:
+                done_here = 0
+                while done_here < length:
+                    done_here += os.pwrite(fd, block[: length - done_here], offset + done_here)
+                written += done_here
             # No fsync: the page cache is what every other process reads, and a killed worker
             # does not lose it; power loss is outside what the simulation models.
             wrote = time.perf_counter()
             if failpoints.active(Fault.SCRUB_CORRUPT_AFTER_WRITE):
                 # Test hook: a fault between write and verify, which the verify must catch.
-                os.pwrite(fd, b"\x01", target.offset + reach // 2)
+                offset, length = reach[len(reach) // 2]
+                os.pwrite(fd, b"\x01", offset + length // 2)
             verified = mismatched = 0
-            while verified < reach:
-                chunk = os.pread(fd, min(_CHUNK, reach - verified), target.offset + verified)
-                if not chunk:
-                    break
-                if chunk != block[: len(chunk)]:
-                    mismatched += sum(1 for a, b in zip(chunk, block, strict=False) if a != b)
-                verified += len(chunk)
+            for offset, length in reach:
+                checked = 0
+                while checked < length:
+                    chunk = os.pread(fd, min(_CHUNK, length - checked), offset + checked)
+                    if not chunk:
+                        break
+                    if chunk != block[: len(chunk)]:
+                        mismatched += sum(1 for a, b in zip(chunk, block, strict=False) if a != b)
+                    checked += len(chunk)
+                verified += checked
             done = time.perf_counter()
         return PassResult(
             pattern=pattern,

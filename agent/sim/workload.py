@@ -19,69 +19,77 @@ from pathlib import Path
 from agent.config import Config
 from agent.errors import HardwareError, NotFoundError, ValidationError
 from agent.hw.devnodes import DeviceNode, DeviceNodeMap, own_nodes
-from agent.hw.model import GpuInfo, MigInstanceInfo
+from agent.hw.model import NVIDIA, DeviceInfo, InstanceInfo
 from agent.hw.nvml import NvmlBackend
-from agent.scrub.simmem import MemoryRange, count_occurrences, fill, partition_range
+from agent.hw.sources import node_backends
+from agent.partitions.inventory import partition_nodes, partitions_of
+from agent.scrub.simmem import MemoryRegion, count_occurrences, fill, partition_region
+from agent.store import PartitionRecord
 
 _NVML_ERROR_IN_USE = 19
 
 
 @dataclass(frozen=True)
 class Located:
-    gpu: GpuInfo
-    instance: MigInstanceInfo | None
+    gpu: DeviceInfo
+    instance: InstanceInfo | None
+    partition: PartitionRecord
+    nodes: tuple[DeviceNode, ...]
 
     @property
-    def placement(self) -> tuple[int, int] | None:
+    def units(self) -> tuple[int, ...] | None:
+        """The memory units the partition owns; None for a whole device."""
         if self.instance is None:
             return None
-        return (self.instance.placement_start, self.instance.placement_size)
+        return self.instance.memory_units
 
 
 def locate(config: Config, partition_uuid: str) -> Located:
-    if not config.nvml.sim_dir or not config.sim.memory_dir:
+    """The partition on the simulated node, through the same backends the agent reads."""
+    if not config.sim.memory_dir or not (config.nvml.sim_dir or config.dcmi.sim_dir):
         raise ValidationError(
             "the sim commands need a simulated node's config (accelguard sim init)"
         )
-    with NvmlBackend(config.nvml.library, config.nvml.sim_dir) as backend:
-        for gpu in backend.inventory():
-            if gpu.uuid == partition_uuid and not gpu.mig_current:
-                return Located(gpu, None)
-            for instance in gpu.instances:
-                if instance.uuid == partition_uuid:
-                    return Located(gpu, instance)
-    raise NotFoundError(f"partition {partition_uuid} does not exist on this simulated node")
+    backends = node_backends(config)
+    backends.open()
+    try:
+        devices = tuple(d for source in backends.sources for d in source.inventory())
+        partitions = {p.uuid: p for p in partitions_of(devices)}
+        if partition_uuid not in partitions:
+            raise NotFoundError(f"partition {partition_uuid} does not exist on this simulated node")
+        partition = partitions[partition_uuid]
+        device = next(d for d in devices if d.uuid == partition.gpu_uuid)
+        instance = next((i for i in device.instances if i.uuid == partition_uuid), None)
+        device_map = DeviceNodeMap(config.devices.dev_root, config.devices.proc_root)
+        nodes = partition_nodes(device_map, backends.accel, device, partition)
+    finally:
+        backends.close()
+    return Located(device, instance, partition, tuple(nodes))
 
 
-def memory_range(config: Config, partition_uuid: str) -> MemoryRange:
+def memory_region(config: Config, partition_uuid: str) -> MemoryRegion:
     found = locate(config, partition_uuid)
-    return partition_range(
-        Path(config.sim.memory_dir), found.gpu.uuid, config.sim.slice_bytes, found.placement
-    )
+    return partition_region(
+        Path(config.sim.memory_dir), found.gpu.uuid, config.sim.slice_bytes, found.units,
+        found.gpu.memory_units,
+    )  # fmt: skip
 
 
-def write_pattern(config: Config, partition_uuid: str, pattern: str) -> MemoryRange:
-    region = memory_range(config, partition_uuid)
+def write_pattern(config: Config, partition_uuid: str, pattern: str) -> MemoryRegion:
+    region = memory_region(config, partition_uuid)
     fill(region, pattern.encode())
     return region
 
 
-def find_pattern(config: Config, partition_uuid: str, text: str) -> tuple[MemoryRange, int]:
-    region = memory_range(config, partition_uuid)
+def find_pattern(config: Config, partition_uuid: str, text: str) -> tuple[MemoryRegion, int]:
+    region = memory_region(config, partition_uuid)
     return region, count_occurrences(region, text.encode())
 
 
-def _own_nodes(config: Config, found: Located) -> list[DeviceNode]:
-    nodes = DeviceNodeMap(config.devices.dev_root, config.devices.proc_root)
-    if found.instance is None:
-        return own_nodes(nodes.gpu_nodes(found.gpu.minor))
-    if found.instance.compute_instance_id is None:
+def _own_nodes(found: Located) -> list[DeviceNode]:
+    if found.partition.kind == "mig" and found.partition.ci_id is None:
         raise NotFoundError("the MIG instance has no compute instance")
-    return own_nodes(
-        nodes.mig_nodes(
-            found.gpu.minor, found.instance.gpu_instance_id, found.instance.compute_instance_id
-        )
-    )
+    return own_nodes(list(found.nodes))
 
 
 def register_process(sim_dir: Path, pid: int, found: Located, used_bytes: int) -> None:
@@ -124,8 +132,11 @@ def hold(config: Config, partition_uuid: str, cgroup: Path | None, ignore_sigter
     found = locate(config, partition_uuid)
     # No driver backs the simulated nodes, so a real open() fails with ENXIO; an O_PATH
     # descriptor still names the device (fstat gives its st_rdev), which is what eviction scans.
-    descriptors = [os.open(node.path, os.O_PATH) for node in _own_nodes(config, found)]
-    register_process(Path(config.nvml.sim_dir), os.getpid(), found, 1 << 20)
+    descriptors = [os.open(node.path, os.O_PATH) for node in _own_nodes(found)]
+    if found.gpu.vendor == NVIDIA:
+        # nvml-sim's process table: NVML reports the process on its GPU or instance. DCMI and
+        # /dev/accel have no process list; their holders are found by their open nodes only.
+        register_process(Path(config.nvml.sim_dir), os.getpid(), found, 1 << 20)
     if ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(f"holding {partition_uuid} as pid {os.getpid()}", flush=True)

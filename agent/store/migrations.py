@@ -226,6 +226,39 @@ MIGRATIONS: tuple[str, ...] = (
         checked_at REAL
     );
     """,
+    # 10: NPUs and /dev/accel devices (docs/npu.md): partition kinds npu (a whole Ascend NPU),
+    # vnpu (gi_id is its vdev id) and accel. SQLite cannot change a CHECK constraint, so the
+    # table is rebuilt with every row and column as it was (nothing references it).
+    """
+    CREATE TABLE partitions_v10 (
+        uuid TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('gpu', 'mig', 'npu', 'vnpu', 'accel')),
+        gpu_uuid TEXT NOT NULL,
+        gpu_index INTEGER NOT NULL,
+        gi_id INTEGER,
+        ci_id INTEGER,
+        profile TEXT NOT NULL DEFAULT '',
+        placement_start INTEGER,
+        placement_size INTEGER,
+        state TEXT NOT NULL
+            CHECK (state IN ('free', 'leased', 'releasing', 'scrubbing', 'quarantined')),
+        clean INTEGER NOT NULL CHECK (clean IN (0, 1)),
+        reason TEXT NOT NULL DEFAULT '',
+        present INTEGER NOT NULL DEFAULT 1,
+        updated_at REAL NOT NULL,
+        lease_id TEXT,
+        last_lease_id TEXT,
+        identity TEXT NOT NULL DEFAULT ''
+    );
+    INSERT INTO partitions_v10 (uuid, kind, gpu_uuid, gpu_index, gi_id, ci_id, profile,
+        placement_start, placement_size, state, clean, reason, present, updated_at, lease_id,
+        last_lease_id, identity)
+    SELECT uuid, kind, gpu_uuid, gpu_index, gi_id, ci_id, profile, placement_start,
+        placement_size, state, clean, reason, present, updated_at, lease_id, last_lease_id,
+        identity FROM partitions;
+    DROP TABLE partitions;
+    ALTER TABLE partitions_v10 RENAME TO partitions;
+    """,
 )
 
 # Bounds a journal check must stay within at start-up (a few thousand rows on a real node).

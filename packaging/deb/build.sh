@@ -5,9 +5,10 @@
 #   /opt/accelguard/                 a virtualenv of Debian's own python3.X: accelguard and its
 #                                    Python dependencies (the `tpm` extra included), byte-compiled
 #   /opt/accelguard/lib/libaccelguard-ima.so        native/imafast (the IMA parser's fast path)
-#   /opt/accelguard/lib/nvml-sim/libnvidia-ml.so.1  native/nvml-sim, for `accelguard sim init`
-#                                    only: outside every loader path, so it never stands in for
-#                                    the driver's library
+#   /opt/accelguard/lib/nvml-sim/libnvidia-ml.so.1  native/nvml-sim, and
+#   /opt/accelguard/lib/dcmi-sim/libdcmi.so         native/dcmi-sim, for `accelguard sim init`
+#                                    only: outside every loader path, so they never stand in for
+#                                    the drivers' libraries
 #   /usr/bin/accelguard              -> /opt/accelguard/bin/accelguard
 #   /lib/systemd/system/accelguard.service          systemd/accelguard.service, as it is
 #   /etc/accelguard/agent.toml       conffile: agent/config_template.toml (`config init` writes it)
@@ -34,7 +35,7 @@ cd "$(dirname "$0")/../.."
 
 WORK=build/deb
 PREFIX=/opt/accelguard
-PACKAGED=(agent native/imafast native/nvml-sim native/scrub systemd docs packaging pyproject.toml README.md)
+PACKAGED=(agent native/imafast native/nvml-sim native/dcmi-sim native/scrub systemd docs packaging pyproject.toml README.md)
 MAINTAINER=${DEB_MAINTAINER:-accelguard developers <root@localhost>}
 
 say() { printf 'make deb: %s\n' "$*"; }
@@ -135,17 +136,22 @@ say "native libraries"
 NATIVE_CFLAGS="-O2 -fstack-protector-strong -D_FORTIFY_SOURCE=2 -Wl,-z,relro -Wl,-z,now"
 make -s -C "$WORK/src/native/imafast" CFLAGS="$NATIVE_CFLAGS" >/dev/null
 make -s -C "$WORK/src/native/nvml-sim" CFLAGS="$NATIVE_CFLAGS" >/dev/null
+make -s -C "$WORK/src/native/dcmi-sim" CFLAGS="$NATIVE_CFLAGS" >/dev/null
 install -D -m 0644 "$WORK/src/native/imafast/build/libaccelguard-ima.so" \
 	"$VENV/lib/libaccelguard-ima.so"
 install -D -m 0644 "$WORK/src/native/nvml-sim/build/libnvidia-ml.so.1" \
 	"$VENV/lib/nvml-sim/libnvidia-ml.so.1"
-strip --strip-unneeded "$VENV/lib/libaccelguard-ima.so" "$VENV/lib/nvml-sim/libnvidia-ml.so.1"
+install -D -m 0644 "$WORK/src/native/dcmi-sim/build/libdcmi.so" "$VENV/lib/dcmi-sim/libdcmi.so"
+strip --strip-unneeded "$VENV/lib/libaccelguard-ima.so" "$VENV/lib/nvml-sim/libnvidia-ml.so.1" \
+	"$VENV/lib/dcmi-sim/libdcmi.so"
 # Where the agent looks for them today: beside the package, as in a checkout
-# (agent/attest/logs/ima_native.py CHECKOUT_LIBRARY, agent/sim/node.py NVML_SIM_LIBRARY).
+# (agent/attest/logs/ima_native.py CHECKOUT_LIBRARY, agent/sim/node.py NVML_SIM_LIBRARY,
+# agent/sim/npu.py DCMI_SIM_LIBRARY).
 SITE=$VENV/lib/python$PYVER/site-packages
-mkdir -p "$SITE/native/imafast/build" "$SITE/native/nvml-sim/build"
+mkdir -p "$SITE/native/imafast/build" "$SITE/native/nvml-sim/build" "$SITE/native/dcmi-sim/build"
 ln -sr "$VENV/lib/libaccelguard-ima.so" "$SITE/native/imafast/build/libaccelguard-ima.so"
 ln -sr "$VENV/lib/nvml-sim/libnvidia-ml.so.1" "$SITE/native/nvml-sim/build/libnvidia-ml.so.1"
+ln -sr "$VENV/lib/dcmi-sim/libdcmi.so" "$SITE/native/dcmi-sim/build/libdcmi.so"
 
 # The staging path -> /opt/accelguard in the virtualenv's scripts and pyvenv.cfg.
 ROOT_PATTERN=$(printf '%s' "$ROOT" | sed 's/[][\\.*^$#]/\\&/g')

@@ -57,6 +57,7 @@ PREFIX = Path("/opt/accelguard")
 UNIT = Path("/lib/systemd/system/accelguard.service")
 CONFFILE = Path("/etc/accelguard/agent.toml")
 NVML_SIM = PREFIX / "lib" / "nvml-sim" / "libnvidia-ml.so.1"
+DCMI_SIM = PREFIX / "lib" / "dcmi-sim" / "libdcmi.so"
 # What the package installs, and what dpkg and the maintainer scripts write.
 WRITTEN = ("/etc", "/opt", "/usr", "/lib", "/var", "/run")
 # A clean environment for everything run inside: nothing of this checkout's virtualenv.
@@ -135,8 +136,9 @@ def test_the_package_holds_the_agent_its_unit_config_and_docs(deb: Path, tmp_pat
     entries = {line.split()[5].removeprefix("."): line for line in listing}
     for wanted in (
         f"{PREFIX}/bin/accelguard", f"{PREFIX}/pyvenv.cfg", f"{PREFIX}/lib/libaccelguard-ima.so",
-        str(NVML_SIM), str(UNIT), str(CONFFILE),
-        "/usr/share/doc/accelguard/operations.md", "/usr/share/doc/accelguard/copyright",
+        str(NVML_SIM), str(DCMI_SIM), str(UNIT), str(CONFFILE),
+        "/usr/share/doc/accelguard/operations.md", "/usr/share/doc/accelguard/npu.md",
+        "/usr/share/doc/accelguard/copyright",
     ):  # fmt: skip
         assert wanted in entries, f"{wanted} is not in the package"
     assert entries["/usr/bin/accelguard"].endswith(f"-> {PREFIX}/bin/accelguard")
@@ -382,6 +384,11 @@ def _run_the_unit_on_a_simulated_node(
     settings = tomllib.loads((root / "agent.toml").read_text())
     # The installed nvml-sim, not this checkout's.
     assert Path(settings["nvml"]["library"]).is_relative_to(PREFIX)
+    # And the installed dcmi-sim for an NPU node.
+    npu_root = tmp_path / "npu-node"
+    _ok(inside.accelguard("sim", "init", "--dir", npu_root, "--topology", "ascend910x1"))
+    npu_settings = tomllib.loads((npu_root / "agent.toml").read_text())
+    assert Path(npu_settings["dcmi"]["library"]).is_relative_to(PREFIX)
     # The state in the default place (inside the namespace), for purge to find.
     state_dir = Path("/var/lib/accelguard")
     settings["node"]["state_dir"] = str(state_dir)

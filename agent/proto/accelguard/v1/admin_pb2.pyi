@@ -358,6 +358,8 @@ class Gpu(_message.Message):
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
     RESET_REQUIRED_FIELD_NUMBER: _builtins.int
+    VENDOR_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     uuid: _builtins.str
     name: _builtins.str
@@ -366,6 +368,12 @@ class Gpu(_message.Message):
     memory_total_bytes: _builtins.int
     reset_required: _builtins.bool
     """MIG mode will change on the next GPU reset: the operator must reset explicitly."""
+    vendor: _builtins.str
+    """"nvidia", "huawei" (an Ascend NPU; instances are its vNPUs, gpu_instance_id the vdev id)
+    or "accel" (a /dev/accel device).
+    """
+    kind: _builtins.str
+    """"gpu", "npu" or "accel" """
     @_builtins.property
     def mig_mode(self) -> Global___MigMode: ...
     @_builtins.property
@@ -382,10 +390,12 @@ class Gpu(_message.Message):
         memory_total_bytes: _builtins.int = ...,
         instances: _abc.Iterable[Global___MigInstance] | None = ...,
         reset_required: _builtins.bool = ...,
+        vendor: _builtins.str = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["mig_mode", b"mig_mode"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "instances", b"instances", "memory_total_bytes", b"memory_total_bytes", "mig_mode", b"mig_mode", "name", b"name", "pci_bus_id", b"pci_bus_id", "reset_required", b"reset_required", "serial", b"serial", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "instances", b"instances", "kind", b"kind", "memory_total_bytes", b"memory_total_bytes", "mig_mode", b"mig_mode", "name", b"name", "pci_bus_id", b"pci_bus_id", "reset_required", b"reset_required", "serial", b"serial", "uuid", b"uuid", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,8 +416,9 @@ class Partition(_message.Message):
     DEVICE_NODES_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
     kind: _builtins.str
-    """"gpu" or "mig" """
+    """"gpu", "mig", "npu", "vnpu" or "accel" """
     gpu_index: _builtins.int
+    """the index of its device among those of its kind (GPU, NPU, accel)"""
     profile: _builtins.str
     state: _builtins.str
     """free, leased, releasing, scrubbing, quarantined"""
@@ -560,12 +571,18 @@ class LayoutTarget(_message.Message):
     MIG_ENABLED_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
     CLEAR_FIELD_NUMBER: _builtins.int
+    NPU_FIELD_NUMBER: _builtins.int
     all_gpus: _builtins.bool
     mig_enabled: _builtins.bool
     clear: _builtins.bool
     """MIG on with no instances at all (every instance destroyed). Required to ask for that: a
     target with mig_enabled, no count above 0 and no clear is refused, and so is clear with
     counts or with mig_enabled false.
+    """
+    npu: _builtins.bool
+    """A target for Ascend NPUs: gpu_indices are NPU logic ids, counts vNPU templates (vir08=2),
+    clear no vNPUs (the NPU whole); mig_enabled must be true. GPU and NPU targets are never
+    mixed in one request.
     """
     @_builtins.property
     def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
@@ -584,10 +601,11 @@ class LayoutTarget(_message.Message):
         mig_enabled: _builtins.bool = ...,
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         clear: _builtins.bool = ...,
+        npu: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_gpus", b"all_gpus", "clear", b"clear", "counts", b"counts", "device_filter", b"device_filter", "gpu_indices", b"gpu_indices", "mig_enabled", b"mig_enabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_gpus", b"all_gpus", "clear", b"clear", "counts", b"counts", "device_filter", b"device_filter", "gpu_indices", b"gpu_indices", "mig_enabled", b"mig_enabled", "npu", b"npu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

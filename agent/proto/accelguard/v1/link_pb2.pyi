@@ -564,6 +564,7 @@ class InventoryGpu(_message.Message):
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     RESET_REQUIRED_FIELD_NUMBER: _builtins.int
+    VENDOR_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     uuid: _builtins.str
     name: _builtins.str
@@ -576,6 +577,10 @@ class InventoryGpu(_message.Message):
     reset can bring it back)
     """
     reset_required: _builtins.bool
+    vendor: _builtins.str
+    """"nvidia" (a GPU), "huawei" (an Ascend NPU) or "accel" (a /dev/accel device); index is
+    within the vendor's devices. Empty from agents older than NPU support: "nvidia".
+    """
     def __init__(
         self,
         *,
@@ -588,10 +593,11 @@ class InventoryGpu(_message.Message):
         memory_total_bytes: _builtins.int = ...,
         health: _builtins.str = ...,
         reset_required: _builtins.bool = ...,
+        vendor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "index", b"index", "memory_total_bytes", b"memory_total_bytes", "mig_current", b"mig_current", "mig_pending", b"mig_pending", "name", b"name", "reset_required", b"reset_required", "serial", b"serial", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "index", b"index", "memory_total_bytes", b"memory_total_bytes", "mig_current", b"mig_current", "mig_pending", b"mig_pending", "name", b"name", "reset_required", b"reset_required", "serial", b"serial", "uuid", b"uuid", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
