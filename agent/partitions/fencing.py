@@ -194,7 +194,7 @@ class TenantFences:
             # A vNPU's chip node (/dev/davinciN) reaches the whole chip: a fence that still
             # allows it (a whole-NPU tenant from before the split) shares the vNPU's chip.
             if record.kind == "vnpu":
-                chip = own_nodes(npu_nodes(self._ctx.config.devices.dev_root, gpu.minor))
+                chip = self._chip_nodes(record)
                 if any(fence.allows(n.kind, n.major, n.minor) for n in chip):
                     raise IsolationError(
                         f"partition {record.uuid} is not granted: the fence on {other} allows "
@@ -208,8 +208,16 @@ class TenantFences:
         for record in partitions:
             try:
                 own = own_nodes(self._ctx.nodes(record))
+                own += self._chip_nodes(record)
             except AccelguardError:
                 continue
             if any(fence.allows(n.kind, n.major, n.minor) for n in own):
                 allowed.append(record)
         return allowed
+
+    def _chip_nodes(self, record: PartitionRecord) -> list[DeviceNode]:
+        """A vNPU's chip node (/dev/davinciN): it reaches the whole chip, the vNPU included."""
+        if record.kind != "vnpu":
+            return []
+        gpu = self._ctx.gpu(record)
+        return own_nodes(npu_nodes(self._ctx.config.devices.dev_root, gpu.minor))

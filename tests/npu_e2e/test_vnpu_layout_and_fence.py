@@ -11,6 +11,8 @@ import errno
 from pathlib import Path
 from typing import Any
 
+from agent.isolation import fence_for
+from agent.isolation.rules import rules_for_nodes
 from tests.leases.helpers import tenant_cgroup
 from tests.support import RunningAgent, mutating_calls, probe, wait_all_clean
 
@@ -143,3 +145,55 @@ def test_vnpu_fence_allows_exactly_its_nodes(
     assert released["state"] == "free" and released["clean"] is True
     assert_fenced_to(alice, [], every)
     assert_fenced_to(bob, nodes_b, every)
+
+
+def test_910b_vnpu_fence(
+    npu910b_agent: RunningAgent, cgroup_parents: dict[str, Path], hierarchy: str
+) -> None:
+    agent = npu910b_agent
+    agent.cli_json("layout", "apply", "--npu", "7", "vir05_1c_16g=4")
+    wait_all_clean(agent)
+    tenant = tenant_cgroup(cgroup_parents, hierarchy, "b-tenant")
+    lease = agent.cli_json(
+        "lease", "grant", "--tenant", "b", "--profile", "vir05_1c_16g", "--cgroup", str(tenant)
+    )
+    dev = agent.config.devices.dev_root
+    # The first vNPU of the chip with physical id 7: vdev 100 + 16 * 7.
+    assert str(dev / "vdavinci212") in lease["partition"]["device_nodes"]
+    assert_fenced_to(tenant, lease["partition"]["device_nodes"], npu_nodes(agent))
+
+
+def test_a_fence_left_on_the_whole_chip_blocks_its_vnpus(
+    npu910_agent: RunningAgent, cgroup_parents: dict[str, Path], hierarchy: str
+) -> None:
+    """A fence that still opens /dev/davinci0 (a whole-NPU tenant the journal lost) reaches the
+    whole chip: the agent's fence survey quarantines the chip's vNPUs, and none is granted."""
+    agent = npu910_agent
+    agent.cli_json("layout", "apply", "--npu", "0", "vir08=2")
+    agent.cli_json("layout", "apply", "--npu", "1", "vir08=1")
+    wait_all_clean(agent)
+    dev = agent.config.devices.dev_root
+    leftover = tenant_cgroup(cgroup_parents, hierarchy, "leftover")
+    fence_for(leftover).apply(leftover, rules_for_nodes([dev / "davinci0"]))
+    agent.stop()
+    agent.start()  # the start-up survey reads every fence back from the kernel
+    states = {p["uuid"]: p for p in vnpus(agent, 0)}
+    assert all(p["state"] == "quarantined" for p in states.values()), states
+    assert all(str(leftover) in p["reason"] for p in states.values()), states
+    # Cleared (scrubbed) by the operator, still not granted while that fence opens the chip.
+    tenant = tenant_cgroup(cgroup_parents, hierarchy, "tenant")
+    for uuid in states:
+        cleared = agent.cli_json("partition", "clear", uuid, "--reason", "checked")
+        assert cleared["state"] == "free" and cleared["clean"] is True
+        refused = agent.cli(
+            "lease", "grant", "--tenant", "t", "--partition", uuid, "--cgroup", str(tenant)
+        )
+        assert refused.returncode != 0
+        assert f"allows {dev / 'davinci0'}, the whole NPU the vNPU is part of" in refused.stderr
+    # The other chip's vNPU is not affected.
+    [other] = vnpus(agent, 1)
+    assert other["state"] == "free" and other["clean"]
+    granted = agent.cli_json(
+        "lease", "grant", "--tenant", "t", "--partition", other["uuid"], "--cgroup", str(tenant)
+    )
+    assert granted["lease"]["state"] == "active"
