@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .make
 APT_PACKAGES := build-essential pkg-config python3 python3-venv python3-dev libtss2-dev \
-	libssl-dev swtpm swtpm-tools tpm2-tools mosquitto udev prometheus systemd libcap2-bin
+	libssl-dev swtpm swtpm-tools tpm2-tools mosquitto udev prometheus systemd libcap2-bin \
+	slurmd slurmctld slurm-client munge libslurm-dev
 NVML_SIM := native/nvml-sim/build/libnvidia-ml.so.1
 
 .PHONY: demo test deps native proto lint typecheck pytest deb clean
@@ -31,6 +32,7 @@ deps: $(STAMPS)/venv
 native: $(STAMPS)/apt
 	@$(MAKE) -s -C native/nvml-sim
 	@$(MAKE) -s -C native/dcmi-sim
+	@$(MAKE) -s -C native/slurm-spank
 	@$(MAKE) -s -C native/imafast
 
 proto: deps
@@ -73,5 +75,6 @@ $(DEB): $(STAMPS)/apt Makefile $(DEB_INPUTS)
 clean:
 	@$(MAKE) -s -C native/nvml-sim clean
 	@$(MAKE) -s -C native/dcmi-sim clean
+	@$(MAKE) -s -C native/slurm-spank clean
 	@$(MAKE) -s -C native/imafast clean
 	@rm -rf $(STAMPS) build .pytest_cache .mypy_cache .ruff_cache

@@ -84,6 +84,10 @@ class AdminClient:
     def grant_lease(self, request: pb.GrantLeaseRequest) -> pb.GrantLeaseResponse:
         return self._call(self._stub.GrantLease, request, pb.GrantLeaseResponse)
 
+    def bind_lease(self, lease_id: str, cgroup: str) -> pb.Lease:
+        request = pb.BindLeaseRequest(lease_id=lease_id, cgroup=cgroup)
+        return self._call(self._stub.BindLease, request, pb.Lease)
+
     def release_lease(self, lease_id: str) -> pb.Partition:
         return self._call(
             self._stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id=lease_id), pb.Partition

@@ -83,7 +83,10 @@ class LeaseService(Protocol):
         profile: str = "",
         ttl_s: float = 0.0,
         scrub_policy: str = "",
+        bind_later: bool = False,
     ) -> LeaseGrant: ...
+
+    async def bind(self, lease_id: str, cgroup: str) -> LeaseRecord: ...
 
     async def release(self, lease_id: str) -> PartitionRecord: ...
 
@@ -205,6 +208,7 @@ class AdminHandlers:
             profile=request.profile,
             ttl_s=request.ttl_s,
             scrub_policy=request.scrub_policy,
+            bind_later=request.bind_later,
         )
         partition = partition_message(grant.partition, (str(n.path) for n in grant.device_nodes))
         if self._latencies is not None:
@@ -212,6 +216,9 @@ class AdminHandlers:
         return pb.GrantLeaseResponse(
             lease=lease_message(grant.lease), partition=partition, cdi_device=grant.cdi_device
         )
+
+    async def bind(self, request: pb.BindLeaseRequest) -> pb.Lease:
+        return lease_message(await self._leases.bind(request.lease_id, request.cgroup))
 
     async def release(self, request: pb.ReleaseLeaseRequest) -> pb.Partition:
         started = time.perf_counter()

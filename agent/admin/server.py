@@ -134,6 +134,9 @@ class _Servicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     ) -> pb.GrantLeaseResponse:
         return await self._guard("GrantLease", context, self._handlers.grant(request), changes=True)
 
+    async def BindLease(self, request: pb.BindLeaseRequest, context: Any) -> pb.Lease:
+        return await self._guard("BindLease", context, self._handlers.bind(request), changes=True)
+
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any) -> pb.Partition:
         return await self._guard(
             "ReleaseLease", context, self._handlers.release(request), changes=True

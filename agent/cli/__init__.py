@@ -34,6 +34,7 @@ import agent.cli.link as link_verbs
 import agent.cli.node as node_verbs
 import agent.cli.scrub as scrub_verbs
 import agent.cli.sim as sim_verbs
+import agent.cli.slurm as slurm_verbs
 import agent.cli.state as state_verbs
 from agent import __version__
 from agent.cli.output import PROG, error_kind, print_error
@@ -44,7 +45,7 @@ from agent.runtime.inputs import non_utf8_argument
 # In the order `accelguard --help` lists their commands.
 VERB_GROUPS = (
     node_verbs, layout_verbs, leases_verbs, fences_verbs, state_verbs, scrub_verbs, link_verbs,
-    controller_verbs, sim_verbs, attest_verbs, bench_verbs, health_verbs, audit_verbs,
+    controller_verbs, sim_verbs, attest_verbs, bench_verbs, health_verbs, audit_verbs, slurm_verbs,
 )  # fmt: skip
 
 

@@ -36,7 +36,12 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
     selector.add_argument(
         "--profile", help="a MIG profile such as 1g.10gb, or 'gpu' for a whole GPU"
     )
-    grant.add_argument("--cgroup", required=True, help="the tenant's cgroup directory (absolute)")
+    where = grant.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cgroup", help="the tenant's cgroup directory (absolute)")
+    where.add_argument(
+        "--bind-later", action="store_true",
+        help="take the partition now, fence the cgroup when it exists (`lease bind`)",
+    )  # fmt: skip
     grant.add_argument("--ttl", type=seconds, default=0.0, metavar="DURATION",
                        help="until the agent releases it: seconds, or 15m, 2h, 30d")  # fmt: skip
     grant.add_argument("--scrub-policy", choices=["zero", "multi-pass"], default="",
@@ -46,6 +51,10 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         "--wait", type=seconds, default=0.0, metavar="S",
         help="if no clean partition is free yet, keep asking for up to S seconds",
     )  # fmt: skip
+    bind = lease_verbs.add_parser("bind", help="fence the cgroup of a --bind-later lease")
+    bind.add_argument("lease_id")
+    bind.add_argument("--cgroup", required=True, help="the tenant's cgroup directory (absolute)")
+    add_output(bind)
     release = lease_verbs.add_parser("release", help="revoke, evict, scrub; waits until clean")
     release.add_argument("lease_id")
     add_output(release)
@@ -81,9 +90,10 @@ def _lease(client: Any, args: argparse.Namespace) -> int:
     if args.verb == "grant":
         request = pb.GrantLeaseRequest(
             tenant=args.tenant,
-            cgroup=args.cgroup,
+            cgroup=args.cgroup or "",
             ttl_s=args.ttl,
             scrub_policy=args.scrub_policy,
+            bind_later=args.bind_later,
         )
         if args.partition:
             request.partition_uuid = args.partition
@@ -94,6 +104,9 @@ def _lease(client: Any, args: argparse.Namespace) -> int:
         # An older agent sends no CDI name.
         cdi = f"\nCDI device: {response.cdi_device}" if response.cdi_device else ""
         emit(args, response, f"{response.lease.id}  {response.partition.uuid}\n{nodes}{cdi}")
+    elif args.verb == "bind":
+        lease = client.bind_lease(args.lease_id, args.cgroup)
+        emit(args, lease, f"{lease.id}  {lease.partition_uuid}  bound to {lease.cgroup}")
     elif args.verb == "release":
         partition = client.release_lease(args.lease_id)
         emit(args, partition, partition_line(partition))

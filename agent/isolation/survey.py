@@ -96,7 +96,10 @@ def survey_fences(
 
 
 def related(one: str, other: str) -> bool:
-    """True when one cgroup path is the other, or an ancestor or descendant of it."""
+    """True when one cgroup path is the other, or an ancestor or descendant of it. An empty path
+    (an unbound lease's) names no cgroup and is related to none."""
+    if not one or not other:
+        return False
     a, b = Path(one), Path(other)
     return a == b or a in b.parents or b in a.parents
 

@@ -47,14 +47,19 @@ class TenantFences:
         self.fences: dict[str, SurveyedFence] = {}
 
     async def fence_cgroup(self, cgroup: str) -> None:
-        """Make the cgroup's fence allow exactly the nodes of its live leases (baseline aside)."""
+        """Make the cgroup's fence allow exactly the nodes of its live leases (baseline aside).
+        An unbound lease (``bind_later``, cgroup empty) has no fence of its own yet."""
+        if not cgroup:
+            return
         async with self._cgroup_locks[cgroup]:
             await self._apply_fence(cgroup)
 
     async def _apply_fence(self, cgroup: str) -> None:
         path = Path(cgroup)
         if not path.is_dir():
+            # Removed (a Slurm job's cgroup at its end): the kernel dropped its fence with it.
             log.info("fence_cgroup_gone", cgroup=cgroup)
+            self.fences.pop(cgroup, None)
             return
         fence = fence_for(path)
 

@@ -47,6 +47,7 @@ from agent.isolation.cgroups import resolve_tenant_cgroup
 from agent.isolation.driver_files import host_search
 from agent.isolation.evict import Evictor
 from agent.isolation.survey import SurveyedFence
+from agent.partitions import binding
 from agent.partitions.context import NoEvents, PartitionContext, PartitionEvents
 from agent.partitions.faults import HealthFaults
 from agent.partitions.fencing import TenantFences
@@ -54,6 +55,7 @@ from agent.partitions.inventory import InventoryService
 from agent.partitions.reconcile import Reconciler
 from agent.partitions.revocation import Revoker
 from agent.partitions.sanitize import Sanitizer
+from agent.partitions.selection import check_mode_settled, select_partition
 from agent.runtime import failpoints
 from agent.runtime.durations import human_duration
 from agent.runtime.executor import BlockingExecutor
@@ -74,7 +76,6 @@ log = structlog.get_logger(__name__)
 
 
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
-WHOLE_GPU_PROFILE = "gpu"
 # A release that failed transiently (a full disk, a fence write refused) is retried by the agent
 # on its own at this pace until it completes or quarantines.
 RELEASE_RETRY_S = 2.0
@@ -169,7 +170,9 @@ class LeaseManager:
         profile: str = "",
         ttl_s: float = 0.0,
         scrub_policy: str = "",
+        bind_later: bool = False,
     ) -> Grant:
+        """``bind_later``: no cgroup yet (``cgroup`` empty); ``bind`` fences it when it exists."""
         if not _TENANT.fullmatch(tenant):
             raise ValidationError(
                 f"tenant {tenant!r}: use 1-128 letters, digits and . _ @ : - (starting with a "
@@ -186,7 +189,13 @@ class LeaseManager:
             raise ValidationError(
                 f"scrub policy {scrub_policy!r}: use one of {', '.join(POLICY_PATTERNS)}"
             )
-        path = resolve_tenant_cgroup(cgroup, self._ctx.config.tenants.cgroup_parents)
+        if bind_later and cgroup:
+            raise ValidationError("a lease bound later takes no cgroup now: `lease bind` names it")
+        path = (
+            ""
+            if bind_later
+            else str(resolve_tenant_cgroup(cgroup, self._ctx.config.tenants.cgroup_parents))
+        )
         if not self.ready.is_set():
             raise RetryLaterError("the agent is still reconciling after start-up; retry shortly")
         async with self._grant_lock:
@@ -194,13 +203,14 @@ class LeaseManager:
             live, partitions = await self._ctx.executor.call(
                 lambda: (self._ctx.store.leases(live_only=True), self._ctx.store.partitions())
             )
-            self._fences.check_not_nested(str(path), live)
-            await self._fences.check_fenceable(path)
-            record = self._select(partition_uuid, profile, partitions)
-            self._check_mode_settled(record)
+            if path:
+                self._fences.check_not_nested(path, live)
+                await self._fences.check_fenceable(Path(path))
+            record = select_partition(partition_uuid, profile, partitions)
+            check_mode_settled(self._ctx.gpu(record))
             nodes = self._ctx.nodes(record)
             self._fences.check_exclusive(
-                record, nodes, str(path), self._fences.mig_cgroups(live, partitions)
+                record, nodes, path, self._fences.mig_cgroups(live, partitions)
             )
             lease_id = f"lease-{uuidlib.uuid4().hex[:16]}"
             # Bound for the rest of this request's task (its log lines carry who and what).
@@ -210,7 +220,7 @@ class LeaseManager:
             expires = time.time() + ttl_s if ttl_s else None
             taken = await self._ctx.executor.call(
                 lambda: self._ctx.store.begin_grant(
-                    lease_id, record.uuid, tenant, str(path), expires, scrub_policy,
+                    lease_id, record.uuid, tenant, path, expires, scrub_policy,
                     [(n.kind, n.major, n.minor, str(n.path)) for n in nodes],
                 )
             )  # fmt: skip
@@ -226,12 +236,12 @@ class LeaseManager:
                 )
                 raise
         log.info(
-            "lease_granting", lease=lease_id, partition=record.uuid, tenant=tenant, cgroup=str(path)
+            "lease_granting", lease=lease_id, partition=record.uuid, tenant=tenant, cgroup=path
         )
         failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_JOURNAL)
         async with self._ctx.locks[record.uuid]:
             try:
-                await self._fences.fence_cgroup(str(path))
+                await self._fences.fence_cgroup(path)
                 failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_FENCE)
                 search = host_search(self._ctx.config.nvml.library)
 
@@ -249,7 +259,7 @@ class LeaseManager:
                 await self._ctx.report_lease(lease_id)
             except AccelguardError as error:
                 log.error("lease_grant_failed", lease=lease_id, error=str(error))  # noqa: TRY400
-                await self._abandon_grant(lease_id, record, nodes, str(path), error)
+                await self._abandon_grant(lease_id, record, nodes, path, error)
                 raise
         if lease is None or granted is None:  # pragma: no cover - written above
             raise StoreError(f"lease {lease_id} vanished from the journal")
@@ -296,58 +306,10 @@ class LeaseManager:
                 return
         await self.retire(lease_id, f"grant failed: {error}")
 
-    def _check_mode_settled(self, record: PartitionRecord) -> None:
-        gpu = self._ctx.gpu(record)
-        if gpu.reset_required:
-            pending = "on" if gpu.mig_pending else "off"
-            raise ValidationError(
-                f"GPU {gpu.index} has a pending MIG mode change (to {pending}): its partitions "
-                "change at the next GPU reset, so none is granted until then"
-            )
-
-    def _select(
-        self, partition_uuid: str, profile: str, partitions: list[PartitionRecord]
-    ) -> PartitionRecord:
-        if partition_uuid:
-            named = [p for p in partitions if p.uuid == partition_uuid]
-            if not named:
-                raise NotFoundError(f"partition {partition_uuid} does not exist on this node")
-            self._check_grantable(named[0])
-            return named[0]
-        candidates = []
-        for record in partitions:
-            matches = (
-                record.kind == "gpu" if profile == WHOLE_GPU_PROFILE else record.profile == profile
-            )
-            if matches:
-                candidates.append(record)
-        for record in candidates:
-            if record.state == "free" and record.clean:
-                return record
-        if not candidates:
-            raise NotFoundError(f"no partition with profile {profile!r} on this node")
-        states = ", ".join(sorted({self._state_text(r) for r in candidates}))
-        if all(r.state == PartitionState.QUARANTINED for r in candidates):
-            raise ValidationError(
-                f"no free clean partition with profile {profile!r}: all quarantined ({states})"
-            )
-        raise RetryLaterError(f"no free clean partition with profile {profile!r} yet ({states})")
-
-    @staticmethod
-    def _state_text(record: PartitionRecord) -> str:
-        if record.state == "free":
-            return "free" if record.clean else "dirty, awaiting scrub"
-        return record.state
-
-    def _check_grantable(self, record: PartitionRecord) -> None:
-        if record.state == "leased":
-            raise ValidationError(f"partition {record.uuid} is leased ({record.lease_id})")
-        if record.state == "quarantined":
-            raise ValidationError(f"partition {record.uuid} is quarantined: {record.reason}")
-        if record.state in ("releasing", "scrubbing"):
-            raise RetryLaterError(f"partition {record.uuid} is {record.state}; not grantable yet")
-        if not record.clean:
-            raise RetryLaterError(f"partition {record.uuid} is dirty (awaiting scrub)")
+    async def bind(self, lease_id: str, cgroup: str) -> LeaseRecord:
+        """Fence a ``bind_later`` lease's cgroup once it exists (agent/partitions/binding.py)."""
+        async with self._grant_lock:
+            return await binding.bind(self._ctx, self._fences, self.retire, lease_id, cgroup)
 
     async def release(self, lease_id: str, reason: str = "released") -> PartitionRecord:
         """Revoke, evict, scrub; returns the partition as the release left it.

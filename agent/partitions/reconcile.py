@@ -153,8 +153,9 @@ class Reconciler:
         for problem in problems:
             log.error("fence_unreadable", cgroup=problem.cgroup, error=problem.error)
         live = await self._ctx.leases(live_only=True)
-        history = {lease.cgroup for lease in await self._ctx.leases()}
-        leased = {lease.cgroup for lease in live if lease.state in FENCED}
+        # Unbound leases (bind_later) have no cgroup, hence no fence to explain.
+        history = {lease.cgroup for lease in await self._ctx.leases() if lease.cgroup}
+        leased = {lease.cgroup for lease in live if lease.state in FENCED and lease.cgroup}
         self._fences.fences = {fence.cgroup: fence for fence in fences}
         partitions = [p for p in await self._ctx.partitions() if p.present]
         for fence in fences:
@@ -232,7 +233,7 @@ class Reconciler:
                     await self._leases.retire(lease.id, reason or "recovered after restart")
             elif record is None or not record.present:
                 await self.lose(lease, "the partition vanished while the agent was down")
-            elif not Path(lease.cgroup).is_dir():
+            elif lease.cgroup and not Path(lease.cgroup).is_dir():
                 async with self._ctx.locks[lease.partition_uuid]:
                     await self._leases.retire(lease.id, "the tenant cgroup disappeared")
             else:

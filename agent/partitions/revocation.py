@@ -31,12 +31,13 @@ class Revoker:
             for other in await self._ctx.leases(live_only=True)
             if other.cgroup == lease.cgroup and other.id != lease.id
         ]
-        cgroup = Path(lease.cgroup)
+        # An unbound lease has no cgroup: every holder is a stray (NVML's are evicted).
+        cgroup = Path(lease.cgroup) if lease.cgroup else None
         try:
             report = await self._evictor.evict(
                 own_nodes(nodes),
                 nodes,
-                cgroup if cgroup.is_dir() else None,
+                cgroup if cgroup is not None and cgroup.is_dir() else None,
                 kill_whole_cgroup=not others,
                 nvml_holders=lambda: self.nvml_holders(record),
             )

@@ -953,6 +953,7 @@ class GrantLeaseRequest(_message.Message):
     CGROUP_FIELD_NUMBER: _builtins.int
     TTL_S_FIELD_NUMBER: _builtins.int
     SCRUB_POLICY_FIELD_NUMBER: _builtins.int
+    BIND_LATER_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     partition_uuid: _builtins.str
     profile: _builtins.str
@@ -963,6 +964,10 @@ class GrantLeaseRequest(_message.Message):
     """0: no expiry"""
     scrub_policy: _builtins.str
     """"zero" or "multi-pass"; empty: the node's default"""
+    bind_later: _builtins.bool
+    """No cgroup yet (cgroup empty): the partition is taken now and BindLease fences the cgroup
+    when it exists (a Slurm Prolog runs before the job's cgroup is made).
+    """
     def __init__(
         self,
         *,
@@ -972,16 +977,40 @@ class GrantLeaseRequest(_message.Message):
         cgroup: _builtins.str = ...,
         ttl_s: _builtins.float = ...,
         scrub_policy: _builtins.str = ...,
+        bind_later: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["partition_uuid", b"partition_uuid", "profile", b"profile", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup", b"cgroup", "partition_uuid", b"partition_uuid", "profile", b"profile", "scrub_policy", b"scrub_policy", "selector", b"selector", "tenant", b"tenant", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bind_later", b"bind_later", "cgroup", b"cgroup", "partition_uuid", b"partition_uuid", "profile", b"profile", "scrub_policy", b"scrub_policy", "selector", b"selector", "tenant", b"tenant", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["partition_uuid", "profile"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
 
 Global___GrantLeaseRequest: _TypeAlias = GrantLeaseRequest  # noqa: Y015
+
+@_typing.final
+class BindLeaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    CGROUP_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    cgroup: _builtins.str
+    """absolute directory of the tenant's cgroup (v1 devices or v2)"""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        cgroup: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup", b"cgroup", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BindLeaseRequest: _TypeAlias = BindLeaseRequest  # noqa: Y015
 
 @_typing.final
 class GrantLeaseResponse(_message.Message):

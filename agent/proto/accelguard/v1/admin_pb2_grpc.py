@@ -69,6 +69,11 @@ class AdminStub:
                 request_serializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseRequest.SerializeToString,
                 response_deserializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseResponse.FromString,
                 _registered_method=True)
+        self.BindLease = channel.unary_unary(
+                '/accelguard.v1.Admin/BindLease',
+                request_serializer=accelguard_dot_v1_dot_admin__pb2.BindLeaseRequest.SerializeToString,
+                response_deserializer=accelguard_dot_v1_dot_admin__pb2.Lease.FromString,
+                _registered_method=True)
         self.ReleaseLease = channel.unary_unary(
                 '/accelguard.v1.Admin/ReleaseLease',
                 request_serializer=accelguard_dot_v1_dot_admin__pb2.ReleaseLeaseRequest.SerializeToString,
@@ -156,6 +161,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BindLease(self, request, context):
+        """Fences the cgroup of a lease granted with bind_later, once it exists (a Slurm job's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseLease(self, request, context):
         """Returns once the partition is clean again (or quarantined, with the reason).
         """
@@ -239,6 +251,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GrantLease,
                     request_deserializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseRequest.FromString,
                     response_serializer=accelguard_dot_v1_dot_admin__pb2.GrantLeaseResponse.SerializeToString,
+            ),
+            'BindLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.BindLease,
+                    request_deserializer=accelguard_dot_v1_dot_admin__pb2.BindLeaseRequest.FromString,
+                    response_serializer=accelguard_dot_v1_dot_admin__pb2.Lease.SerializeToString,
             ),
             'ReleaseLease': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseLease,
@@ -465,6 +482,33 @@ class Admin:
             '/accelguard.v1.Admin/GrantLease',
             accelguard_dot_v1_dot_admin__pb2.GrantLeaseRequest.SerializeToString,
             accelguard_dot_v1_dot_admin__pb2.GrantLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BindLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accelguard.v1.Admin/BindLease',
+            accelguard_dot_v1_dot_admin__pb2.BindLeaseRequest.SerializeToString,
+            accelguard_dot_v1_dot_admin__pb2.Lease.FromString,
             options,
             channel_credentials,
             insecure,
