@@ -64,7 +64,8 @@ demo: deps native
 # worker while the other runs tests.
 DEB := $(or $(shell packaging/deb/build.sh --name 2>/dev/null),build/accelguard.deb)
 DEB_INPUTS := $(wildcard $(shell git ls-files --cached --others --exclude-standard -- \
-	agent native/imafast native/nvml-sim native/dcmi-sim native/scrub systemd docs packaging \
+	agent native/imafast native/nvml-sim native/dcmi-sim native/slurm-spank native/scrub systemd \
+	docs packaging \
 	pyproject.toml README.md 2>/dev/null))
 
 deb: $(DEB)

@@ -12,6 +12,8 @@
 #   /usr/bin/accelguard              -> /opt/accelguard/bin/accelguard
 #   /lib/systemd/system/accelguard.service          systemd/accelguard.service, as it is
 #   /etc/accelguard/agent.toml       conffile: agent/config_template.toml (`config init` writes it)
+#   /usr/lib/accelguard/slurm/       prolog, epilog (packaging/slurm) and accelguard_spank.so
+#                                    (native/slurm-spank): the Slurm hooks (docs/slurm.md)
 #   /usr/share/doc/accelguard/       README.md, docs/ (the unit's Documentation= names
 #                                    operations.md there), copyright
 #
@@ -35,7 +37,7 @@ cd "$(dirname "$0")/../.."
 
 WORK=build/deb
 PREFIX=/opt/accelguard
-PACKAGED=(agent native/imafast native/nvml-sim native/dcmi-sim native/scrub systemd docs packaging pyproject.toml README.md)
+PACKAGED=(agent native/imafast native/nvml-sim native/dcmi-sim native/slurm-spank native/scrub systemd docs packaging pyproject.toml README.md)
 MAINTAINER=${DEB_MAINTAINER:-accelguard developers <root@localhost>}
 
 say() { printf 'make deb: %s\n' "$*"; }
@@ -167,6 +169,14 @@ install -D -m 0644 "$WORK/src/systemd/accelguard.service" \
 	"$ROOT/lib/systemd/system/accelguard.service"
 install -d -m 0755 "$ROOT/etc/accelguard"
 install -m 0644 "$WORK/src/agent/config_template.toml" "$ROOT/etc/accelguard/agent.toml"
+SLURM=$ROOT/usr/lib/accelguard/slurm
+install -D -m 0755 "$WORK/src/packaging/slurm/prolog" "$SLURM/prolog"
+install -m 0755 "$WORK/src/packaging/slurm/epilog" "$SLURM/epilog"
+make -s -C "$WORK/src/native/slurm-spank" CFLAGS="$NATIVE_CFLAGS" >/dev/null
+[ -f "$WORK/src/native/slurm-spank/build/accelguard_spank.so" ] ||
+	fail "the SPANK plugin was not built: install libslurm-dev"
+install -m 0644 "$WORK/src/native/slurm-spank/build/accelguard_spank.so" "$SLURM/"
+strip --strip-unneeded "$SLURM/accelguard_spank.so"
 DOC=$ROOT/usr/share/doc/accelguard
 install -d -m 0755 "$DOC"
 cp -R "$WORK/src/docs/." "$DOC/"

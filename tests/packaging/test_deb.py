@@ -137,6 +137,8 @@ def test_the_package_holds_the_agent_its_unit_config_and_docs(deb: Path, tmp_pat
     for wanted in (
         f"{PREFIX}/bin/accelguard", f"{PREFIX}/pyvenv.cfg", f"{PREFIX}/lib/libaccelguard-ima.so",
         str(NVML_SIM), str(DCMI_SIM), str(UNIT), str(CONFFILE),
+        "/usr/lib/accelguard/slurm/prolog", "/usr/lib/accelguard/slurm/epilog",
+        "/usr/lib/accelguard/slurm/accelguard_spank.so",
         "/usr/share/doc/accelguard/operations.md", "/usr/share/doc/accelguard/npu.md",
         "/usr/share/doc/accelguard/copyright",
     ):  # fmt: skip

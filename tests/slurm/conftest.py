@@ -104,10 +104,12 @@ class SlurmCluster:
         result = subprocess.run(
             command, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
-        if result.returncode != 0:
+        lines = result.stdout.strip().splitlines()
+        if result.returncode != 0 or not lines:
+            # No output: the task never ran (srun may still exit 0 when it could not exec).
             result.stderr += f"\nSlurm node: {self.node_state()}"
             return result
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        return json.loads(lines[-1])
 
     def job_in_background(self, gpus: int, verb: str, *extra: str) -> subprocess.Popen[str]:
         command = [

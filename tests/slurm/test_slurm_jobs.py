@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.runtime.failpoints import ENVIRONMENT_VARIABLE, CrashPoint, Fault
 from tests.leases.helpers import reap
+from tests.slurm.conftest import ACCELGUARD as ACCELGUARD_SCRIPT
 from tests.slurm.conftest import SlurmCluster
 from tests.support import ACCELGUARD, wait_settled
 
@@ -88,7 +89,7 @@ def test_a_failed_scrub_drains_the_node_and_the_prolog_refuses_the_partition(
     _restart_agent(slurm)
     slurm.resume()
     refused = slurm.job(2, "probe")
-    assert isinstance(refused, subprocess.CompletedProcess) and refused.returncode != 0
+    assert isinstance(refused, subprocess.CompletedProcess) and not refused.stdout.strip()
     state, reason = slurm.node_state()
     assert "DRAIN" in state and "quarantined" in reason, (state, reason)
     leases = slurm.agent.cli_json("lease", "list")["leases"]
@@ -134,3 +135,21 @@ def test_the_agent_killed_during_an_epilog_drains_and_recovers_safely(
         assert partition["state"] in ("free", "quarantined")
         assert partition["state"] != "free" or partition["clean"], partition
     assert _lease_of(slurm, job["job"])["state"] == "released"
+
+
+def test_the_spank_plugin_fails_a_step_it_cannot_check(slurm: SlurmCluster) -> None:
+    """The plugin runs `accelguard slurm bind` at each task's fork; when that fails (here: a
+    plugin pointed at /bin/false), the step fails instead of running unchecked."""
+    plugstack = slurm.root / "plugstack.conf"
+    good = plugstack.read_text()
+    plugstack.write_text(good.replace(f"accelguard={ACCELGUARD_SCRIPT}", "accelguard=/bin/false"))
+    try:
+        failed = slurm.job(1, "probe")
+        # The task never ran (srun says slurmstepd could not exec it).
+        assert isinstance(failed, subprocess.CompletedProcess) and not failed.stdout.strip()
+        slurmd_log = (slurm.root / "log" / "slurmd.log").read_text()
+        assert "accelguard: binding job" in slurmd_log
+    finally:
+        plugstack.write_text(good)
+    slurm.wait_idle()
+    _ok(slurm.job(1, "probe"))  # and with the real one, it runs
