@@ -513,11 +513,38 @@ class LeaseManager:
                 )
 
     async def _sanitize_dirty(self) -> None:
+        """Scrub free dirty partitions, and finish releases a transient journal failure cut
+        short after their revoke (the lease released, its partition left releasing or
+        scrubbing with no task on it): nobody has to release again for them to end."""
         for record in await self.partitions():
-            if record.state != "free" or record.clean or record.uuid in self._sanitizing:
+            if record.uuid in self._sanitizing:
                 continue
-            self._sanitizing.add(record.uuid)
-            self.spawn(self._sanitize_one(record.uuid), f"sanitize {record.uuid}")
+            cut_short = (
+                record.state in (PartitionState.RELEASING, PartitionState.SCRUBBING)
+                and record.lease_id is None
+                and record.last_lease_id is not None
+                and record.last_lease_id not in self._releases
+                and not self._ctx.locks[record.uuid].locked()
+            )
+            if cut_short and record.last_lease_id is not None:
+                self._sanitizing.add(record.uuid)
+                work = self._finish_cut_short(record.uuid, record.last_lease_id)
+                self.spawn(work, f"finish release {record.last_lease_id}")
+            elif record.state == "free" and not record.clean:
+                self._sanitizing.add(record.uuid)
+                self.spawn(self._sanitize_one(record.uuid), f"sanitize {record.uuid}")
+
+    async def _finish_cut_short(self, partition_uuid: str, lease_id: str) -> None:
+        try:
+            async with self._ctx.locks[partition_uuid]:
+                resumed = await self._sanitizer.resume(partition_uuid, lease_id)
+                if resumed is not None:
+                    log.warning("lease_release_finished", lease=lease_id, state=resumed.state)
+                    await self._record_outcome(lease_id, resumed)
+        except AccelguardError as error:
+            log.error("lease_release_finish_failed", lease=lease_id, error=str(error))  # noqa: TRY400
+        finally:
+            self._sanitizing.discard(partition_uuid)
 
     async def _sanitize_one(self, partition_uuid: str) -> None:
         try:
