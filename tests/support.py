@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -161,6 +162,20 @@ def probe(cgroup: Path, paths: list[str]) -> dict[str, int]:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return {k: int(v) for k, v in json.loads(result.stdout).items()}
+
+
+def assert_fenced_to(cgroup: Path, allowed: list[str], every: list[str]) -> None:
+    """From inside ``cgroup``: each of ``allowed`` opens as far as the cgroup lets it (ENXIO: no
+    driver behind the simulated majors), every other node of ``every`` is EPERM, and the
+    baseline (/dev/null) stays open."""
+    result = probe(cgroup, [*every, "/dev/null"])
+    assert result.pop("/dev/null") == 0, "the baseline must stay open"
+    wrong = {
+        path: errno.errorcode.get(code, code)
+        for path, code in result.items()
+        if code != (errno.ENXIO if path in allowed else errno.EPERM)
+    }
+    assert not wrong, wrong
 
 
 def all_gpu_nodes(dev_root: Path) -> list[str]:

@@ -19,11 +19,11 @@ are kept, and reset files keep their record.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from agent.errors import ValidationError
 from agent.hw.accel import ACCEL_MAJOR
+from agent.sim.native import make_char_node
 
 # Habana Labs' PCI vendor id and the Gaudi2 device id, as drivers/accel/habanalabs lists them
 # (PCI_VENDOR_ID_HABANALABS, PCI_IDS_GAUDI2). Habana is Intel's, but the cards keep 0x1da3.
@@ -76,7 +76,7 @@ def init_accel_tree(root: Path, count: int, dev_root: Path) -> None:
         _link(accel / "device", function)
         _link(accel / "subsystem", class_dir)
         _link(class_dir / f"accel{index}", accel)
-        _mknod(dev_root / "accel" / f"accel{index}", ACCEL_MAJOR, index)
+        make_char_node(dev_root / "accel" / f"accel{index}", ACCEL_MAJOR, index)
 
     # A smaller count than last time: the cards beyond it are unplugged (their function
     # directories stay, unreachable, as the kernel's would not, which nothing here reads).
@@ -114,18 +114,3 @@ def _link(link: Path, target: Path) -> None:
             return
         link.unlink()
     link.symlink_to(relative)
-
-
-def _mknod(path: Path, major: int, minor: int) -> None:
-    if os.path.lexists(path):
-        info = path.lstat()
-        if (
-            stat.S_ISCHR(info.st_mode)
-            and os.major(info.st_rdev) == major
-            and os.minor(info.st_rdev) == minor
-        ):
-            return
-        path.unlink()
-    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-    # mknod applies the umask; the cgroup fence, not the mode, is what keeps tenants out.
-    path.chmod(0o666)

@@ -9,10 +9,7 @@ denies it. A topology may mix GPUs, Ascend NPUs and /dev/accel devices (``h100x1
 
 from __future__ import annotations
 
-import os
 import re
-import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from agent.config import parse_config, to_toml
 from agent.errors import HardwareError, ValidationError
 from agent.hw.devnodes import NVIDIA_MAJOR, char_majors
 from agent.sim.accel import init_accel_tree
+from agent.sim.native import ensure_built, make_char_node
 from agent.sim.npu import (
     NPU_MAJOR_NAMES,
     NPU_MODELS,
@@ -114,32 +112,9 @@ def _free_majors(count: int) -> list[int]:
     return [m for m in range(508, 384, -1) if m not in used][:count]
 
 
-def _mknod(path: Path, major: int, minor: int) -> None:
-    if path.exists():
-        info = path.lstat()
-        if (
-            stat.S_ISCHR(info.st_mode)
-            and os.major(info.st_rdev) == major
-            and os.minor(info.st_rdev) == minor
-        ):
-            return
-        path.unlink()
-    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-
-
 def ensure_nvml_sim_library() -> Path:
     """Build nvml-sim if this checkout has its source but not the library yet."""
-    if not NVML_SIM_LIBRARY.exists():
-        if not (NVML_SIM_SOURCE / "Makefile").exists():
-            raise ValidationError(
-                f"nvml-sim is not built and its source is missing: {NVML_SIM_SOURCE}"
-            )
-        result = subprocess.run(
-            ["make", "-s", "-C", str(NVML_SIM_SOURCE)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise ValidationError(f"building nvml-sim failed: {result.stderr.strip()[-500:]}")
-    return NVML_SIM_LIBRARY
+    return ensure_built(NVML_SIM_SOURCE, NVML_SIM_LIBRARY)
 
 
 def init_sim_node(
@@ -193,16 +168,16 @@ def init_sim_node(
     )
 
     dev = root / "dev"
-    _mknod(dev / "nvidiactl", NVIDIA_MAJOR, 255)
-    _mknod(dev / "nvidia-uvm", majors["nvidia-uvm"], 0)
-    _mknod(dev / "nvidia-uvm-tools", majors["nvidia-uvm"], 1)
+    make_char_node(dev / "nvidiactl", NVIDIA_MAJOR, 255)
+    make_char_node(dev / "nvidia-uvm", majors["nvidia-uvm"], 0)
+    make_char_node(dev / "nvidia-uvm-tools", majors["nvidia-uvm"], 1)
     for index in range(len(models)):
-        _mknod(dev / f"nvidia{index}", NVIDIA_MAJOR, index)
+        make_char_node(dev / f"nvidia{index}", NVIDIA_MAJOR, index)
     for _, minor in table:
-        _mknod(dev / "nvidia-caps" / f"nvidia-cap{minor}", majors["nvidia-caps"], minor)
+        make_char_node(dev / "nvidia-caps" / f"nvidia-cap{minor}", majors["nvidia-caps"], minor)
     if parsed.npus:
         for name, major_name, minor in npu_nodes(parsed.npus):
-            _mknod(dev / name, majors[major_name], minor)
+            make_char_node(dev / name, majors[major_name], minor)
     if parsed.accels:
         init_accel_tree(root / "sys", parsed.accels, dev)
 

@@ -11,10 +11,9 @@ as it does MIG capability nodes). Shared by every NPU partition: ``/dev/davinci_
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from agent.errors import ValidationError
+from agent.sim.native import ensure_built
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DCMI_SIM_SOURCE = _REPO_ROOT / "native" / "dcmi-sim"
@@ -32,17 +31,7 @@ VNPUS_PER_CHIP = 16
 
 def ensure_dcmi_sim_library() -> Path:
     """Build dcmi-sim if this checkout has its source but not the library yet."""
-    if not DCMI_SIM_LIBRARY.exists():
-        if not (DCMI_SIM_SOURCE / "Makefile").exists():
-            raise ValidationError(
-                f"dcmi-sim is not built and its source is missing: {DCMI_SIM_SOURCE}"
-            )
-        result = subprocess.run(
-            ["make", "-s", "-C", str(DCMI_SIM_SOURCE)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise ValidationError(f"building dcmi-sim failed: {result.stderr.strip()[-500:]}")
-    return DCMI_SIM_LIBRARY
+    return ensure_built(DCMI_SIM_SOURCE, DCMI_SIM_LIBRARY)
 
 
 def dcmi_topology(models: tuple[str, ...]) -> str:

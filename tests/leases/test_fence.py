@@ -6,7 +6,6 @@ cgroup lets it through and EPERM when the cgroup's device fence denies it.
 
 from __future__ import annotations
 
-import errno
 import json
 import signal
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from agent.isolation.cdi import spec_path
 from tests.leases.helpers import tenant_cgroup
-from tests.support import RunningAgent, all_gpu_nodes, probe, wait_all_clean
+from tests.support import RunningAgent, all_gpu_nodes, assert_fenced_to, wait_all_clean
 
 
 def _layout(agent: RunningAgent) -> None:
@@ -27,17 +26,6 @@ def _grant(agent: RunningAgent, tenant: str, profile: str, cgroup: Path) -> dict
     return agent.cli_json(
         "lease", "grant", "--tenant", tenant, "--profile", profile, "--cgroup", str(cgroup)
     )
-
-
-def _assert_exactly(cgroup: Path, allowed: list[str], every: list[str]) -> None:
-    result = probe(cgroup, [*every, "/dev/null"])
-    assert result.pop("/dev/null") == 0, "the baseline must stay open"
-    wrong = {
-        path: errno.errorcode.get(code, code)
-        for path, code in result.items()
-        if code != (errno.ENXIO if path in allowed else errno.EPERM)
-    }
-    assert not wrong, wrong
 
 
 def test_fence_allows_exactly_the_partition(
@@ -55,8 +43,8 @@ def test_fence_allows_exactly_the_partition(
     assert len(nodes_a) == 6 and len(nodes_b) == 6
     assert len(set(nodes_a) & set(nodes_b)) == 4  # ctl, uvm, uvm-tools, nvidia0 are shared
 
-    _assert_exactly(tenant_a, nodes_a, every)
-    _assert_exactly(tenant_b, nodes_b, every)
+    assert_fenced_to(tenant_a, nodes_a, every)
+    assert_fenced_to(tenant_b, nodes_b, every)
 
     # CDI: a spec for the lease with exactly its nodes.
     spec = json.loads(
@@ -69,14 +57,14 @@ def test_fence_allows_exactly_the_partition(
     # The fence survives the agent: a clean stop, and a SIGKILL.
     for how in (signal.SIGTERM, signal.SIGKILL):
         lease_agent.stop(how)
-        _assert_exactly(tenant_a, nodes_a, every)
+        assert_fenced_to(tenant_a, nodes_a, every)
         lease_agent.start()
-        _assert_exactly(tenant_a, nodes_a, every)
+        assert_fenced_to(tenant_a, nodes_a, every)
 
     released = lease_agent.cli_json("lease", "release", grant_a["lease"]["id"])
     assert released["state"] == "free" and released["clean"] is True
-    _assert_exactly(tenant_a, [], every)
-    _assert_exactly(tenant_b, nodes_b, every)
+    assert_fenced_to(tenant_a, [], every)
+    assert_fenced_to(tenant_b, nodes_b, every)
     assert not spec_path(lease_agent.config.leases.cdi_dir, grant_a["lease"]["id"]).exists()
 
 
@@ -89,6 +77,6 @@ def test_one_cgroup_two_leases_then_one_released(
     first = _grant(lease_agent, "carol", "1g.10gb", tenant)
     second = _grant(lease_agent, "carol", "7g.80gb", tenant)
     both = set(first["partition"]["device_nodes"]) | set(second["partition"]["device_nodes"])
-    _assert_exactly(tenant, sorted(both), every)
+    assert_fenced_to(tenant, sorted(both), every)
     lease_agent.cli_json("lease", "release", first["lease"]["id"])
-    _assert_exactly(tenant, second["partition"]["device_nodes"], every)
+    assert_fenced_to(tenant, second["partition"]["device_nodes"], every)

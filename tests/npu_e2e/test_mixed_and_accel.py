@@ -8,8 +8,15 @@ from pathlib import Path
 
 from agent.sim.accel import reset_count
 from tests.leases.helpers import tenant_cgroup
-from tests.npu_e2e.test_vnpu_layout_and_fence import assert_fenced_to, npu_nodes, vnpus
-from tests.support import RunningAgent, all_gpu_nodes, probe, wait_all_clean, wait_settled
+from tests.npu_e2e.test_vnpu_layout_and_fence import npu_nodes, vnpus
+from tests.support import (
+    RunningAgent,
+    all_gpu_nodes,
+    assert_fenced_to,
+    probe,
+    wait_all_clean,
+    wait_settled,
+)
 
 
 def test_mixed_node_leases_are_fenced_independently(

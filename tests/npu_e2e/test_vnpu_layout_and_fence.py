@@ -7,14 +7,13 @@ driver behind the simulated majors) and EPERM for one it denies.
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 from typing import Any
 
 from agent.isolation import fence_for
 from agent.isolation.rules import rules_for_nodes
 from tests.leases.helpers import tenant_cgroup
-from tests.support import RunningAgent, mutating_calls, probe, wait_all_clean
+from tests.support import RunningAgent, assert_fenced_to, mutating_calls, wait_all_clean
 
 SHARED = ("davinci_manager", "devmm_svm", "hisi_hdc")
 
@@ -31,17 +30,6 @@ def dcmi_calls(agent: RunningAgent) -> int:
 
 def vnpus(agent: RunningAgent, npu: int) -> list[dict[str, Any]]:
     return [p for p in agent.partitions() if p["kind"] == "vnpu" and p["gpu_index"] == npu]
-
-
-def assert_fenced_to(cgroup: Path, allowed: list[str], every: list[str]) -> None:
-    result = probe(cgroup, [*every, "/dev/null"])
-    assert result.pop("/dev/null") == 0, "the baseline must stay open"
-    wrong = {
-        path: errno.errorcode.get(code, code)
-        for path, code in result.items()
-        if code != (errno.ENXIO if path in allowed else errno.EPERM)
-    }
-    assert not wrong, wrong
 
 
 def test_910_layout_applied_reapplied_and_refused(npu910_agent: RunningAgent) -> None:
