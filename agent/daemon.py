@@ -19,6 +19,7 @@ from agent.audit.trail import AuditService
 from agent.config import Config
 from agent.errors import AccelguardError
 from agent.health.monitor import HealthMonitor, HealthSettings
+from agent.health.npu import NpuHealthMonitor
 from agent.health.xid import parse_overrides
 from agent.hw.devnodes import DeviceNodeMap
 from agent.hw.nvml import NvmlBackend
@@ -141,6 +142,13 @@ class Daemon:
             )
             if self.link is not None:
                 self.link.health = self.health
+        # NPU health through DCMI (docs/npu.md): faults quarantine like GPU faults.
+        self.npu_health: NpuHealthMonitor | None = None
+        if config.health.enabled and self.backends.ascend is not None:
+            self.npu_health = NpuHealthMonitor(
+                self.backends.ascend, self.store, self.executor, self.inventory,
+                self.leases.faults, config.health.poll_interval_s,
+            )  # fmt: skip
         # The Prometheus endpoint, where [metrics] listen is set (docs/metrics.md).
         self.metrics: Metrics | None = None
         self.metrics_server: MetricsServer | None = None
@@ -264,6 +272,8 @@ class Daemon:
                     group.create_task(self.link.run(), name="link")
                 if self.health is not None:
                     group.create_task(self.health.run(), name="health")
+                if self.npu_health is not None:
+                    group.create_task(self.npu_health.run(), name="npu health")
                 if self.metrics_server is not None:
                     group.create_task(self.metrics_server.run(), name="metrics")
                 hotplug = self._hotplug()
