@@ -4,6 +4,7 @@ through a TCP proxy the test can block."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from agent.bench.broker import Broker
+from agent.controller.client import ControllerClient
 from tests.link.support import Controller, LinkNode, TcpProxy, wait_for
 from tests.link.test_commands import boot, configure_booted, tenants_parent, wait_trust
 
@@ -41,12 +43,35 @@ class EdgeFleet:
     def summary(self, node: LinkNode) -> dict[str, Any]:
         return self.controller.ctl_json("node", "show", node.node_id)["summary"]  # type: ignore[no-any-return]
 
+    def transport(self, node: LinkNode) -> str:
+        """The transport ``ctl node show`` reports for ``node`` (its ``summary``), read through
+        the client ``ctl`` uses (agent/controller/client.py) in this process: cheap to poll,
+        where a ``ctl`` process per poll cost half a second of CPU."""
+        with ControllerClient(self.controller.admin_socket) as client:
+            return client.node(node.node_id).summary.transport
+
     def wait_transport(self, transport: str, timeout: float = 60) -> None:
         for node in self.nodes:
             wait_for(
-                lambda node=node: self.summary(node).get("transport") == transport,
-                f"{node.node_id} connected over {transport}", timeout=timeout, interval=0.3,
+                lambda node=node: self.transport(node) == transport,
+                f"{node.node_id} connected over {transport}", timeout=timeout,
             )  # fmt: skip
+
+    def crash_broker(self) -> None:
+        """SIGKILL the broker as a crash finds one that has run a while: with persistence on,
+        its database holds the sessions of a recent autosave. So the database is written first
+        (SIGUSR1 does what autosave_interval does every 30 s), and a restart brings back the
+        sessions and subscriptions of now. Killed within 30 s of its start, as it is in these
+        tests, it would come back with none (nothing saved yet) whatever its persistence."""
+        process = self.broker.process
+        assert process is not None
+        if self.broker.persistence:
+            database = self.broker.data / "mosquitto.db"
+            before = database.stat().st_mtime_ns if database.exists() else None
+            process.send_signal(signal.SIGUSR1)
+            wait_for(lambda: database.exists() and database.stat().st_mtime_ns != before,
+                     "the broker's persistence database written")  # fmt: skip
+        self.broker.stop(signal.SIGKILL)
 
 
 def edge_start(node: LinkNode, fleet_proxy: TcpProxy, broker: Broker, parent: Path) -> None:

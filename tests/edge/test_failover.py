@@ -8,7 +8,6 @@ import errno
 import json
 import signal
 import subprocess
-import time
 from typing import Any
 
 from tests.edge.conftest import EdgeFleet
@@ -34,12 +33,20 @@ def _consistent(fleet: EdgeFleet, node: LinkNode) -> int:
 
 
 def _flowing(fleet: EdgeFleet, more: int = 10) -> None:
-    """Every node's reports reach the controller again, and what it holds is consistent."""
+    """Every node's reports reach the controller again (``more`` past what it held when this
+    was called), and what it holds is consistent. The nodes are waited for together."""
+    held = {node.node_id: _consistent(fleet, node) for node in fleet.nodes}
     for node in fleet.nodes:
-        held = _consistent(fleet, node)
-        wait_for(lambda node=node, held=held: _stored(fleet, node) > held + more,
+        wait_for(lambda node=node: _stored(fleet, node) > held[node.node_id] + more,
                  f"{node.node_id}'s reports flowing", timeout=90)  # fmt: skip
         _consistent(fleet, node)
+
+
+def _producing(fleet: EdgeFleet, more: int) -> None:
+    """Every node has written ``more`` reports to its outbox since this was called."""
+    produced = {node.node_id: node.last_seq() for node in fleet.nodes}
+    wait_for(lambda: all(n.last_seq() > produced[n.node_id] + more for n in fleet.nodes),
+             f"{more} more reports produced on every node")  # fmt: skip
 
 
 def _settle_and_count(fleet: EdgeFleet) -> None:
@@ -99,13 +106,13 @@ def test_failover_and_failback_under_load_nothing_lost_nothing_twice(edge: EdgeF
         _flowing(edge)
         # The controller killed while the nodes are on MQTT: the broker keeps what they send.
         edge.controller.stop(signal.SIGKILL)
-        time.sleep(1.0)
+        _producing(edge, 5)
         edge.controller.start()
         edge.wait_transport("mqtt")
         _flowing(edge)
         # Both transports cut: the nodes keep working offline (a release is scrubbed and
         # journaled locally), then drain in order.
-        edge.broker.stop(signal.SIGKILL)
+        edge.crash_broker()
         offline_from = {n.node_id: n.last_seq() for n in edge.nodes}
         lease_id = granted["result"]["grant"]["lease"]["id"]
         released = node.agent.cli_json("lease", "release", lease_id)
@@ -143,6 +150,33 @@ def _lease_states(fleet: EdgeFleet, node: LinkNode, lease_id: str) -> set[str]:
     return states
 
 
+def _commands(fleet: EdgeFleet, node: LinkNode) -> list[str]:
+    """The states of the commands the controller issued to ``node``, oldest first."""
+    rows = fleet.controller.query(
+        "SELECT state FROM commands WHERE node_id = ? ORDER BY issued_at", node.node_id
+    )
+    return [state for (state,) in rows]
+
+
+def _grant_queued(
+    fleet: EdgeFleet, node: LinkNode, tenant: str, cgroup: object
+) -> subprocess.Popen[str]:
+    """``ctl lease grant`` for ``node`` as a process (it waits for the node's answer), once the
+    controller has stored the command and holds it queued: the node cannot be reached."""
+    before = len(_commands(fleet, node))
+    grant = subprocess.Popen(
+        [*CONTROLLER, "ctl", "--controller-config", str(fleet.controller.config_path),
+         "lease", "grant", "--node", node.node_id, "--tenant", tenant, "--profile",
+         "gpu", "--cgroup", str(cgroup), "--timeout", "90", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    wait_for(lambda: len(_commands(fleet, node)) > before or grant.poll() is not None,
+             "the grant issued")  # fmt: skip
+    issued = _commands(fleet, node)[before:]
+    assert issued == ["queued"], f"{issued}, the grant's exit code: {grant.poll()}"
+    return grant
+
+
 def test_broker_killed_and_restarted_with_and_without_persistence(edge: EdgeFleet) -> None:
     """The sessions come back, a grant issued while the broker was down is delivered once, and
     nothing is lost or stored twice: with persistence, then with the broker in memory only."""
@@ -151,17 +185,11 @@ def test_broker_killed_and_restarted_with_and_without_persistence(edge: EdgeFlee
     _flowing(edge)
     node = edge.nodes[1]
     for persistence in (True, False):
-        edge.broker.stop(signal.SIGKILL)
+        edge.crash_broker()
         edge.broker.configure(persistence=persistence)
         tenant = f"carol-{persistence}".lower()
         with tenant_cgroup() as cgroup:
-            grant = subprocess.Popen(
-                [*CONTROLLER, "ctl", "--controller-config", str(edge.controller.config_path),
-                 "lease", "grant", "--node", node.node_id, "--tenant", tenant, "--profile",
-                 "gpu", "--cgroup", str(cgroup), "--timeout", "90", "--json"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            )  # fmt: skip
-            time.sleep(1.0)
+            grant = _grant_queued(edge, node, tenant, cgroup)
             edge.broker.start()
             out, err = grant.communicate(timeout=120)
             assert grant.returncode == 0, (out, err)

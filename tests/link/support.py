@@ -63,6 +63,10 @@ class Controller:
         return self.root / "controller.db"
 
     @property
+    def admin_socket(self) -> Path:
+        return Path(tomllib.loads(self.config_path.read_text())["controller"]["admin_socket"])
+
+    @property
     def enroll_address(self) -> str:
         return f"127.0.0.1:{self.enroll_port}"
 
@@ -99,9 +103,7 @@ class Controller:
                 [*CONTROLLER, "controller", "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
             )  # fmt: skip
-        socket_path = Path(
-            tomllib.loads(self.config_path.read_text())["controller"]["admin_socket"]
-        )
+        socket_path = self.admin_socket
         wait_for(
             lambda: socket_path.exists() or self.process is None or self.process.poll() is not None,
             "the controller to listen",
