@@ -230,9 +230,17 @@ class LayoutService:
         # Invariant 5: scrub the dirty instances the plan destroys (waiting for scrubs already
         # running), then apply with everything that is not clean pinned.
         doomed = {(r.gpu_uuid, i.gpu_instance_id) for r in plan for i in r.destroyed}
+        # An NPU that gets its first vNPUs stops being a whole NPU partition: the same rule.
+        split = {r.gpu_uuid for r in plan if r.created}
         for record in await self._leases.partitions():
-            if (record.gpu_uuid, record.gi_id) in doomed and not record.clean:
-                await self._leases.sanitize(record.uuid)
+            whole_npu = record.kind == "npu" and record.gpu_uuid in split and record.present
+            if ((record.gpu_uuid, record.gi_id) in doomed or whole_npu) and not record.clean:
+                scrubbed = await self._leases.sanitize(record.uuid)
+                if whole_npu and not (scrubbed.state == "free" and scrubbed.clean):
+                    raise LayoutError(
+                        f"NPU {record.gpu_index} is {scrubbed.state} after its scrub "
+                        f"({scrubbed.reason}): it is not split; clear it first"
+                    )
         pinned = await self._leases.pinned(dirty_too=True)
         holders = await self._holders()
         engine = self._engine(targets)
@@ -312,7 +320,9 @@ class LayoutService:
             gpu = by_index[index]
             record = busy.get(gpu.uuid)
             if npu:
-                if record is not None and not target.clear:
+                # Being scrubbed is no reason to refuse: the apply waits for that scrub
+                # (``_carry_out``), as it scrubs a dirty MIG instance before destroying it.
+                if record is not None and not target.clear and record.state != "scrubbing":
                     holder = f"lease {record.lease_id}" if record.lease_id else record.state
                     raise LayoutError(
                         f"NPU {index} is {record.state} as a whole NPU ({holder}): splitting it "

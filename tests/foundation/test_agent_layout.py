@@ -144,6 +144,8 @@ def test_bad_layout_input_is_one_line_and_changes_nothing(
     agent: RunningAgent, args: list[str], fragment: str
 ) -> None:
     agent.cli_json("layout", "apply", "--gpu", "0", "2g.20gb=1")
+    # Settled first: a scrub finishing meanwhile would change the status by itself.
+    wait_all_clean(agent)
     before_status = agent.cli_json("status")
     before_calls = agent.mutating_calls()
     result = agent.cli("layout", "apply", *args)

@@ -185,3 +185,15 @@ def test_a_fence_left_on_the_whole_chip_blocks_its_vnpus(
         "lease", "grant", "--tenant", "t", "--partition", other["uuid"], "--cgroup", str(tenant)
     )
     assert granted["lease"]["state"] == "active"
+
+
+def test_splitting_a_dirty_npu_scrubs_it_first(npu910_agent: RunningAgent) -> None:
+    """Right after start every NPU is dirty or being scrubbed: a split waits for (or runs) the
+    whole NPU's scrub instead of refusing or taking its memory from under the scrub."""
+    agent = npu910_agent
+    whole = next(p for p in agent.partitions() if p["kind"] == "npu" and p["gpu_index"] == 3)
+    applied = agent.cli("layout", "apply", "--npu", "3", "vir16=2", "--json")
+    assert applied.returncode == 0, applied.stderr
+    certificates = agent.cli_json("scrub", "certs", "--partition", whole["uuid"])["certificates"]
+    assert certificates and certificates[0]["payload"]["verified"] is True
+    assert len(vnpus(agent, 3)) == 2
