@@ -164,6 +164,17 @@ def probe(cgroup: Path, paths: list[str]) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads(result.stdout).items()}
 
 
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """Poll ``check`` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"never {what}")
+
+
 def assert_fenced_to(cgroup: Path, allowed: list[str], every: list[str]) -> None:
     """From inside ``cgroup``: each of ``allowed`` opens as far as the cgroup lets it (ENXIO: no
     driver behind the simulated majors), every other node of ``every`` is EPERM, and the

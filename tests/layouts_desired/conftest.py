@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +91,6 @@ def instances(agent: RunningAgent, gpu: int) -> list[dict[str, Any]]:
 def desired(agent: RunningAgent) -> dict[int, dict[str, Any]]:
     """GPU index -> its desired layout as `layout desired --json` shows it (present GPUs)."""
     return {g["gpu_index"]: g for g in agent.cli_json("layout", "desired")["gpus"] if g["present"]}
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"never {what}")
 
 
 # NVML calls from another process, as nvidia-smi or mig-parted would make them while the agent

@@ -131,7 +131,7 @@ def instances_of_stopped(agent: RunningAgent, gpu: int) -> list[int]:
 
 
 def wait_all_clean_but(agent: RunningAgent, leased: str) -> None:
-    from tests.layouts_desired.conftest import wait_until  # noqa: PLC0415
+    from tests.support import wait_until  # noqa: PLC0415
 
     def clean() -> bool:
         return all(

@@ -20,9 +20,8 @@ from tests.layouts_desired.conftest import (
     profiles,
     restart,
     start_up_outcomes,
-    wait_until,
 )
-from tests.support import RunningAgent
+from tests.support import RunningAgent, wait_until
 
 # Writes its environment to $1 (sorted), says hello on both streams, then does what the files
 # beside $1 tell it: "<phase>.exit" holds an exit status, "<phase>.hang" makes it sleep (in a

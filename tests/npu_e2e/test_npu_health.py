@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,7 +15,7 @@ from agent.sim.node import init_sim_node
 from tests.leases.helpers import tenant_cgroup
 from tests.npu_e2e.conftest import UNIT_BYTES
 from tests.npu_e2e.test_vnpu_layout_and_fence import npu_nodes, vnpus
-from tests.support import RunningAgent, probe, running_agent, wait_all_clean
+from tests.support import RunningAgent, probe, running_agent, wait_all_clean, wait_until
 
 
 @pytest.fixture
@@ -30,16 +29,6 @@ def watched_agent(tmp_path: Path, cgroup_parents: dict[str, Path]) -> Iterator[R
     node.config_path.write_text(text.replace("poll_interval_s = 10.0", "poll_interval_s = 0.2"))
     with running_agent(node) as agent:
         yield agent
-
-
-def _until(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"never {what}")
 
 
 def test_a_major_npu_fault_quarantines_its_vnpus(
@@ -59,7 +48,7 @@ def test_a_major_npu_fault_quarantines_its_vnpus(
     def faulted() -> bool:
         return all(p["state"] == "quarantined" for p in vnpus(agent, 0))
 
-    _until(faulted, "quarantined")
+    wait_until(faulted, "quarantined")
     assert all("health major" in p["reason"] and "0x80e01801" in p["reason"]
                for p in vnpus(agent, 0))  # fmt: skip
     leases = agent.cli_json("lease", "list", "--all")["leases"]
@@ -72,7 +61,7 @@ def test_a_major_npu_fault_quarantines_its_vnpus(
     [first, _] = vnpus(agent, 0)
     cleared = agent.cli("partition", "clear", first["uuid"], "--reason", "tried")
     assert cleared.returncode in (0, 3), cleared.stderr  # 3: the next poll was quicker
-    _until(faulted, "quarantined again")
+    wait_until(faulted, "quarantined again")
     # The fault gone, a clear puts it back into use.
     with health.open("a") as sim:
         sim.write("0 health 0\n0 error clear\n")
