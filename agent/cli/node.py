@@ -119,11 +119,15 @@ def _print_status(status: Any) -> None:
         for inst in gpu.instances:
             part = states.get(inst.uuid)
             state = f"{part.state}  {'clean' if part.clean else 'dirty'}" if part else "no CI"
-            print(
-                f"  {inst.profile:<12} GI {inst.gpu_instance_id:<2} CI {inst.compute_instance_id}  "
-                f"placement {inst.placement_start}:{inst.placement_size}  "
-                f"{inst.uuid or '-'}  {state}"
-            )
+            if gpu.vendor == "huawei":
+                # A vNPU: its vdev id (the N of /dev/vdavinciN) and the AI Cores' memory units.
+                where = f"vNPU {inst.gpu_instance_id:<4} units {inst.placement_size:<2}"
+            else:
+                where = (
+                    f"GI {inst.gpu_instance_id:<2} CI {inst.compute_instance_id}  "
+                    f"placement {inst.placement_start}:{inst.placement_size}"
+                )
+            print(f"  {inst.profile:<12} {where}  {inst.uuid or '-'}  {state}")
 
 
 def config_template() -> str:

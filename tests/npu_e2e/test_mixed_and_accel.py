@@ -49,6 +49,7 @@ def test_mixed_node_leases_are_fenced_independently(
     assert kinds == {"mig", "npu", "vnpu"}
     text = agent.cli("status").stdout
     assert "GPU 0  " in text and "NPU 1  " in text and "2 vNPUs" in text
+    assert "vNPU 116" in text and "vNPU 117" in text  # NPU 1's vdev ids: 100 + 16 * 1 + k
 
     agent.cli_json("lease", "release", gpu_lease["lease"]["id"])
     assert_fenced_to(gpu_tenant, [], every)
