@@ -240,6 +240,9 @@ class LinkConfig:
     # answered within keepalive_timeout_s (together well under 30 s, and under NAT idle timeouts).
     keepalive_time_s: float = _check(_positive, 10.0)
     keepalive_timeout_s: float = _check(_positive, 10.0)
+    # The controller's HelloReply must come this soon after the Hello (over MQTT nothing else
+    # says it is away); then the link is dropped and dialled again with backoff.
+    hello_reply_timeout_s: float = _check(_positive, 15.0)
     # Outbox bounds: rows and payload bytes, acked rows of never-dropped kinds included.
     outbox_max_reports: int = _check(_positive, 100_000)
     outbox_max_bytes: int = _check(_positive, 256 << 20)

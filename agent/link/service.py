@@ -75,8 +75,6 @@ CERTIFICATE_POLL_S: Final = 0.5
 PURGE_EVERY_S: Final = 3600.0
 RENEWAL_RETRY_S: Final = 60.0
 NOT_ENROLLED_POLL_S: Final = 1.0
-# The controller's HelloReply must come this soon (over MQTT nothing else says it is away).
-HELLO_REPLY_TIMEOUT_S: Final = 15.0
 # While on MQTT, gRPC is probed this often once it answers (with backoff while it does not).
 PROBE_INTERVAL_S: Final = 1.0
 PROBE_TIMEOUT_S: Final = 5.0
@@ -433,9 +431,11 @@ class LinkService:
         )
         await call.write(hello.SerializeToString())
         try:
-            first = await asyncio.wait_for(call.read(), HELLO_REPLY_TIMEOUT_S)
+            first = await asyncio.wait_for(call.read(), self._config.link.hello_reply_timeout_s)
         except TimeoutError:
-            raise LinkError(f"no HelloReply within {HELLO_REPLY_TIMEOUT_S:.0f} s") from None
+            raise LinkError(
+                f"no HelloReply within {self._config.link.hello_reply_timeout_s:g} s"
+            ) from None
         if first is grpc.aio.EOF:
             raise LinkError(f"the controller closed the link: {await _status(call)}")
         reply = decode_downlink(first)

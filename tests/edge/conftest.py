@@ -22,6 +22,8 @@ EDGE_LINK = {
     "heartbeat_s": 0.1, "backoff_base_s": 0.1, "backoff_cap_s": 1.0,
     "keepalive_time_s": 1.0, "keepalive_timeout_s": 1.0,
     "fallback_after_s": 1.0, "failback_after_s": 1.0, "mqtt_keepalive_s": 2,
+    # A Hello lost while the broker restarts is sent again after this (15 s by default).
+    "hello_reply_timeout_s": 2.0,
 }  # fmt: skip
 
 
