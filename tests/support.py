@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +203,20 @@ def wait_settled(agent: RunningAgent, timeout: float = 60) -> list[dict[str, Any
         "settled",
         timeout,
     )
+
+
+@contextmanager
+def restored_environment(names: Sequence[str]) -> Iterator[None]:
+    """Whatever the block sets or removes of ``names`` in os.environ is undone after it."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

@@ -37,7 +37,7 @@ def bench_scrub(rounds: int, directory: Path | None, size_mib: int = 256) -> dic
             empty.truncate(size)
         target = ScrubTarget(
             partition_uuid="bench", gpu_uuid="bench", gpu_index=0, kind="gpu",
-            visible_device="", total_bytes=size, memory_file=str(path), offset=0,
+            visible_device="", total_bytes=size, memory_file=str(path), ranges=((0, size),),
         )  # fmt: skip
         backend = SimMemoryScrubBackend()
         with path.open("r+b") as handle, mmap.mmap(handle.fileno(), size) as view:

@@ -161,14 +161,15 @@ def _v1_job_cgroup(node: str, uid: str, job: int) -> Path | None:
     job_<id>``; v1 refuses to narrow a cgroup that has children, so the fence must be in place
     before Slurm makes the step cgroups below it."""
     mounts = hierarchy_mounts("v1-devices")
-    if not mounts or hierarchy_mounts("v2") == (Path("/sys/fs/cgroup"),):
+    if not mounts:
         return None
     if not uid.isdigit():
         raise ValidationError(f"SLURM_JOB_UID is {uid!r}")
-    root = mounts[0]
-    slurm = root / f"slurm_{node}" if (root / f"slurm_{node}").is_dir() else root / "slurm"
-    if not slurm.is_dir():
-        slurm = root / f"slurm_{node}"
+    # slurm_<node> (builds with multiple slurmd per host, Debian's), else plain "slurm" where
+    # slurmd made that one.
+    slurm = mounts[0] / f"slurm_{node}"
+    if not slurm.is_dir() and (mounts[0] / "slurm").is_dir():
+        slurm = mounts[0] / "slurm"
     cgroup = slurm / f"uid_{uid}" / f"job_{job}"
     try:
         cgroup.mkdir(parents=True, exist_ok=True)
@@ -233,9 +234,7 @@ def _bind(client: Any, job: int, pid: int) -> None:
 
 def _epilog(client: Any, job: int) -> None:
     failed = []
-    for lease in _job_leases(client, job):
-        if lease.state == "released":
-            continue
+    for lease in _job_leases(client, job):  # live ones only
         partition = client.release_lease(lease.id)
         if not (partition.state == "free" and partition.clean):
             failed.append(f"{partition.uuid} {partition.state}: {partition.reason}")

@@ -31,8 +31,6 @@ class Snapshot:
     driver_version: str
     # Every accelerator of the node, GPUs first, then NPUs, then /dev/accel devices.
     gpus: tuple[DeviceInfo, ...]
-    # (vendor, driver version) of every backend that answered.
-    drivers: tuple[tuple[str, str], ...] = ()
 
     def devices(self, vendor: str) -> list[DeviceInfo]:
         return [device for device in self.gpus if device.vendor == vendor]
@@ -191,11 +189,9 @@ class InventoryService:
     def _collect(self) -> tuple[Snapshot, SyncResult]:
         # Every backend must answer: a partial inventory would mark the silent backend's
         # partitions vanished and revoke their leases.
-        drivers = tuple((source.vendor, source.driver_version()) for source in self._sources)
+        versions = [source.driver_version() for source in self._sources]
         devices = tuple(device for source in self._sources for device in source.inventory())
-        snapshot = Snapshot(
-            driver_version=drivers[0][1] if drivers else "", gpus=devices, drivers=drivers
-        )
+        snapshot = Snapshot(driver_version=versions[0] if versions else "", gpus=devices)
         result = self._store.sync_partitions(partitions_of(snapshot.gpus))
         return snapshot, result
 

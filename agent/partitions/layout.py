@@ -115,6 +115,13 @@ def _matches_filter(gpu: DeviceInfo, device_filter: Sequence[str]) -> bool:
     return any(int(item, 16) == gpu.pci_device_id for item in device_filter)
 
 
+def layout_devices(devices: Sequence[DeviceInfo], *, npu: bool) -> dict[int, DeviceInfo]:
+    """Index -> device of the devices a layout addresses: NVIDIA GPUs, or Ascend NPUs. Indices
+    are per vendor, so a mixed node's GPU 0, NPU 0 and accel 0 must never meet in one map."""
+    vendor = HUAWEI if npu else NVIDIA
+    return {device.index: device for device in devices if device.vendor == vendor}
+
+
 def resolve_targets(
     gpus: Sequence[DeviceInfo], targets: Sequence[LayoutTarget]
 ) -> dict[int, LayoutTarget]:
@@ -124,8 +131,7 @@ def resolve_targets(
     if npu and not all(target.npu for target in targets):
         raise LayoutError("give GPU and NPU layouts in separate applies")
     kind = "NPU" if npu else "GPU"
-    vendor = HUAWEI if npu else NVIDIA
-    by_index = {gpu.index: gpu for gpu in gpus if gpu.vendor == vendor}
+    by_index = layout_devices(gpus, npu=npu)
     chosen: dict[int, LayoutTarget] = {}
     for target in targets:
         for item in target.device_filter:

@@ -28,10 +28,16 @@ import structlog
 
 import agent.store.layouts as desired_layouts
 from agent.errors import AccelguardError, LayoutError, ValidationError
-from agent.hw.model import HUAWEI, DeviceInfo
+from agent.hw.model import DeviceInfo
 from agent.partitions.hooks import HookPhase, HookRun, LayoutHooks
 from agent.partitions.inventory import InventoryService
-from agent.partitions.layout import GpuLayoutResult, LayoutEngine, LayoutTarget, resolve_targets
+from agent.partitions.layout import (
+    GpuLayoutResult,
+    LayoutEngine,
+    LayoutTarget,
+    layout_devices,
+    resolve_targets,
+)
 from agent.partitions.leases import LeaseManager
 from agent.partitions.npu_layout import NpuLayoutEngine
 from agent.runtime.executor import BlockingExecutor
@@ -310,7 +316,7 @@ class LayoutService:
         """A MIG mode change takes a GPU leased whole away from its tenant at the next reset:
         refuse it while the whole-GPU partition is not free."""
         npu = any(target.npu for target in chosen.values())
-        by_index = {gpu.index: gpu for gpu in gpus if (gpu.vendor == HUAWEI) == npu}
+        by_index = layout_devices(gpus, npu=npu)
         busy = {
             record.gpu_uuid: record
             for record in await self._leases.partitions()

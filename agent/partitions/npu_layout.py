@@ -20,8 +20,13 @@ import structlog
 from agent.errors import HardwareError, LayoutError
 from agent.hw.ascend.planner import VnpuPlan, plan_vnpus
 from agent.hw.ascend.templates import NpuCapacity, VnpuTemplate
-from agent.hw.model import HUAWEI, DeviceInfo, DeviceSource, InstanceInfo
-from agent.partitions.layout import GpuLayoutResult, LayoutTarget, resolve_targets
+from agent.hw.model import DeviceInfo, DeviceSource, InstanceInfo
+from agent.partitions.layout import (
+    GpuLayoutResult,
+    LayoutTarget,
+    layout_devices,
+    resolve_targets,
+)
 from agent.runtime import failpoints
 from agent.runtime.failpoints import CrashPoint
 from agent.store import Store
@@ -35,8 +40,6 @@ class VnpuBackend(DeviceSource, Protocol):
     def capacity(self, index: int) -> NpuCapacity: ...
 
     def templates(self, index: int) -> tuple[VnpuTemplate, ...]: ...
-
-    def vnpus(self, index: int) -> list[InstanceInfo]: ...
 
     def create_vnpu(self, index: int, template: str) -> InstanceInfo: ...
 
@@ -64,9 +67,8 @@ class NpuLayoutEngine:
         holders: Mapping[str, Mapping[int, str]] | None = None,
     ) -> list[GpuLayoutResult]:
         backend = self._require()
-        npus = [device for device in backend.inventory() if device.vendor == HUAWEI]
-        chosen = resolve_targets(npus, targets)
-        by_index = {npu.index: npu for npu in npus}
+        by_index = layout_devices(backend.inventory(), npu=True)
+        chosen = resolve_targets(list(by_index.values()), targets)
         # Plan every NPU before touching any, so a bad entry changes nothing anywhere.
         plans = {
             index: self._plan(
@@ -93,7 +95,7 @@ class NpuLayoutEngine:
         pinned: Collection[int],
         holders: Mapping[int, str],
     ) -> tuple[GpuLayoutResult, VnpuPlan]:
-        existing = backend.vnpus(npu.index)
+        existing = list(npu.instances)  # read with the inventory just now
         on_chip = {v.gpu_instance_id for v in existing}
         # A pinned vNPU that is gone is the reconciler's business (its lease is lost), not a
         # reason to refuse the layout.
@@ -133,14 +135,13 @@ class NpuLayoutEngine:
             },
         )
         try:
+            # The backend hits layout.before_destroy/create right before its DCMI call.
             for vnpu in plan.destroy:
-                failpoints.hit(CrashPoint.LAYOUT_BEFORE_DESTROY)
                 backend.destroy_vnpu(npu.index, vnpu.gpu_instance_id)
                 log.info("vnpu_destroyed", npu=npu.index, vdev=vnpu.gpu_instance_id)
                 failpoints.hit(CrashPoint.LAYOUT_AFTER_DESTROY)
             created = []
             for template in plan.create:
-                failpoints.hit(CrashPoint.LAYOUT_BEFORE_CREATE)
                 info = backend.create_vnpu(npu.index, template.name)
                 created.append(info)
                 log.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 import structlog
 
@@ -18,7 +19,7 @@ from agent.partitions.context import PartitionContext
 from agent.runtime import failpoints
 from agent.runtime.failpoints import CrashPoint
 from agent.scrub.certificate import issue_certificate
-from agent.scrub.model import RESET_POLICY, ScrubResult, ScrubTarget
+from agent.scrub.model import RESET_POLICY, ScrubKind, ScrubResult, ScrubTarget
 from agent.scrub.reset import reset_scrub
 from agent.scrub.runner import ScrubOutcome, ScrubRunner
 from agent.store import PartitionRecord, PartitionState
@@ -51,15 +52,13 @@ class Sanitizer:
             if instance.uuid == record.uuid:
                 total = instance.memory_bytes
                 units = instance.units
-        kinds = {"mig": "mig", "npu": "npu", "vnpu": "vnpu", "accel": "accel"}
-        kind = kinds.get(record.kind, "gpu")
+        kind = cast(ScrubKind, record.kind)  # the journal's CHECK holds it to ScrubKind
         mig = kind == "mig"
         if kind == "vnpu" and not units:
             raise ScrubError(f"vNPU {record.uuid}: DCMI does not say which memory it owns")
         return ScrubTarget(
             partition_uuid=record.uuid, gpu_uuid=gpu.uuid, gpu_index=gpu.index,
-            kind=kind,  # type: ignore[arg-type] # one of the Literal's values, from the dict
-            visible_device=record.uuid, total_bytes=total,
+            kind=kind, visible_device=record.uuid, total_bytes=total,
             placement_start=record.placement_start if mig else None,
             placement_size=record.placement_size if mig else None,
             units=units, unit_total=gpu.memory_units,
@@ -98,12 +97,6 @@ class Sanitizer:
             target = self.scrub_target(record)
             if record.kind == "accel":
                 outcome: ScrubOutcome = await self._reset(record)
-            elif record.kind in ("npu", "vnpu") and self._ctx.config.scrub.backend != "simmem":
-                # No NPU scrub worker yet (it would use CANN's aclrtMemset): fail closed.
-                raise ScrubError(
-                    f"no scrub backend for Ascend NPU memory ([scrub] backend is "
-                    f"{self._ctx.config.scrub.backend!r}; docs/npu.md)"
-                )
             else:
                 outcome = await self._scrubber.scrub(target, policy)
         except AccelguardError as error:

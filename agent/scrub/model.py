@@ -24,6 +24,14 @@ POLICY_PATTERNS: dict[str, tuple[int, ...]] = {
 # The policy a certificate names for a device that can only be reset (a /dev/accel device): no
 # passes, never verified (docs/npu.md).
 RESET_POLICY = "reset"
+# A partition's kind (PartitionRecord.kind): whole GPU, MIG instance, whole NPU, vNPU, accel.
+ScrubKind = Literal["gpu", "mig", "npu", "vnpu", "accel"]
+# What each worker backend can scrub: the CUDA worker has no NPU path (it would need CANN's
+# aclrtMemset), and nothing reads an accel device's memory back (it is reset instead).
+BACKEND_KINDS: dict[str, frozenset[str]] = {
+    "cuda": frozenset({"gpu", "mig"}),
+    "simmem": frozenset({"gpu", "mig", "npu", "vnpu"}),
+}
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class ScrubTarget:
     partition_uuid: str
     gpu_uuid: str
     gpu_index: int
-    kind: Literal["gpu", "mig", "npu", "vnpu", "accel"]
+    kind: ScrubKind
     # What CUDA_VISIBLE_DEVICES names for this partition: the GPU UUID or the MIG UUID.
     visible_device: str
     # Bytes of device memory the partition owns (the coverage denominator).
@@ -43,12 +51,11 @@ class ScrubTarget:
     # Filled in by a backend's ``resolve`` inside the worker (simulated node: the GPU's memory
     # file and the partition's byte range in it).
     memory_file: str = ""
-    offset: int = 0
     # Memory units the partition owns when they are not one placement (a vNPU's units), and how
     # many units its device has (0: the GPU's 8 MIG memory slices).
     units: tuple[int, ...] = ()
     unit_total: int = 0
-    # (offset, bytes) of each range of the memory file, filled in by ``resolve``.
+    # (offset, bytes) of each range of the memory file (filled in by ``resolve``).
     ranges: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import structlog
 
 from agent.errors import ScrubError
-from agent.scrub.model import POLICY_PATTERNS, ScrubResult, ScrubTarget
+from agent.scrub.model import BACKEND_KINDS, POLICY_PATTERNS, ScrubResult, ScrubTarget
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,13 @@ class ScrubRunner:
         if policy not in POLICY_PATTERNS:
             known = ", ".join(POLICY_PATTERNS)
             raise ScrubError(f"unknown scrub policy {policy!r} (known: {known})")
+        if target.kind not in BACKEND_KINDS.get(self._backend, frozenset()):
+            # Fail closed: the partition is quarantined with this reason, never called clean.
+            what = "Ascend NPU" if target.kind in ("npu", "vnpu") else f"{target.kind} partition"
+            raise ScrubError(
+                f"no scrub backend for {what} memory ([scrub] backend is {self._backend!r}; "
+                "docs/npu.md)"
+            )
         async with self._locks[target.partition_uuid]:
             started = time.time()
             result = await self._run_worker(target, policy)

@@ -165,9 +165,8 @@ class SimMemoryScrubBackend:
             Path(self._memory_dir), target.gpu_uuid, self._slice_bytes, units,
             target.unit_total or MEMORY_SLICES,
         )  # fmt: skip
-        first = region.ranges[0]
         return replace(
-            target, total_bytes=region.length, memory_file=str(first.path), offset=first.offset,
+            target, total_bytes=region.length, memory_file=str(region.ranges[0].path),
             ranges=tuple((r.offset, r.length) for r in region.ranges),
         )  # fmt: skip
 
@@ -182,7 +181,9 @@ class SimMemoryScrubBackend:
     def _pass(self, target: ScrubTarget, pattern: int) -> PassResult:
         word = pattern.to_bytes(4, "little")
         block = word * (_CHUNK // 4)
-        ranges = [tuple(r) for r in target.ranges] or [(target.offset, target.total_bytes)]
+        ranges = [tuple(r) for r in target.ranges]
+        if not ranges:
+            raise ScrubError(f"partition {target.partition_uuid}: no byte ranges to scrub")
         with Path(target.memory_file).open("r+b") as handle:
             fd = handle.fileno()
             end = max(offset + length for offset, length in ranges)

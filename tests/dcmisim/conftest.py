@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.dcmisim.dcmi import DCMI_OK, SimNode, build_library, load, new_sim_dir
+from tests.support import restored_environment
 
 MakeNode = Callable[..., SimNode]
 
@@ -34,7 +35,6 @@ def make_node(dcmi_library: ctypes.CDLL) -> Iterator[MakeNode]:
     """Factory: a fresh DCMI_SIM_DIR with a topology file (or a DCMI_SIM_TOPOLOGY preset),
     dcmi_init called on it unless ``init=False``; removed afterwards."""
     made: list[SimNode] = []
-    saved = {name: os.environ.get(name) for name in _ENVIRONMENT}
 
     def make(text: str | None = None, *, preset: str | None = None, init: bool = True) -> SimNode:
         node = SimNode(path=new_sim_dir(), lib=dcmi_library)
@@ -49,16 +49,12 @@ def make_node(dcmi_library: ctypes.CDLL) -> Iterator[MakeNode]:
             assert node.init() == DCMI_OK
         return node
 
-    try:
-        yield make
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        for node in made:
-            shutil.rmtree(node.path, ignore_errors=True)
+    with restored_environment(_ENVIRONMENT):
+        try:
+            yield make
+        finally:
+            for node in made:
+                shutil.rmtree(node.path, ignore_errors=True)
 
 
 @pytest.fixture

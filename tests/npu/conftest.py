@@ -18,6 +18,7 @@ import pytest
 
 from agent.hw.ascend.backend import AscendBackend
 from tests.dcmisim.dcmi import LIBRARY, SimNode, build_library, load, new_sim_dir, topology
+from tests.support import restored_environment
 
 _ENVIRONMENT = ("DCMI_SIM_DIR", "DCMI_SIM_TOPOLOGY")
 
@@ -53,8 +54,6 @@ def dcmi_library() -> ctypes.CDLL:
 def make_npu_node(dcmi_library: ctypes.CDLL) -> Iterator[MakeNpuNode]:
     """Factory: a fresh DCMI_SIM_DIR with this topology text and an opened backend on it."""
     made: list[NpuNode] = []
-    saved = {name: os.environ.get(name) for name in _ENVIRONMENT}
-    os.environ.pop("DCMI_SIM_TOPOLOGY", None)
 
     def make(topology: str) -> NpuNode:
         path = new_sim_dir()
@@ -64,17 +63,14 @@ def make_npu_node(dcmi_library: ctypes.CDLL) -> Iterator[MakeNpuNode]:
         node.backend.open()
         return node
 
-    try:
-        yield make
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        for node in made:
-            node.backend.close()
-            shutil.rmtree(node.sim.path, ignore_errors=True)
+    with restored_environment(_ENVIRONMENT):
+        os.environ.pop("DCMI_SIM_TOPOLOGY", None)
+        try:
+            yield make
+        finally:
+            for node in made:
+                node.backend.close()
+                shutil.rmtree(node.sim.path, ignore_errors=True)
 
 
 @pytest.fixture
