@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from agent.sim.accel import reset_count
+from agent.sim.node import init_sim_node
 from tests.leases.helpers import tenant_cgroup
 from tests.npu_e2e.test_vnpu_layout_and_fence import npu_nodes, vnpus
 from tests.support import (
@@ -14,6 +15,7 @@ from tests.support import (
     all_gpu_nodes,
     assert_fenced_to,
     probe,
+    running_agent,
     wait_all_clean,
     wait_settled,
 )
@@ -119,3 +121,22 @@ def test_vnpus_listed_by_template(npu910_agent: RunningAgent) -> None:
     agent.cli_json("layout", "apply", "--npu", "2", "vir04=1", "vir02=2")
     wait_all_clean(agent)
     assert sorted(p["profile"] for p in vnpus(agent, 2)) == ["vir02", "vir02", "vir04"]
+
+
+def test_gpu_and_accel_indices_never_mix(
+    tmp_path: Path, cgroup_parents: dict[str, Path], hierarchy: str
+) -> None:
+    """GPU 0 and accel 0 on one node: turning MIG on under a GPU leased whole is still refused
+    (the layout's index map once took accel 0 for GPU 0, which has no MIG, and let it pass)."""
+    node = init_sim_node(
+        tmp_path / "node", "h100x1,accel1", cgroup_parents=list(cgroup_parents.values()),
+        mig_enabled=False, slice_bytes=1 << 18,
+    )  # fmt: skip
+    with running_agent(node) as agent:
+        whole = next(p for p in wait_settled(agent) if p["kind"] == "gpu")
+        tenant = tenant_cgroup(cgroup_parents, hierarchy, "whole-gpu")
+        agent.cli_json(
+            "lease", "grant", "--tenant", "t", "--partition", whole["uuid"], "--cgroup", str(tenant)
+        )
+        refused = agent.cli("layout", "apply", "--gpu", "0", "--clear")
+        assert refused.returncode == 2 and "as a whole GPU" in refused.stderr, refused.stderr
