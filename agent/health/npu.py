@@ -65,7 +65,13 @@ class NpuHealthMonitor:
 
     async def poll(self) -> None:
         for npu in self._inventory.snapshot.devices(HUAWEI):
-            code, errors = await self._executor.call(self._source.health, npu.index)
+            try:
+                code, errors = await self._executor.call(self._source.health, npu.index)
+            except AccelguardError as error:
+                # One NPU that cannot be read must not stop the round for the others; it drops
+                # out of the next inventory if it is gone.
+                log.error("npu_health_unreadable", npu=npu.index, error=str(error))  # noqa: TRY400
+                continue
             name = _NAMES.get(code, f"unknown ({code})")
             codes = ", ".join(f"{error:#010x}" for error in errors) or "none"
             if code < MAJOR:
