@@ -3,6 +3,9 @@ made from the same memory (a relayout) can be read."""
 
 from __future__ import annotations
 
+import errno
+import subprocess
+import sys
 from pathlib import Path
 
 from agent.config import load_config
@@ -10,8 +13,16 @@ from agent.hw.ascend.backend import AscendBackend
 from agent.sim import workload
 from agent.sim.node import init_sim_node
 from tests.leases.helpers import any_tenant_cgroup
-from tests.npu_e2e.test_vnpu_layout_and_fence import vnpus
-from tests.support import RunningAgent, running_agent, wait_all_clean, wait_settled
+from tests.npu_e2e.test_vnpu_layout_and_fence import npu_nodes, vnpus
+from tests.support import (
+    REPO,
+    RunningAgent,
+    probe,
+    running_agent,
+    wait_all_clean,
+    wait_settled,
+    wait_until,
+)
 
 SECRET = "tenant-a-npu-weights-0xC0FFEE"
 
@@ -74,3 +85,55 @@ def test_no_npu_scrub_backend_means_quarantine(tmp_path: Path) -> None:
         settled = wait_settled(agent)
     assert {p["state"] for p in settled} == {"quarantined"}
     assert all("no scrub backend for Ascend NPU memory" in p["reason"] for p in settled)
+
+
+# What `npu-smi set -t destroy-vnpu` / `create-vnpu` do: DCMI calls from another process, which
+# the agent only learns of at its next inventory refresh.
+BEHIND_OUR_BACK = """
+import sys
+from pathlib import Path
+from agent.config import load_config
+from agent.hw.ascend.backend import AscendBackend
+config = load_config(Path(sys.argv[1]))
+with AscendBackend(config.dcmi.library, config.dcmi.sim_dir) as dcmi:
+    dcmi.destroy_vnpu(0, int(sys.argv[2]))
+    print(dcmi.create_vnpu(0, sys.argv[3]).gpu_instance_id)
+"""
+
+
+def test_a_vnpu_replaced_behind_our_back_ends_lost_and_never_free_clean(
+    npu910_agent: RunningAgent, cgroup_parents: dict[str, Path]
+) -> None:
+    agent = npu910_agent
+    agent.cli_json("layout", "apply", "--npu", "0", "vir08=2")
+    wait_all_clean(agent)
+    [first, second] = sorted(vnpus(agent, 0), key=lambda p: p["uuid"])
+    cgroup = any_tenant_cgroup(cgroup_parents, "alice")
+    lease = agent.cli_json(
+        "lease", "grant", "--tenant", "alice", "--partition", first["uuid"],
+        "--cgroup", str(cgroup),
+    )["lease"]  # fmt: skip
+    agent.cli("sim", "write", "--partition", first["uuid"], "--pattern", SECRET)
+    # Destroyed and a larger vNPU made in its place, on its memory, with the same vdev id.
+    made = subprocess.run(
+        [sys.executable, "-c", BEHIND_OUR_BACK, str(agent.config_path), "100", "vir16"],
+        check=True, capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert made.stdout.strip() == "100"
+    agent.cli_json("status")  # the next refresh finds it changed
+    leases = agent.cli_json("lease", "list", "--all")["leases"]
+    assert [entry["state"] for entry in leases if entry["id"] == lease["id"]] == ["lost"]
+    replaced = next(p for p in agent.partitions() if p["uuid"] == first["uuid"])
+    assert replaced["profile"] == "vir16"
+    assert not (replaced["state"] == "free" and replaced["clean"]), replaced
+    # The lost lease's fence is revoked by its own task, just after the refresh.
+    wait_until(
+        lambda: set(probe(cgroup, npu_nodes(agent)).values()) == {errno.EPERM},
+        "alice fenced off every NPU node",
+    )
+    untouched = next(p for p in agent.partitions() if p["uuid"] == second["uuid"])
+    assert untouched["state"] == "free" and untouched["clean"]
+    # Cleared by an operator: scrubbed before anyone reads it.
+    agent.cli_json("partition", "clear", first["uuid"], "--reason", "checked")
+    found = agent.cli_json("sim", "read", "--partition", first["uuid"], "--find", SECRET)
+    assert found["count"] == 0
