@@ -94,7 +94,14 @@ def read_gres_conf(path: Path, node: str) -> list[GresRecord]:
         fields = {key.lower(): value for key, value in _WORD.findall(text)}
         if fields.get("name") != "gpu":
             continue
-        if fields.get("nodename", node) != node:
+        names = fields.get("nodename", node)
+        if any(mark in names for mark in "[],"):
+            # A hostlist could hold this node: skipping it would shift every index after it.
+            raise ValidationError(
+                f"gres.conf {path}: NodeName={names} is a host list, which accelguard does not "
+                "expand; write one record per node (`accelguard slurm gres-conf`)"
+            )
+        if names != node:
             continue
         files = fields.get("multiplefiles") or fields.get("file") or ""
         records.append(GresRecord(node, fields.get("type", ""), tuple(files.split(","))))
