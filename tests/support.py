@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -162,6 +163,20 @@ def probe(cgroup: Path, paths: list[str]) -> dict[str, int]:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return {k: int(v) for k, v in json.loads(result.stdout).items()}
+
+
+@contextmanager
+def machine_uevents() -> Iterator[None]:
+    """Holds the machine's uevents for one test: the kernel's uevents are shared by every pytest
+    worker, and a device's events within one coalescing window are merged into one (carrying the
+    last one's tag), so a test that writes a device's ``uevent`` file while another worker's test
+    waits for its own tagged event on that device can swallow it."""
+    with (Path(tempfile.gettempdir()) / "accelguard-tests-uevents.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def wait_until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:

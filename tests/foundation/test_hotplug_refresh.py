@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RunningAgent
+from tests.support import RunningAgent, machine_uevents
 
 
 def _pci_device() -> tuple[Path, str, str] | None:
@@ -40,15 +40,16 @@ def test_uevent_triggers_inventory_refresh(agent: RunningAgent) -> None:
     time.sleep(1)  # let the monitor subscribe; the check below does not depend on it
     tag = uuid.uuid4()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        (device / "uevent").write_text(f"change {tag} ACCELGUARDTEST=1")
-        events = [json.loads(line) for line in agent.log().splitlines() if line.startswith("{")]
-        seen = [
-            i
-            for i, e in enumerate(events)
-            if e["event"] == "hotplug_event" and e["device"] == str(device.resolve())
-        ]
-        if seen and any(e["event"] == "inventory_refreshed" for e in events[seen[0] + 1 :]):
-            return
-        time.sleep(0.5)
+    with machine_uevents():
+        while time.monotonic() < deadline:
+            (device / "uevent").write_text(f"change {tag} ACCELGUARDTEST=1")
+            events = [json.loads(ln) for ln in agent.log().splitlines() if ln.startswith("{")]
+            seen = [
+                i
+                for i, e in enumerate(events)
+                if e["event"] == "hotplug_event" and e["device"] == str(device.resolve())
+            ]
+            if seen and any(e["event"] == "inventory_refreshed" for e in events[seen[0] + 1 :]):
+                return
+            time.sleep(0.5)
     raise AssertionError(f"no hotplug-driven refresh:\n{agent.log()[-3000:]}")

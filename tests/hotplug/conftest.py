@@ -13,13 +13,14 @@ import contextlib
 import errno
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent.hw.hotplug import HotplugEvent, HotplugFilter, HotplugMonitor
+from tests.support import machine_uevents
 
 EVENT_WAIT_SECONDS = 10.0
 
@@ -189,6 +190,13 @@ async def running(monitor: HotplugMonitor) -> AsyncIterator[asyncio.Task[None]]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.fixture(autouse=True)
+def _machine_uevents() -> Iterator[None]:
+    """No other worker's test emits uevents while one of these runs (see ``machine_uevents``)."""
+    with machine_uevents():
+        yield
 
 
 @pytest.fixture
