@@ -176,6 +176,9 @@ class ScrubConfig:
 class LeasesConfig:
     # SIGTERM first; whatever still holds the partition after this long is killed.
     evict_grace_s: float = _check(_positive, 10.0)
+    # Who holds a released partition: "auto" asks the kernel (BPF iterators, one pass) and reads
+    # /proc where it cannot; "proc" always reads /proc (slower, needs CAP_SYS_PTRACE).
+    census: Literal["auto", "proc"] = "auto"
     max_ttl_s: float = _check(_positive, 30 * 24 * 3600.0)
     cdi_dir: Path = _check(_absolute, Path("/var/run/cdi"))
 

@@ -106,7 +106,7 @@ class Daemon:
                 if config.scrub.backend == "simmem"
                 else None,
             ),
-            Evictor(config.leases.evict_grace_s),
+            Evictor(config.leases.evict_grace_s, census=config.leases.census),
             self.node_key,
             events=LinkEvents(self.link) if self.link is not None else None,
         )

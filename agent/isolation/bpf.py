@@ -32,6 +32,8 @@ BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_ITER_CREATE = 33
 
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
 BPF_CGROUP_DEVICE = 6  # enum bpf_attach_type
@@ -229,6 +231,8 @@ _COMMAND_NAMES = {
     BPF_PROG_GET_FD_BY_ID: "BPF_PROG_GET_FD_BY_ID",
     BPF_OBJ_GET_INFO_BY_FD: "BPF_OBJ_GET_INFO_BY_FD",
     BPF_PROG_QUERY: "BPF_PROG_QUERY",
+    BPF_LINK_CREATE: "BPF_LINK_CREATE",
+    BPF_ITER_CREATE: "BPF_ITER_CREATE",
 }
 
 # What an errno means for each command, in terms an operator can act on (kernel/bpf/syscall.c,
@@ -314,6 +318,14 @@ def _bpf(command: int, attr: ctypes.Structure) -> int:
         error_number = ctypes.get_errno()
         raise OSError(error_number, os.strerror(error_number))
     return int(result)
+
+
+def call(command: int, attr: ctypes.Structure, what: str) -> int:
+    """bpf(2) ``command`` for the modules that build their own attributes; BpfSyscallError."""
+    try:
+        return _bpf(command, attr)
+    except OSError as error:
+        raise _error(command, error.errno or 0, what) from error
 
 
 # --- operations ------------------------------------------------------------------------------

@@ -18,12 +18,14 @@ An open file descriptor survives a cgroup device change, so revoking the fence i
 - a process that cannot be read (EACCES without CAP_SYS_PTRACE, any error but its own exit) fails
   the eviction: a scan that skipped a process proves nothing.
 
-Finding holders costs one ``stat`` per descriptor, microseconds each in the kernel, and a busy
-node has 10^5-10^6 descriptors. So the polls during the grace period look only at the cgroup's
-members, the pids NVML lists and the pids already found; one census of every process runs after
-they are gone (no process of the tenant is left to pass a descriptor to an outsider behind it),
-and again only if it finds someone to evict. Every scan runs in a thread of its own, never on the
-event loop nor on the daemon's single blocking executor (journal and NVML keep answering).
+Reading one process's holdings from /proc costs one ``stat`` per descriptor, and a busy node has
+10^5-10^6 descriptors. So the polls during the grace period look only at the cgroup's members,
+the pids NVML lists and the pids already found; one census of every process
+(agent/isolation/census.py: asked of the kernel in one BPF pass where it can, /proc otherwise)
+runs after they are gone (no process of the tenant is left to pass a descriptor to an outsider
+behind it), and again only if it finds someone to evict. Every scan runs in a thread of its own,
+never on the event loop nor on the daemon's single blocking executor (journal and NVML keep
+answering).
 
 The agent's ancestors (its supervisor: systemd, or a test runner) are scanned too, but one that
 cannot be read is logged (``scan_skipped_ancestor``), not a failure: a supervisor can replace or
@@ -34,12 +36,9 @@ unreadable even to root.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import os
 import signal
-import stat
-import time
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,9 @@ from pathlib import Path
 import structlog
 
 from agent.errors import EvictionError, ScanError
-from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode
+from agent.hw.devnodes import DeviceNode
+from agent.isolation import holder_iter
+from agent.isolation.census import Census, NodeTargets, is_alive, process_nodes, take_census
 from agent.isolation.cgroups import cgroup_hierarchy, hierarchy_mounts, read_mounts
 
 log = structlog.get_logger(__name__)
@@ -58,31 +59,6 @@ NvmlHolders = Callable[[], Awaitable[set[int]]]
 # A census that finds new holders drives them out and counts again; a node where holders keep
 # appearing faster than that is not one to hand to the next tenant.
 CENSUS_ROUNDS = 3
-# The process went away between listing and reading it: it holds nothing any more.
-_GONE = (errno.ENOENT, errno.ESRCH)
-
-
-_CAP_SYS_PTRACE = 19
-
-
-def _has_ptrace_capability() -> bool:
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        status = Path("/proc/self/status").read_text()
-        effective = next(line for line in status.splitlines() if line.startswith("CapEff:"))
-        return bool(int(effective.split()[1], 16) >> _CAP_SYS_PTRACE & 1)
-    return False
-
-
-def _scan_error(pid: int, what: str, error: OSError) -> ScanError:
-    """The ScanError for an unreadable ``/proc/<pid>/<what>``, saying why it may be refused."""
-    hint = ""
-    if error.errno in (errno.EACCES, errno.EPERM):
-        hint = (
-            " (refused despite CAP_SYS_PTRACE: a security module or sandbox hides it)"
-            if _has_ptrace_capability()
-            else " (the agent needs CAP_SYS_PTRACE to read other users' processes)"
-        )
-    return ScanError(pid, what, error, hint)
 
 
 @dataclass
@@ -91,205 +67,6 @@ class EvictionReport:
     killed: list[int] = field(default_factory=list)
     outsiders: list[int] = field(default_factory=list)
     shared_holders: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class NodeTargets:
-    """What a scan looks for: the partition's nodes by device number and by node file."""
-
-    by_rdev: dict[int, DeviceNode]
-    # (st_dev, st_ino) of each node file: /proc/PID/maps names a mapping's file this way.
-    by_file: dict[tuple[int, int], DeviceNode]
-    own: frozenset[DeviceNode]
-    exclusive: frozenset[DeviceNode]
-    # The inode numbers of by_file as /proc/PID/maps prints them, for a cheap first test.
-    mapped_inodes: frozenset[bytes]
-
-    @classmethod
-    def of(cls, own_nodes: Iterable[DeviceNode], any_nodes: Iterable[DeviceNode]) -> NodeTargets:
-        own = frozenset(own_nodes)
-        every = own | frozenset(any_nodes)
-        by_file: dict[tuple[int, int], DeviceNode] = {}
-        for node in every:
-            # A node file that is missing cannot be mapped through; descriptors still match by
-            # st_rdev, whatever file they were opened through.
-            with contextlib.suppress(OSError):
-                info = node.path.stat()
-                by_file[(info.st_dev, info.st_ino)] = node
-        return cls(
-            by_rdev={os.makedev(n.major, n.minor): n for n in every if n.kind == "c"},
-            by_file=by_file,
-            own=own,
-            # /dev/nvidiaN is a whole GPU's own node, yet node services hold it on every GPU:
-            # only a MIG capability node proves that an outsider reaches this very partition.
-            exclusive=frozenset(n for n in own if n.major != NVIDIA_MAJOR),
-            mapped_inodes=frozenset(str(ino).encode() for _, ino in by_file),
-        )
-
-    @property
-    def every(self) -> frozenset[DeviceNode]:
-        return frozenset(self.by_rdev.values()) | frozenset(self.by_file.values())
-
-
-@dataclass(frozen=True)
-class Holder:
-    pid: int
-    uid: int
-    command: str
-    nodes: frozenset[DeviceNode]
-
-
-@dataclass
-class Census:
-    """Every process that holds one of the partition's nodes, from one pass over /proc."""
-
-    holders: dict[int, Holder] = field(default_factory=dict)
-    skipped: list[ScanError] = field(default_factory=list)
-    processes: int = 0
-    descriptors: int = 0
-    seconds: float = 0.0
-
-
-def is_alive(pid: int, proc_root: Path = Path("/proc")) -> bool:
-    """A zombie has released its file descriptors and its GPU context: it is not a holder."""
-    try:
-        data = (proc_root / str(pid) / "stat").read_bytes()
-    except OSError:
-        return False
-    # The state follows the parenthesised command name, which may itself contain ')'.
-    state = data[data.rfind(b")") + 2 : data.rfind(b")") + 3]
-    return state not in (b"Z", b"X", b"")
-
-
-def _descriptor_nodes(
-    pid: int, targets: NodeTargets, proc_root: Path, census: Census | None = None
-) -> set[DeviceNode] | None:
-    try:
-        directory = os.open(proc_root / str(pid) / "fd", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as error:
-        if error.errno in _GONE:
-            return None
-        raise _scan_error(pid, "fd", error) from error
-    held: set[DeviceNode] = set()
-    by_rdev = targets.by_rdev
-    try:
-        names = os.listdir(directory)  # noqa: PTH208 - by descriptor; Path cannot
-        if census is not None:
-            census.descriptors += len(names)
-        for name in names:
-            try:
-                # Through the fd directory, so the kernel resolves one name, not a whole path.
-                info = os.stat(name, dir_fd=directory)
-            except OSError as error:
-                if error.errno in _GONE:
-                    continue  # closed meanwhile (or the process exited: its maps say so)
-                raise _scan_error(pid, f"fd/{name}", error) from error
-            node = by_rdev.get(info.st_rdev)
-            if node is not None and stat.S_ISCHR(info.st_mode):
-                held.add(node)
-    except OSError as error:
-        if error.errno in _GONE:
-            return None
-        raise _scan_error(pid, "fd", error) from error
-    finally:
-        os.close(directory)
-    return held
-
-
-def _mapped_nodes(pid: int, targets: NodeTargets, proc_root: Path) -> set[DeviceNode] | None:
-    """Nodes mapped into the process: a mapping outlives the descriptor it was made with."""
-    try:
-        data = (proc_root / str(pid) / "maps").read_bytes()
-    except OSError as error:
-        if error.errno in _GONE:
-            return None
-        raise _scan_error(pid, "maps", error) from error
-    held: set[DeviceNode] = set()
-    # Most processes map none of the node files: one substring test per node file tells.
-    if not any(b" " + inode in data for inode in targets.mapped_inodes):
-        return held
-    for line in data.splitlines():
-        # address perms offset major:minor inode [path]
-        fields = line.split(maxsplit=5)
-        if len(fields) < 5 or fields[4] not in targets.mapped_inodes:
-            continue
-        major, _, minor = fields[3].partition(b":")
-        key = (os.makedev(int(major, 16), int(minor, 16)), int(fields[4]))
-        if key in targets.by_file:
-            held.add(targets.by_file[key])
-    return held
-
-
-def process_nodes(
-    pid: int, targets: NodeTargets, proc_root: Path = Path("/proc"), census: Census | None = None
-) -> frozenset[DeviceNode] | None:
-    """The partition's nodes ``pid`` holds by descriptor or by mapping; None if it has exited.
-
-    Raises ScanError when a live process cannot be read.
-    """
-    by_descriptor = _descriptor_nodes(pid, targets, proc_root, census)
-    if by_descriptor is None:
-        return None
-    mapped = _mapped_nodes(pid, targets, proc_root)
-    if mapped is None:
-        return None
-    return frozenset(by_descriptor | mapped)
-
-
-def _parent(pid: int, proc_root: Path) -> int:
-    try:
-        data = (proc_root / str(pid) / "stat").read_bytes()
-    except OSError:
-        return 0
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[1]) if len(fields) > 1 else 0
-
-
-def ancestors(proc_root: Path = Path("/proc")) -> set[int]:
-    found: set[int] = set()
-    pid = _parent(os.getpid(), proc_root)
-    while pid > 0 and pid not in found:
-        found.add(pid)
-        pid = _parent(pid, proc_root)
-    return found
-
-
-def _identity(pid: int, proc_root: Path) -> tuple[int, str]:
-    """(real uid, command name) for messages; -1 and '?' if the process is gone."""
-    uid, command = -1, "?"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in (proc_root / str(pid) / "status").read_text(errors="replace").splitlines():
-            if line.startswith("Name:"):
-                command = line.partition(":")[2].strip() or "?"
-            elif line.startswith("Uid:"):
-                uid = int(line.split()[1])
-                break
-    return uid, command
-
-
-def take_census(targets: NodeTargets, proc_root: Path = Path("/proc")) -> Census:
-    """Read every process of the node (blocking: run it in a thread). Raises ScanError."""
-    started = time.perf_counter()
-    census = Census()
-    own = os.getpid()
-    supervisors = ancestors(proc_root)
-    for name in os.listdir(proc_root):  # noqa: PTH208 - names only, no Path per process
-        if not name.isdigit() or int(name) == own:
-            continue
-        pid = int(name)
-        census.processes += 1
-        try:
-            nodes = process_nodes(pid, targets, proc_root, census)
-        except ScanError as error:
-            if pid not in supervisors:
-                raise
-            census.skipped.append(error)
-            continue
-        if nodes and is_alive(pid, proc_root):
-            uid, command = _identity(pid, proc_root)
-            census.holders[pid] = Holder(pid, uid, command, nodes)
-    census.seconds = time.perf_counter() - started
-    return census
 
 
 def cgroup_pids(cgroup: Path) -> set[int]:
@@ -386,8 +163,12 @@ class Evictor:
         grace_s: float,
         proc_root: Path = Path("/proc"),
         poll_s: float = 0.05,
+        census: str = "auto",
     ) -> None:
         self._grace_s = grace_s
+        self._use_kernel = census == "auto"
+        if self._use_kernel:
+            threading.Thread(target=holder_iter.prepare, name="btf-layout", daemon=True).start()
         self._proc_root = proc_root
         self._poll_s = poll_s
 
@@ -437,10 +218,13 @@ class Evictor:
         watched: set[int] = set()
         for _ in range(CENSUS_ROUNDS):
             await self._drive_out(targets, cgroup, kill_whole_cgroup, nvml_holders, report, watched)
-            census = await asyncio.to_thread(take_census, targets, self._proc_root)
+            census = await asyncio.to_thread(
+                take_census, targets, self._proc_root, self._use_kernel
+            )
             log.info(
-                "holder_census", processes=census.processes, descriptors=census.descriptors,
-                holders=sorted(census.holders), seconds=round(census.seconds, 3),
+                "holder_census", method=census.method, processes=census.processes,
+                descriptors=census.descriptors, holders=sorted(census.holders),
+                seconds=round(census.seconds, 3),
             )  # fmt: skip
             for skipped in census.skipped:
                 log.warning("scan_skipped_ancestor", pid=skipped.pid, error=skipped.detail)

@@ -60,12 +60,15 @@ def _bounding_set(pid: int) -> set[str]:
 
 @contextmanager
 def bounded_agent(
-    tmp_path: Path, cgroup_parents: dict[str, Path], capabilities: list[str]
+    tmp_path: Path, cgroup_parents: dict[str, Path], capabilities: list[str], census: str = "auto"
 ) -> Iterator[RunningAgent]:
     node = init_sim_node(
         tmp_path / "node", "h100x2", cgroup_parents=list(cgroup_parents.values()),
         slice_bytes=1 << 20,
     )  # fmt: skip
+    if census != "auto":
+        text = node.config_path.read_text()
+        node.config_path.write_text(text.replace('census = "auto"', f'census = "{census}"'))
     running = RunningAgent(node=node, config=load_config(node.config_path))
     running.log_path = node.root / "agent-bounded.log"
     # setpriv spells capabilities without the "cap_" prefix.
@@ -183,15 +186,22 @@ def test_other_users_holder_in_the_cgroup_is_evicted(
         assert released["state"] == "free" and released["clean"] is True, released
 
 
+@pytest.mark.parametrize("census", ["auto", "proc"])
 def test_without_ptrace_the_release_fails_closed(
-    tmp_path: Path, cgroup_parents: dict[str, Path]
+    tmp_path: Path, cgroup_parents: dict[str, Path], census: str
 ) -> None:
+    """The kernel's census sees the other user's holder without CAP_SYS_PTRACE; /proc cannot,
+    and says so: either way the partition is quarantined, never freed."""
     capabilities = [c for c in unit_capabilities() if c != "cap_sys_ptrace"]
     cgroup = any_tenant_cgroup(cgroup_parents, "tenant-nora")
-    with bounded_agent(tmp_path, cgroup_parents, capabilities) as agent:
+    with bounded_agent(tmp_path, cgroup_parents, capabilities, census) as agent:
         lease, _, capability = _grant(agent, cgroup)
         with other_user_holder(capability) as holder:
             released = _release(agent, lease)
             assert holder.poll() is None
         assert released["state"] == "quarantined" and not released.get("clean"), released
-        assert "scan" in released["reason"] and "CAP_SYS_PTRACE" in released["reason"], released
+        reason = released["reason"]
+        if census == "auto":
+            assert f"pid {holder.pid} (uid {NOBODY}" in reason and capability in reason, reason
+        else:
+            assert "scan" in reason and "CAP_SYS_PTRACE" in reason, released

@@ -17,7 +17,7 @@ import pytest
 
 from agent.errors import ScanError
 from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode
-from agent.isolation.evict import NodeTargets, process_nodes, take_census
+from agent.isolation.census import NodeTargets, process_nodes, take_census
 
 # A character device number no driver of the test machine uses: major 1 (mem) stops at minor 12.
 UNUSED_MAJOR, UNUSED_MINOR = 1, 240
@@ -60,7 +60,8 @@ def _char_node(path: Path) -> DeviceNode:
     return DeviceNode(path, UNUSED_MAJOR, UNUSED_MINOR)
 
 
-def test_descriptor_matches_by_device_number_not_by_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "proc"])
+def test_descriptor_matches_by_device_number_not_by_file(tmp_path: Path, use_kernel: bool) -> None:
     node = _char_node(tmp_path / "nvidia-cap-a")
     # Another node file with the same device number: a private mknod copy opens the same device.
     copy = _char_node(tmp_path / "nvidia-cap-copy")
@@ -71,10 +72,13 @@ def test_descriptor_matches_by_device_number_not_by_file(tmp_path: Path) -> None
     try:
         with child(HOLD_DESCRIPTOR, str(copy.path)) as holder:
             assert process_nodes(holder.pid, targets) == {node}
-            census = take_census(targets)
+            census = take_census(targets, use_kernel=use_kernel)
             assert census.holders[holder.pid].nodes == {node}
             assert os.getpid() not in census.holders and bystander.pid not in census.holders
-            assert census.descriptors > 0 and census.processes > 1
+            if use_kernel:
+                assert census.method == "kernel", "the kernel census fell back to /proc"
+            else:
+                assert census.descriptors > 0 and census.processes > 1
     finally:
         bystander.kill()
         bystander.wait(timeout=30)
@@ -114,7 +118,7 @@ SCAN_ONE = """
 import sys
 from pathlib import Path
 from agent.errors import ScanError
-from agent.isolation.evict import NodeTargets, process_nodes
+from agent.isolation.census import NodeTargets, process_nodes
 from agent.hw.devnodes import DeviceNode
 node = DeviceNode(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 targets = NodeTargets.of([node], [node])
