@@ -20,8 +20,8 @@ byte offset).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.errors import IsolationError
 
@@ -39,27 +39,18 @@ KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 17, 18, 19
 _MODIFIERS = frozenset({KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG})
 
 
-def _extra_bytes(kind: int, vlen: int) -> int:
-    """How many bytes of kind-specific data follow a type record."""
-    if kind in (KIND_INT, KIND_VAR, KIND_DECL_TAG):
-        return 4
-    if kind == KIND_ARRAY:
-        return 12
-    if kind in (KIND_STRUCT, KIND_UNION, KIND_DATASEC, KIND_ENUM64):
-        return 12 * vlen
-    if kind in (KIND_ENUM, KIND_FUNC_PROTO):
-        return 8 * vlen
-    if kind in (KIND_PTR, KIND_FWD, KIND_FUNC, KIND_FLOAT) or kind in _MODIFIERS:
-        return 0
-    raise BtfError(f"unknown BTF kind {kind}: this reader predates the kernel's format")
+# Bytes of kind-specific data after a type record: fixed, plus per item (``vlen`` items); -1 for
+# a kind this reader does not know (kinds 1-19, include/uapi/linux/btf.h).
+_FIXED_BYTES = (-1, 4, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 4, 0, 0)
+_BYTES_PER_ITEM = (0, 0, 0, 0, 12, 12, 8, 0, 0, 0, 0, 0, 0, 8, 0, 12, 0, 0, 0, 12)
+_NAMED_KINDS = frozenset({KIND_STRUCT, KIND_UNION, KIND_FUNC})
 
 
 class BtfError(IsolationError):
     """The kernel's BTF is missing, unreadable or lacks what a program needs."""
 
 
-@dataclass(frozen=True)
-class _Record:
+class _Record(NamedTuple):
     kind: int
     name_off: int
     vlen: int
@@ -84,24 +75,26 @@ class Btf:
         self._strings = (hdr_len + str_off, hdr_len + str_off + str_len)
         if hdr_len < _HEADER.size or max(types[1], self._strings[1]) > len(data):
             raise BtfError("BTF header points beyond the end of the data")
-        self._records: list[_Record] = [_Record(0, 0, 0, False, 0, 0)]  # id 0 is void
-        self._by_name: dict[tuple[int, str], int] = {}
+        # Where each type's record starts, by id (id 0 is void); records are decoded on demand.
+        self._starts: list[int] = [-1]
+        # (kind, name offset) -> first id: BTF's strings are deduplicated, so a name has one.
+        self._by_name: dict[tuple[int, int], int] = {}
+        unpack, end, starts, by_name = _TYPE.unpack_from, types[1], self._starts, self._by_name
         position = types[0]
-        while position < types[1]:
-            if position + _TYPE.size > types[1]:
-                raise BtfError(f"BTF type {len(self._records)} is cut short")
-            name_off, info, size_or_type = _TYPE.unpack_from(data, position)
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            extra = position + _TYPE.size
-            position = extra + _extra_bytes(kind, vlen)
-            if position > types[1]:
-                raise BtfError(f"BTF type {len(self._records)} is cut short")
-            self._records.append(
-                _Record(kind, name_off, vlen, bool(info >> 31), size_or_type, extra)
-            )
-            if kind in (KIND_STRUCT, KIND_UNION, KIND_FUNC) and name_off:
+        while position < end:
+            if position + _TYPE.size > end:
+                raise BtfError(f"BTF type {len(starts)} is cut short")
+            name_off, info, _ = unpack(data, position)
+            kind = (info >> 24) & 0x1F
+            if kind >= len(_FIXED_BYTES) or _FIXED_BYTES[kind] < 0:
+                raise BtfError(f"unknown BTF kind {kind}: this reader predates the kernel's format")
+            starts.append(position)
+            position += _TYPE.size + _FIXED_BYTES[kind] + _BYTES_PER_ITEM[kind] * (info & 0xFFFF)
+            if position > end:
+                raise BtfError(f"BTF type {len(starts) - 1} is cut short")
+            if name_off and kind in _NAMED_KINDS:
                 # The first of a name wins: the kernel's own types come first.
-                self._by_name.setdefault((kind, self._name(name_off)), len(self._records) - 1)
+                by_name.setdefault((kind, name_off), len(starts) - 1)
 
     @classmethod
     def of_kernel(cls, path: Path = VMLINUX) -> Btf:
@@ -113,21 +106,40 @@ class Btf:
                 "CONFIG_DEBUG_INFO_BTF"
             ) from error
 
-    def _name(self, offset: int) -> str:
+    def _named(self, kind: int, name: str) -> int | None:
+        """The first type of ``kind`` called ``name`` (the string section is searched for the
+        name, every copy of it if a writer did not deduplicate)."""
+        start, end = self._strings
+        needle = b"\0" + name.encode() + b"\0"
+        found = self._data.find(needle, start, end)
+        while found >= 0:
+            type_id = self._by_name.get((kind, found + 1 - start))
+            if type_id is not None:
+                return type_id
+            found = self._data.find(needle, found + 1, end)
+        return None
+
+    def _raw_name(self, offset: int) -> bytes:
         start = self._strings[0] + offset
         end = self._data.find(b"\0", start, self._strings[1])
         if offset >= self._strings[1] - self._strings[0] or end < 0:
             raise BtfError(f"BTF name offset {offset} is outside the string section")
-        return self._data[start:end].decode("utf-8", "replace")
+        return self._data[start:end]
+
+    def _name(self, offset: int) -> str:
+        return self._raw_name(offset).decode("utf-8", "replace")
 
     def _record(self, type_id: int) -> _Record:
-        if not 0 < type_id < len(self._records):
+        if not 0 < type_id < len(self._starts):
             raise BtfError(f"BTF type id {type_id} does not exist")
-        return self._records[type_id]
+        start = self._starts[type_id]
+        name_off, info, size_or_type = _TYPE.unpack_from(self._data, start)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        return _Record(kind, name_off, vlen, bool(info >> 31), size_or_type, start + _TYPE.size)
 
     def function(self, name: str) -> int:
         """The type id of the function ``name`` (a BPF tracing program attaches by it)."""
-        found = self._by_name.get((KIND_FUNC, name))
+        found = self._named(KIND_FUNC, name)
         if found is None:
             raise BtfError(f"the kernel has no function {name!r} (too old for this program?)")
         return found
@@ -143,7 +155,7 @@ class Btf:
         return found
 
     def _struct(self, name: str) -> int:
-        found = self._by_name.get((KIND_STRUCT, name))
+        found = self._named(KIND_STRUCT, name)
         if found is None:
             raise BtfError(f"the kernel has no struct {name!r}")
         return found

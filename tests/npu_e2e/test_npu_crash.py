@@ -13,6 +13,7 @@ import pytest
 
 from agent.runtime.failpoints import ENVIRONMENT_VARIABLE, CrashPoint
 from agent.store import Store
+from tests.layouts_desired.conftest import start_up_outcomes
 from tests.leases.helpers import any_tenant_cgroup, hold, reap
 from tests.npu_e2e.test_vnpu_layout_and_fence import dcmi_calls, npu_nodes, vnpus
 from tests.support import RunningAgent, probe, wait_all_clean, wait_settled
@@ -48,8 +49,10 @@ def test_crash_during_vnpu_layout_converges(npu910_agent: RunningAgent, point: s
     assert agent.cli("layout", "apply", "--npu", "0", *TARGET).returncode != 0
     assert agent.wait_exit() == -signal.SIGKILL, f"{point} was not reached"
 
-    # The start-up re-apply of the desired layout (recorded before the crash) converges.
+    # The start-up re-apply of the desired layout (recorded before the crash) converges. The
+    # admin socket answers before it is done: wait for its outcome, then for the scrubs.
     agent.start()
+    start_up_outcomes(agent, expected=1)
     _settled_safely(agent)
     assert Counter(p["profile"] for p in vnpus(agent, 0)) == Counter({"vir16": 1, "vir08": 1})
     before = dcmi_calls(agent)
