@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import stat
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +112,53 @@ def parse_mountinfo(text: str) -> tuple[Mount, ...]:
 _parsed: dict[Path, tuple[str, tuple[Mount, ...]]] = {}
 
 
-def read_mounts(mountinfo: Path = MOUNTINFO) -> tuple[Mount, ...]:
-    """The current mounts. Read every time (mounts change under us); parsed again only when the
-    text changed, since a grant looks them up several times."""
-    try:
+class _MountWatch:
+    """This process's mount table, read again only when the kernel says it changed: poll(2) on
+    an open ``/proc/self/mountinfo`` reports POLLPRI|POLLERR once after any mount or unmount in
+    its namespace (proc(5)). A grant looks the table up several times; each read makes the
+    kernel print the whole table."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._descriptor: int | None = None
+        self._poller = select.poll()
+        self._mounts: tuple[Mount, ...] | None = None
+
+    def mounts(self) -> tuple[Mount, ...]:
+        with self._lock:
+            if self._descriptor is None:
+                try:
+                    self._descriptor = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as error:
+                    raise IsolationError(f"cannot read {MOUNTINFO}: {error.strerror}") from error
+                self._poller.register(self._descriptor, select.POLLPRI | select.POLLERR)
+            # Polled before reading: a change after the poll is reported by the next one.
+            if self._poller.poll(0) or self._mounts is None:
+                self._mounts = parse_mountinfo(self._read(self._descriptor))
+            return self._mounts
+
+    @staticmethod
+    def _read(descriptor: int) -> str:
+        chunks = []
+        try:
+            os.lseek(descriptor, 0, os.SEEK_SET)
+            while chunk := os.read(descriptor, 1 << 16):
+                chunks.append(chunk)
+        except OSError as error:
+            raise IsolationError(f"cannot read {MOUNTINFO}: {error.strerror}") from error
         # surrogateescape keeps non-UTF-8 mount points byte-exact, as os.fsdecode does.
+        return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+
+_watch = _MountWatch()
+
+
+def read_mounts(mountinfo: Path = MOUNTINFO) -> tuple[Mount, ...]:
+    """The current mounts: this process's from the kernel (``_MountWatch``); another file (a
+    test's) is read every time and parsed again only when its text changed."""
+    if mountinfo == MOUNTINFO:
+        return _watch.mounts()
+    try:
         text = mountinfo.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as error:
         raise IsolationError(f"cannot read {mountinfo}: {error.strerror}") from error
@@ -195,10 +239,10 @@ def resolve_tenant_cgroup(path: str, allowed_parents: Sequence[Path]) -> Path:
         )
 
     _check_no_symlinks(candidate)
-    if os.path.realpath(candidate) != str(candidate):
+    resolved = os.path.realpath(candidate)
+    if resolved != str(candidate):
         raise ValidationError(
-            f"tenant cgroup {str(candidate)!r} resolves to {os.path.realpath(candidate)!r}: "
-            "give the real path"
+            f"tenant cgroup {str(candidate)!r} resolves to {resolved!r}: give the real path"
         )
     mount = mount_containing(candidate, read_mounts())
     if mount is None or mount.hierarchy is None:

@@ -8,6 +8,7 @@ find and replace its fence.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,13 @@ def fenced_rules(rules: Sequence[DeviceRule]) -> tuple[DeviceRule, ...]:
     for rule in rules:
         if not isinstance(rule, DeviceRule):
             raise ValidationError(f"expected a DeviceRule, got {type(rule).__name__}")
+    return _with_baseline(rules)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_baseline(rules: tuple[DeviceRule, ...]) -> tuple[DeviceRule, ...]:
+    """fenced_rules' checks and normalisation, kept per rule set (errors are not kept)."""
+    for rule in rules:
         if not rule.is_single_device:
             raise ValidationError(
                 f"device rule {rule} is a wildcard: a partition's rules must each name one "

@@ -48,7 +48,7 @@ async def bind(
         lambda: (ctx.store.leases(live_only=True), ctx.store.partitions())
     )
     fences.check_not_nested(str(path), live)
-    await fences.check_fenceable(path)
+    await ctx.executor.call(fences.check_fenceable, path)
     record = next((p for p in partitions if p.uuid == lease.partition_uuid), None)
     if record is None or not record.present:
         raise NotFoundError(f"lease {lease_id}: partition {lease.partition_uuid} is gone")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar, cast
 
 import structlog
 
@@ -27,9 +29,14 @@ from agent.partitions.context import PartitionContext
 from agent.store import LeaseRecord, LeaseState, PartitionRecord
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # The lease states whose nodes a fence allows; a releasing lease's fence is already revoked.
 FENCED = (LeaseState.GRANTING, LeaseState.ACTIVE)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _rules(nodes: list[tuple[str, int, int, str]]) -> list[DeviceRule]:
@@ -49,38 +56,46 @@ class TenantFences:
     async def fence_cgroup(self, cgroup: str) -> None:
         """Make the cgroup's fence allow exactly the nodes of its live leases (baseline aside).
         An unbound lease (``bind_later``, cgroup empty) has no fence of its own yet."""
-        if not cgroup:
-            return
-        async with self._cgroup_locks[cgroup]:
-            await self._apply_fence(cgroup)
+        await self.fence_then(cgroup, _nothing)
 
-    async def _apply_fence(self, cgroup: str) -> None:
+    async def fence_then(self, cgroup: str, then: Callable[[], T]) -> T:
+        """``fence_cgroup``, then ``then`` in the worker thread, in the same trip there when it
+        can (a grant activates its lease right behind its fence)."""
+        if not cgroup:
+            return await self._ctx.executor.call(then)
+        async with self._cgroup_locks[cgroup]:
+            return await self._apply_fence(cgroup, then)
+
+    async def _apply_fence(self, cgroup: str, then: Callable[[], T]) -> T:
         path = Path(cgroup)
         if not path.is_dir():
             # Removed (a Slurm job's cgroup at its end): the kernel dropped its fence with it.
             log.info("fence_cgroup_gone", cgroup=cgroup)
             self.fences.pop(cgroup, None)
-            return
+            return await self._ctx.executor.call(then)
         fence = fence_for(path)
 
-        def from_journal() -> bool:
-            """Read the cgroup's leases, apply, read back and record, all in one trip to the
-            worker thread (a grant's latency is mostly such trips). False: a lease from an
-            older journal has no nodes of its own, and the inventory must be asked."""
+        def from_journal() -> tuple[bool, T | None]:
+            """Read the cgroup's leases, apply, read back, record and go on with ``then``, all
+            in one trip to the worker thread (a grant's latency is mostly such trips). False: a
+            lease from an older journal has no nodes of its own, and the inventory must be
+            asked."""
             leases = [lease for lease in self._ctx.store.leases(live_only=True)
                       if lease.cgroup == cgroup and lease.state in FENCED]  # fmt: skip
             if not all(lease.nodes for lease in leases):
-                return False
+                return False, None
             self._apply_and_record(fence, path, _rules([n for x in leases for n in x.nodes]))
-            return True
+            return True, then()
 
-        if await self._ctx.executor.call(from_journal):
-            return
+        applied, result = await self._ctx.executor.call(from_journal)
+        if applied:
+            return cast(T, result)  # then()'s own result, None included when T allows it
         nodes = []
         for lease in await self._ctx.leases(live_only=True):
             if lease.cgroup == cgroup and lease.state in FENCED:
                 nodes.extend(await self.lease_nodes(lease))
         await self._ctx.executor.call(self._apply_and_record, fence, path, _rules(nodes))
+        return await self._ctx.executor.call(then)
 
     def _apply_and_record(self, fence: DeviceFence, path: Path, ordered: list[DeviceRule]) -> None:
         """In the worker thread: the fence applied and read back, and its audit record. A
@@ -124,16 +139,16 @@ class TenantFences:
             return []
         return [(n.kind, n.major, n.minor, str(n.path)) for n in self._ctx.nodes(record)]
 
-    async def check_fenceable(self, path: Path) -> None:
-        """Refuse, before anything is journaled, a cgroup the fence could not take."""
+    @staticmethod
+    def check_fenceable(path: Path) -> None:
+        """Refuse, before anything is journaled, a cgroup the fence could not take (blocking:
+        it lists a v1 cgroup's directory; callers run it in the worker thread)."""
         if cgroup_hierarchy(path) != "v1-devices":
             return
         # The v1 devices controller refuses to widen a cgroup that has children
         # (security/device_cgroup.c: has_children); fence the leaf, or the parent before it
         # gets children.
-        children = await self._ctx.executor.call(
-            lambda: [p.name for p in path.iterdir() if p.is_dir()]
-        )
+        children = [p.name for p in path.iterdir() if p.is_dir()]
         if children:
             raise ValidationError(
                 f"tenant cgroup {path} has child cgroups ({', '.join(sorted(children)[:3])}): "
@@ -175,7 +190,7 @@ class TenantFences:
         """No node a partition owns may be allowed in two tenants' fences (invariant 7)."""
         own = own_nodes(nodes)
         gpu = self._ctx.gpu(record)
-        for other, fence in self.fences.items():
+        for other, fence in list(self.fences.items()):  # one atomic copy: fences change meanwhile
             if related(other, cgroup):
                 continue
             holding = [n for n in own if fence.allows(n.kind, n.major, n.minor)]

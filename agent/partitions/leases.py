@@ -199,36 +199,43 @@ class LeaseManager:
         if not self.ready.is_set():
             raise RetryLaterError("the agent is still reconciling after start-up; retry shortly")
         async with self._grant_lock:
-            # One journal read for every check below.
-            live, partitions = await self._ctx.executor.call(
-                lambda: (self._ctx.store.leases(live_only=True), self._ctx.store.partitions())
-            )
-            if path:
-                self._fences.check_not_nested(path, live)
-                await self._fences.check_fenceable(Path(path))
-            record = select_partition(partition_uuid, profile, partitions)
-            check_mode_settled(self._ctx.gpu(record))
-            nodes = self._ctx.nodes(record)
-            self._fences.check_exclusive(
-                record, nodes, path, self._fences.mig_cgroups(live, partitions)
-            )
             lease_id = f"lease-{uuidlib.uuid4().hex[:16]}"
-            # Bound for the rest of this request's task (its log lines carry who and what).
+            expires = time.time() + ttl_s if ttl_s else None
+
+            def take() -> tuple[PartitionRecord, list[DeviceNode], bool]:
+                """Every check, then the journal's grant: one trip to the worker thread."""
+                live = self._ctx.store.leases(live_only=True)
+                partitions = self._ctx.store.partitions()
+                if path:
+                    self._fences.check_not_nested(path, live)
+                    self._fences.check_fenceable(Path(path))
+                record = select_partition(partition_uuid, profile, partitions)
+                check_mode_settled(self._ctx.gpu(record))
+                nodes = self._ctx.nodes(record)
+                self._fences.check_exclusive(
+                    record, nodes, path, self._fences.mig_cgroups(live, partitions)
+                )
+                return (
+                    record,
+                    nodes,
+                    self._ctx.store.begin_grant(
+                        lease_id,
+                        record.uuid,
+                        tenant,
+                        path,
+                        expires,
+                        scrub_policy,
+                        [(n.kind, n.major, n.minor, str(n.path)) for n in nodes],
+                    ),
+                )
+
+            record, nodes, taken = await self._ctx.executor.call(take)
             structlog.contextvars.bind_contextvars(
                 lease=lease_id, partition=record.uuid, tenant=tenant, gpu=record.gpu_index
             )
-            expires = time.time() + ttl_s if ttl_s else None
-            taken = await self._ctx.executor.call(
-                lambda: self._ctx.store.begin_grant(
-                    lease_id, record.uuid, tenant, path, expires, scrub_policy,
-                    [(n.kind, n.major, n.minor, str(n.path)) for n in nodes],
-                )
-            )  # fmt: skip
             if not taken:
                 raise RetryLaterError(f"partition {record.uuid} was taken concurrently; retry")
             try:
-                # Upstream must be able to hear of this lease for its whole life: if its first
-                # event cannot be kept, the grant is refused before anything is fenced.
                 await self._ctx.report_lease(lease_id, must_keep=True)
             except OutboxFullError:
                 await self._ctx.executor.call(
@@ -241,12 +248,10 @@ class LeaseManager:
         failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_JOURNAL)
         async with self._ctx.locks[record.uuid]:
             try:
-                await self._fences.fence_cgroup(path)
-                failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_FENCE)
                 search = host_search(self._ctx.config.nvml.library)
 
                 def publish() -> tuple[LeaseRecord | None, PartitionRecord | None]:
-                    """CDI spec, activation and the rows to answer with: one worker trip."""
+                    failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_FENCE)
                     cdi.write_spec(
                         self._ctx.config.leases.cdi_dir, lease_id, nodes, record.uuid, search
                     )
@@ -255,7 +260,7 @@ class LeaseManager:
                         raise StoreError(f"lease {lease_id} changed state while being granted")
                     return self._ctx.store.lease(lease_id), self._ctx.store.partition(record.uuid)
 
-                lease, granted = await self._ctx.executor.call(publish)
+                lease, granted = await self._fences.fence_then(path, publish)
                 await self._ctx.report_lease(lease_id)
             except AccelguardError as error:
                 log.error("lease_grant_failed", lease=lease_id, error=str(error))  # noqa: TRY400

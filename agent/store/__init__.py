@@ -1,10 +1,10 @@
-"""The agent's SQLite journal.
-
-WAL mode with ``synchronous=FULL``: a transition is on disk before the agent acts on it, so after
-a power cut or SIGKILL the journal tells the truth about what was intended (DESIGN.md, lease
-invariant 4). All SQL lives in this package: the journal here, its migrations in ``migrations.py``
-(recorded in ``PRAGMA user_version``), the link's outbox in ``outbox.py`` and the audit log in
-``audit.py`` (same file, same discipline: an action's audit record is in its transaction)."""
+"""The agent's SQLite journal (its migrations in ``migrations.py``, the link's outbox in
+``outbox.py``, the audit log in ``audit.py``: all SQL lives in this package, and an action's audit
+record is in its transaction). WAL mode with ``synchronous=FULL``: a transition is on disk before
+the agent acts on it (DESIGN.md, lease invariant 4). Only what no action follows skips the fsync
+(``_unsynced``): audit records of actions that change no row, and a lease's activation. They
+survive an agent crash at once and a power cut from the next full commit on; a lost activation
+leaves the lease ``granting``, which start-up releases and scrubs (the reboot killed its tenant)."""
 
 from __future__ import annotations
 
@@ -170,12 +170,15 @@ class Store:
 
     def audit(self, action: str, **fields: Any) -> int:
         """One audit record (``fields``: those of audit.append) for an action that changes no
-        row, in its own transaction committed without an fsync: a crash of the agent keeps it,
-        and the next commit (FULL) makes it durable against a power cut too."""
+        row, in its own transaction, not fsynced (module docstring)."""
+        with self._unsynced(), self.transaction() as db:
+            return audit_log.append(db, action, **fields)
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
         self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            with self.transaction() as db:
-                return audit_log.append(db, action, **fields)
+            yield
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
@@ -379,7 +382,8 @@ class Store:
         return True
 
     def activate_lease(self, lease_id: str) -> bool:
-        with self.transaction() as db:
+        """``granting`` to ``active`` (not fsynced: module docstring)."""
+        with self._unsynced(), self.transaction() as db:
             cursor = db.execute(
                 "UPDATE leases SET state = 'active' WHERE id = ? AND state = 'granting'",
                 (lease_id,),

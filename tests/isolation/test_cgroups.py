@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -71,6 +73,31 @@ def test_escaped_mount_points() -> None:
 def test_this_machine_has_a_cgroup_mount() -> None:
     mounts = read_mounts()
     assert any(mount.hierarchy is not None for mount in mounts)
+
+
+def test_a_mount_made_or_removed_after_a_read_is_seen_at_the_next(tmp_path: Path) -> None:
+    """The mount table is kept between reads until the kernel says it changed (poll on
+    /proc/self/mountinfo): a cgroup2 mount made after one read is a cgroup at the next, and
+    gone after its unmount. Runs in a mount namespace of its own, so the machine's is untouched."""
+    script = f"""
+import subprocess, sys
+from pathlib import Path
+from agent.isolation.cgroups import cgroup_hierarchy, read_mounts
+target = Path({str(tmp_path / "cg")!r})
+target.mkdir()
+read_mounts()
+before = cgroup_hierarchy(target / "x")
+subprocess.run(["mount", "-t", "cgroup2", "none", str(target)], check=True)
+during = cgroup_hierarchy(target / "x")
+subprocess.run(["umount", str(target)], check=True)
+print(before, during, cgroup_hierarchy(target / "x"))
+"""
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert result.stdout.split() == ["None", "v2", "None"], result
 
 
 @pytest.mark.parametrize(
