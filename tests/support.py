@@ -166,6 +166,21 @@ def probe(cgroup: Path, paths: list[str]) -> dict[str, int]:
 
 
 @contextmanager
+def ready_child(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """A child that prints "ready" once set up (stdout piped, text): waits for that, and kills
+    and reaps it when the block ends."""
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@contextmanager
 def machine_uevents() -> Iterator[None]:
     """Holds the machine's uevents for one test: the kernel's uevents are shared by every pytest
     worker, and a device's events within one coalescing window are merged into one (carrying the

@@ -25,6 +25,7 @@ from agent.isolation import holder_iter
 from agent.isolation.btf import VMLINUX, Btf, BtfError
 from agent.isolation.census import NodeTargets, take_census
 from agent.isolation.holder_iter import HolderIteratorError, kernel_rdev
+from tests.support import ready_child
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
@@ -74,15 +75,8 @@ def holder(
     finally:
         for descriptor in (*descriptors, *to_map):
             os.close(descriptor)
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "ready"
+    with ready_child(process):
         yield process
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def _held(census_holders: dict[int, object]) -> dict[int, set[str]]:
@@ -254,3 +248,15 @@ def test_arbitrary_bytes_are_parsed_or_refused_with_btf_error(data: bytes, keep:
             btf.offset("a", "a")
         with contextlib.suppress(BtfError):
             btf.function("a")
+
+
+def test_attribute_layouts_match_the_kernels_union_bpf_attr() -> None:
+    """Offsets from include/uapi/linux/bpf.h: a wrong one makes the kernel read zero or garbage."""
+    load, link = holder_iter._TracingLoadAttr, holder_iter._LinkCreateAttr
+    assert (load.prog_btf_fd.offset, load.func_info.offset, load.line_info.offset) == (72, 80, 96)
+    assert (load.attach_btf_id.offset, load.attach_btf_obj_fd.offset) == (108, 112)
+    assert (link.attach_type.offset, link.iter_info.offset, link.iter_info_len.offset) == (
+        8,
+        16,
+        24,
+    )

@@ -18,6 +18,7 @@ import pytest
 from agent.errors import ScanError
 from agent.hw.devnodes import NVIDIA_MAJOR, DeviceNode
 from agent.isolation.census import NodeTargets, process_nodes, take_census
+from tests.support import ready_child
 
 # A character device number no driver of the test machine uses: major 1 (mem) stops at minor 12.
 UNUSED_MAJOR, UNUSED_MINOR = 1, 240
@@ -44,15 +45,8 @@ def child(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True
     )
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "ready"
+    with ready_child(process):
         yield process
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def _char_node(path: Path) -> DeviceNode:
