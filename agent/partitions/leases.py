@@ -230,12 +230,15 @@ class LeaseManager:
                 )
 
             record, nodes, taken = await self._ctx.executor.call(take)
+            # Bound for the rest of this request's task (its log lines carry who and what).
             structlog.contextvars.bind_contextvars(
                 lease=lease_id, partition=record.uuid, tenant=tenant, gpu=record.gpu_index
             )
             if not taken:
                 raise RetryLaterError(f"partition {record.uuid} was taken concurrently; retry")
             try:
+                # Upstream must be able to hear of this lease for its whole life: if its first
+                # event cannot be kept, the grant is refused before anything is fenced.
                 await self._ctx.report_lease(lease_id, must_keep=True)
             except OutboxFullError:
                 await self._ctx.executor.call(
@@ -251,6 +254,8 @@ class LeaseManager:
                 search = host_search(self._ctx.config.nvml.library)
 
                 def publish() -> tuple[LeaseRecord | None, PartitionRecord | None]:
+                    """Behind the fence, in its worker trip: CDI spec, activation, the rows to
+                    answer with."""
                     failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_FENCE)
                     cdi.write_spec(
                         self._ctx.config.leases.cdi_dir, lease_id, nodes, record.uuid, search
