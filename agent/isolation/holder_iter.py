@@ -342,12 +342,12 @@ def holders(rdevs: Iterable[int], canary_fd: int) -> list[HeldNode]:
                     found += _records(_run(fd), maps, matched)
         except BpfSyscallError as error:
             raise HolderIteratorError(str(error)) from error
-    own = os.getpid()
-    for what, proof in (
-        (f"descriptor {canary_fd}", HeldNode(own, -1, canary_fd)),
-        ("mapping of /dev/zero", HeldNode(own, zero, None)),
+    own = [h for h in found if h.pid == os.getpid()]
+    for what, proven in (
+        (f"descriptor {canary_fd}", any(h.fd == canary_fd for h in own)),
+        ("mapping of /dev/zero", any(h.fd is None and h.rdev == zero for h in own)),
     ):
-        if not any(h.pid == own and h.fd == proof.fd and proof.rdev in (-1, h.rdev) for h in found):
+        if not proven:
             raise HolderIteratorError(
                 f"the iterator did not report the agent's own {what}: its answer is not trusted"
             )
