@@ -150,10 +150,12 @@ def discover(search: DriverSearch) -> DriverFiles:
     if directories is None:
         directories = tuple(linker_directories(search.root))
     key = repr((search, directories))
+    # Plain strings and os.stat: this runs on every grant, and pathlib costs more than the stats.
+    root = str(search.root)
     state = tuple(
-        (name, _mtime(_under(search.root, name)))
+        (name, _mtime(os.path.join(root, name.lstrip("/"))))  # noqa: PTH118
         for name in (*directories, *search.binary_directories)
-    ) + tuple((str(path), _mtime(path)) for path in search.pinned.values())
+    ) + tuple((str(path), _mtime(str(path))) for path in search.pinned.values())
     if _last is not None and _last[0] == key and _last[1] == state:
         return _last[2]
     found = _discover(search, directories)
@@ -161,9 +163,9 @@ def discover(search: DriverSearch) -> DriverFiles:
     return found
 
 
-def _mtime(path: Path) -> int:
+def _mtime(path: str | Path) -> int:
     try:
-        return path.stat().st_mtime_ns
+        return os.stat(path).st_mtime_ns  # noqa: PTH116
     except OSError:
         return -1
 
