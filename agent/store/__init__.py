@@ -1,10 +1,9 @@
-"""The agent's SQLite journal (its migrations in ``migrations.py``, the link's outbox in
-``outbox.py``, the audit log in ``audit.py``: all SQL lives in this package, and an action's audit
-record is in its transaction). WAL mode with ``synchronous=FULL``: a transition is on disk before
-the agent acts on it (DESIGN.md, lease invariant 4). Only what no action follows skips the fsync
-(``_unsynced``): audit records of actions that change no row, and a lease's activation. They
-survive an agent crash at once and a power cut from the next full commit on; a lost activation
-leaves the lease ``granting``, which start-up releases and scrubs (the reboot killed its tenant)."""
+"""The agent's SQLite journal (migrations in ``migrations.py``, the link's outbox in ``outbox.py``,
+the audit log in ``audit.py``: all SQL lives in this package; an action's audit record is in its
+transaction). WAL mode, ``synchronous=FULL``: a transition is on disk before the agent acts on it
+(DESIGN.md, lease invariant 4). What no action follows skips the fsync (``_unsynced``): audit
+records of actions that change no row, and a lease's activation, durable against a crash at once
+and a power cut from the next full commit (a lost activation is released and scrubbed at start)."""
 
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ from agent.store.records import (
     lease_from_row,
     partition_from_row,
 )
+from agent.store.siblings import taint_unplaced_siblings
 
 _LIVE_SQL = "(" + ", ".join(f"'{state}'" for state in LIVE_LEASE_STATES) + ")"
 
@@ -200,20 +200,15 @@ class Store:
 
         A partition the journal has never seen starts dirty (invariant 4: unknown means unsafe).
         A clean flag belongs to one partition identity (GPU UUID, mode, GI/CI ids, placement;
-        invariant 6): a partition that vanished, or came back, or shows another identity under
-        the same UUID, is dirty from now on. Vanished rows are kept (``present = 0``) so their
-        history and their quarantine survive. Rows of journals older than identities (empty)
-        take the identity they are seen with.
+        invariant 6): a partition that vanished, came back or shows another identity under the
+        same UUID is dirty from now on, and so are vNPUs that may sit on a vanished one's memory
+        (``siblings.py``). Vanished rows are kept (``present = 0``) so their history and their
+        quarantine survive. Rows of older journals (no identity) take the one they are seen with.
         """
-        result = SyncResult()
-        now = time.time()
+        result, now = SyncResult(), time.time()
         with self.transaction() as db:
-            known = {
-                row["uuid"]: row
-                for row in db.execute(
-                    "SELECT uuid, present, identity, state, gpu_index FROM partitions"
-                )
-            }
+            query = "SELECT uuid, present, identity, state, gpu_index, kind, clean, gpu_uuid FROM"
+            known = {row["uuid"]: row for row in db.execute(query + " partitions")}
             seen_ids = {p.uuid for p in seen}
             for part in seen:
                 row = known.get(part.uuid)
@@ -275,6 +270,8 @@ class Store:
                     (now, uuid),
                 )
                 audit_log.append(db, "partition.vanished", outcome="dirty", partition_uuid=uuid)
+            skip = {*result.changed, *result.new}
+            result.changed.extend(taint_unplaced_siblings(db, known, result.vanished, skip, now))
         return result
 
     def transition(

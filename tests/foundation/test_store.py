@@ -94,6 +94,54 @@ def test_clean_flag_dies_with_the_partition_identity(tmp_path: Path) -> None:
     store.close()
 
 
+def _vnpu(uuid: str, npu: str, vdev: int, units: int) -> PartitionRecord:
+    """A vNPU as the inventory records it; ``units`` 0: the library reports none (Huawei's)."""
+    return _record(
+        uuid, kind="vnpu", gpu_uuid=npu, gi_id=vdev, ci_id=None, profile="vir08",
+        identity=f"npu {npu} vNPU {vdev} template vir08 units {units:#x}",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("units_known", [False, True])
+def test_a_vnpu_vanishing_dirty_taints_siblings_whose_memory_is_unknown(
+    tmp_path: Path, units_known: bool
+) -> None:
+    """Two vNPUs destroyed behind the agent's back, the clean one re-created with the same vdev
+    id and template on the dirty one's memory: without memory units its identity looks the same,
+    so a dirty sibling's vanishing is what makes it dirty (docs/npu.md)."""
+    store = Store(tmp_path / "agent.db")
+    low, high = (0b0011, 0b1100) if units_known else (0, 0)
+    clean, dirty = _vnpu("vNPU-a", "NPU-1", 100, low), _vnpu("vNPU-b", "NPU-1", 101, high)
+    other_npu = _vnpu("vNPU-c", "NPU-2", 100, 0)
+    store.sync_partitions([clean, dirty, other_npu])
+    store.set_partition_state("vNPU-a", "free", clean=True, reason="")
+    store.set_partition_state("vNPU-c", "free", clean=True, reason="")
+    store.set_partition_state("vNPU-b", "leased", clean=False, reason="")
+
+    result = store.sync_partitions([clean, other_npu])  # vNPU-b is gone; vNPU-a "unchanged"
+    assert result.vanished == ["vNPU-b"]
+    a, c = store.partition("vNPU-a"), store.partition("vNPU-c")
+    assert a is not None and c is not None
+    assert c.clean, "another NPU's vNPU is not touched"
+    if units_known:
+        # Known units: vNPU-a's identity would have changed had it moved; it did not.
+        assert a.clean and result.changed == []
+    else:
+        assert not a.clean and result.changed == ["vNPU-a"]
+        assert "units" in a.reason
+    store.close()
+
+
+def test_a_clean_vnpu_vanishing_taints_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    store.sync_partitions([_vnpu("vNPU-a", "NPU-1", 100, 0), _vnpu("vNPU-b", "NPU-1", 101, 0)])
+    for uuid in ("vNPU-a", "vNPU-b"):
+        store.set_partition_state(uuid, "free", clean=True, reason="")
+    assert store.sync_partitions([_vnpu("vNPU-a", "NPU-1", 100, 0)]).changed == []
+    assert store.partition("vNPU-a").clean  # type: ignore[union-attr]
+    store.close()
+
+
 def test_transition_is_compare_and_set(tmp_path: Path) -> None:
     store = Store(tmp_path / "agent.db")
     store.sync_partitions([_record("MIG-a", identity="one")])
