@@ -34,6 +34,7 @@ from agent.bench.link import (
 )
 from agent.errors import LinkError, ValidationError
 from agent.runtime.net import pipe
+from agent.runtime.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     import asyncio
@@ -142,11 +143,7 @@ async def _node(
 
 
 async def _stop(task: asyncio.Task[None], store: Any, executor: Any) -> None:
-    import asyncio  # noqa: PLC0415
-
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     executor.shutdown()
     store.close()
 
@@ -250,9 +247,7 @@ async def _switches(
             failover.append(await switch(proxy.block, "mqtt", fallback_after_s))
             failback.append(await switch(proxy.unblock, "grpc", failback_after_s))
     finally:
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
+        await cancel_and_wait(reporter)
         await _stop(task, store, executor)
         await proxy.close()
     over, back = statistics.median(failover), statistics.median(failback)

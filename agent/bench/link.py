@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agent.bench.common import bench_scratch, cpu_seconds, latency
 from agent.errors import LinkError, ValidationError
+from agent.runtime.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     import asyncio
@@ -409,9 +410,7 @@ async def _round_trip(
                 trip.append(acked - start)
                 bare.append(baseline)
     finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
+        await cancel_and_wait(running)
         executor.shutdown()
         store.close()
     summary = {"report_round_trip": latency(trip), "baseline_unary": latency(bare)}

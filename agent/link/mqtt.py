@@ -39,6 +39,7 @@ from agent.identity.spiffe import NODE_ID
 from agent.identity.tls import IdentityPaths
 from agent.link.wire import decode_downlink
 from agent.proto.accelguard.v1 import link_pb2 as pb
+from agent.runtime.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -222,9 +223,7 @@ async def connected(
             try:
                 yield call
             finally:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
+                await cancel_and_wait(pump)
                 # Leaving cleanly (failback, shutdown) sends no Will: say it ourselves.
                 state = ("online", "grpc") if call.leaving_for == "grpc" else ("offline", "")
                 with contextlib.suppress(aiomqtt.MqttError, TimeoutError):

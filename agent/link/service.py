@@ -56,6 +56,7 @@ from agent.link.wire import decode_downlink
 from agent.proto.accelguard.v1 import admin_pb2 as admin_pb
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
+from agent.runtime.tasks import cancel_and_wait
 from agent.store import Store
 from agent.store.outbox import Outbox, OutboxEntry, OutboxLimits
 
@@ -309,9 +310,7 @@ class LinkService:
             await self._probe_until_healthy()
             self._failing_back = True
         finally:
-            mqtt.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await mqtt
+            await cancel_and_wait(mqtt)
             self._failing_back = False
 
     async def _mqtt_forever(self) -> None:

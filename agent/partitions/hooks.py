@@ -26,6 +26,8 @@ from typing import Final
 
 import structlog
 
+from agent.runtime.tasks import cancel_and_wait
+
 log = structlog.get_logger(__name__)
 
 # Of a hook's output, the tail kept for the log and the response.
@@ -100,9 +102,7 @@ class LayoutHooks:
             raise
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), timeout=OUTPUT_GRACE_S)
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await cancel_and_wait(reader)
         code = process.returncode
         text = bytes(output).decode(errors="replace")
         failure = _failure(phase, argv, code, timed_out, self._timeout_s, text)

@@ -1,0 +1,95 @@
+"""Ending a helper task must not swallow a cancellation of the task that ends it (the agent once
+ignored SIGTERM that way: its link task, cancelled while it closed an MQTT session for a
+failback, ran on and the agent never stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from agent.runtime.tasks import cancel_and_wait
+
+
+async def _slow_to_stop(stopping: asyncio.Event) -> None:
+    """A helper whose clean-up takes a while (as publishing a last MQTT state does)."""
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        stopping.set()
+        await asyncio.shield(asyncio.sleep(0.2))
+
+
+async def _owner(stop_helper: object, reached: asyncio.Event) -> str:
+    stopping = asyncio.Event()
+    helper = asyncio.create_task(_slow_to_stop(stopping))
+    await asyncio.sleep(0)
+    await stop_helper(helper, stopping)  # type: ignore[operator]
+    reached.set()
+    await asyncio.sleep(3600)  # runs on "as if nothing happened" if the cancellation was lost
+    return "ran on"
+
+
+async def _old_idiom(helper: asyncio.Task[None], stopping: asyncio.Event) -> None:
+    helper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await helper
+
+
+async def _helper_function(helper: asyncio.Task[None], stopping: asyncio.Event) -> None:
+    await cancel_and_wait(helper)
+
+
+def _cancel_owner_while_it_waits(stop_helper: object) -> bool:
+    """True if the owner, cancelled while it waits for its helper to end, ends cancelled."""
+
+    async def scenario() -> bool:
+        reached = asyncio.Event()
+        owner = asyncio.create_task(_owner(stop_helper, reached))
+        await asyncio.sleep(0.05)  # the owner now waits in its helper's clean-up
+        owner.cancel()  # SIGTERM
+        done, _ = await asyncio.wait({owner}, timeout=2)
+        if not done:
+            owner.cancel()  # the lost cancellation, for the test's own clean-up
+            with contextlib.suppress(asyncio.CancelledError):
+                await owner
+            return False
+        return owner.cancelled()
+
+    return asyncio.run(scenario())
+
+
+def test_the_usual_idiom_loses_the_owners_cancellation() -> None:
+    """The control: what this module guards against does happen with the usual idiom."""
+    assert not _cancel_owner_while_it_waits(_old_idiom)
+
+
+def test_cancel_and_wait_keeps_the_owners_cancellation() -> None:
+    assert _cancel_owner_while_it_waits(_helper_function)
+
+
+def test_a_helper_that_ends_on_its_own_cancellation_is_not_an_error() -> None:
+    async def scenario() -> None:
+        helper = asyncio.create_task(asyncio.sleep(3600))
+        await asyncio.sleep(0)
+        await cancel_and_wait(helper)
+        assert helper.cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_a_helper_failing_while_it_stops_propagates() -> None:
+    async def failing() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            raise LookupError("clean-up failed")
+
+    async def scenario() -> None:
+        helper = asyncio.create_task(failing())
+        await asyncio.sleep(0)
+        await cancel_and_wait(helper)
+
+    with pytest.raises(LookupError, match="clean-up failed"):
+        asyncio.run(scenario())
