@@ -93,3 +93,27 @@ def test_a_helper_failing_while_it_stops_propagates() -> None:
 
     with pytest.raises(LookupError, match="clean-up failed"):
         asyncio.run(scenario())
+
+
+def test_clean_up_of_a_cancelled_task_goes_on_after_its_helper_ends() -> None:
+    """Inside the clean-up of a task being cancelled (an MQTT session closing: stop the pump,
+    then publish the last state), ending a helper must not cut the rest of the clean-up short."""
+    steps: list[str] = []
+
+    async def session() -> None:
+        pump = asyncio.create_task(asyncio.sleep(3600))
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await cancel_and_wait(pump)
+            steps.append("pump stopped")
+            await asyncio.sleep(0.01)
+            steps.append("last state published")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(session())
+        await asyncio.sleep(0.01)
+        await cancel_and_wait(task)
+
+    asyncio.run(scenario())
+    assert steps == ["pump stopped", "last state published"]
