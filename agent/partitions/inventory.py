@@ -20,6 +20,7 @@ from agent.hw.devnodes import DeviceNode, DeviceNodeMap
 from agent.hw.model import ACCEL, HUAWEI, NVIDIA, DeviceInfo, DeviceSource
 from agent.runtime.executor import BlockingExecutor
 from agent.store import PartitionRecord, Store, SyncResult
+from agent.store.siblings import vnpu_identity
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,6 @@ def _npu_partitions(npu: DeviceInfo) -> list[PartitionRecord]:
         return [_whole(npu, f"npu {npu.uuid} whole (no vNPUs)")]
     result = []
     for vnpu in npu.instances:
-        mask = sum(1 << unit for unit in vnpu.units)
         result.append(
             PartitionRecord(
                 uuid=vnpu.uuid, kind="vnpu", gpu_uuid=npu.uuid, gpu_index=npu.index,
@@ -60,10 +60,7 @@ def _npu_partitions(npu: DeviceInfo) -> list[PartitionRecord]:
                 placement_start=vnpu.placement_start, placement_size=vnpu.placement_size,
                 state="free", clean=False, reason=NEW_PARTITION_REASON, present=True,
                 updated_at=0.0,
-                identity=(
-                    f"npu {npu.uuid} vNPU {vnpu.gpu_instance_id} template {vnpu.profile} "
-                    f"units {mask:#x}"
-                ),
+                identity=vnpu_identity(npu.uuid, vnpu.gpu_instance_id, vnpu.profile, vnpu.units),
             )
         )  # fmt: skip
     return result

@@ -18,7 +18,18 @@ from collections.abc import Collection, Mapping
 
 from agent.store import audit as audit_log
 
-UNKNOWN_UNITS = " units 0x0"
+_UNKNOWN_UNITS = " units 0x0"
+
+
+def vnpu_identity(npu_uuid: str, vdev_id: int, template: str, units: Collection[int]) -> str:
+    """A vNPU's identity in the journal (the inventory writes it, ``taint_unplaced_siblings``
+    reads it): its memory units as a mask, ``0x0`` when the library reports none."""
+    mask = sum(1 << unit for unit in units)
+    return f"npu {npu_uuid} vNPU {vdev_id} template {template} units {mask:#x}"
+
+
+def _units_unknown(identity: str | None) -> bool:
+    return (identity or "").endswith(_UNKNOWN_UNITS)
 
 
 def taint_unplaced_siblings(
@@ -36,7 +47,7 @@ def taint_unplaced_siblings(
         for uuid in vanished
         if (row := known[uuid])["kind"] == "vnpu"
         and not row["clean"]
-        and (row["identity"] or "").endswith(UNKNOWN_UNITS)
+        and _units_unknown(row["identity"])
     }
     if not tainted:
         return []
@@ -46,7 +57,7 @@ def taint_unplaced_siblings(
             "SELECT uuid, gpu_uuid, identity FROM partitions WHERE present = 1 AND kind = 'vnpu'"
         )
         if row["gpu_uuid"] in tainted
-        and (row["identity"] or "").endswith(UNKNOWN_UNITS)
+        and _units_unknown(row["identity"])
         and row["uuid"] not in skip
     ]
     for uuid in siblings:

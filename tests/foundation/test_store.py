@@ -7,6 +7,7 @@ import pytest
 
 from agent.errors import JournalCorruptError, StoreError
 from agent.store import MIGRATIONS, LeaseState, PartitionRecord, PartitionState, Store, SyncResult
+from agent.store.siblings import vnpu_identity
 
 
 def _record(uuid: str, **overrides: object) -> PartitionRecord:
@@ -94,11 +95,11 @@ def test_clean_flag_dies_with_the_partition_identity(tmp_path: Path) -> None:
     store.close()
 
 
-def _vnpu(uuid: str, npu: str, vdev: int, units: int) -> PartitionRecord:
-    """A vNPU as the inventory records it; ``units`` 0: the library reports none (Huawei's)."""
+def _vnpu(uuid: str, npu: str, vdev: int, units: tuple[int, ...]) -> PartitionRecord:
+    """A vNPU as the inventory records it; no ``units``: the library reports none (Huawei's)."""
     return _record(
         uuid, kind="vnpu", gpu_uuid=npu, gi_id=vdev, ci_id=None, profile="vir08",
-        identity=f"npu {npu} vNPU {vdev} template vir08 units {units:#x}",
+        identity=vnpu_identity(npu, vdev, "vir08", units),
     )  # fmt: skip
 
 
@@ -110,9 +111,9 @@ def test_a_vnpu_vanishing_dirty_taints_siblings_whose_memory_is_unknown(
     id and template on the dirty one's memory: without memory units its identity looks the same,
     so a dirty sibling's vanishing is what makes it dirty (docs/npu.md)."""
     store = Store(tmp_path / "agent.db")
-    low, high = (0b0011, 0b1100) if units_known else (0, 0)
+    low, high = ((0, 1), (2, 3)) if units_known else ((), ())
     clean, dirty = _vnpu("vNPU-a", "NPU-1", 100, low), _vnpu("vNPU-b", "NPU-1", 101, high)
-    other_npu = _vnpu("vNPU-c", "NPU-2", 100, 0)
+    other_npu = _vnpu("vNPU-c", "NPU-2", 100, ())
     store.sync_partitions([clean, dirty, other_npu])
     store.set_partition_state("vNPU-a", "free", clean=True, reason="")
     store.set_partition_state("vNPU-c", "free", clean=True, reason="")
@@ -134,10 +135,10 @@ def test_a_vnpu_vanishing_dirty_taints_siblings_whose_memory_is_unknown(
 
 def test_a_clean_vnpu_vanishing_taints_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path / "agent.db")
-    store.sync_partitions([_vnpu("vNPU-a", "NPU-1", 100, 0), _vnpu("vNPU-b", "NPU-1", 101, 0)])
+    store.sync_partitions([_vnpu("vNPU-a", "NPU-1", 100, ()), _vnpu("vNPU-b", "NPU-1", 101, ())])
     for uuid in ("vNPU-a", "vNPU-b"):
         store.set_partition_state(uuid, "free", clean=True, reason="")
-    assert store.sync_partitions([_vnpu("vNPU-a", "NPU-1", 100, 0)]).changed == []
+    assert store.sync_partitions([_vnpu("vNPU-a", "NPU-1", 100, ())]).changed == []
     assert store.partition("vNPU-a").clean  # type: ignore[union-attr]
     store.close()
 
