@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.sim.node import SimNode, init_sim_node
+from tests.dcmisim.dcmi import build_library, load
 from tests.support import RunningAgent, running_agent
+
+
+@pytest.fixture(scope="session")
+def dcmi_library() -> ctypes.CDLL:
+    """dcmi-sim's libdcmi.so, built once per session (tests/dcmisim, tests/npu)."""
+    failure = build_library()
+    if failure:
+        pytest.fail(f"building dcmi-sim failed:\n{failure}")
+    return load()
 
 
 @pytest.fixture

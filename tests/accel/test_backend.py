@@ -111,21 +111,22 @@ def test_node_with_other_numbers_is_refused(accel_node: AccelNode) -> None:
         accel_node.backend.nodes(device)
 
 
-def test_node_with_other_major_is_refused(accel_node: AccelNode) -> None:
+@pytest.mark.parametrize(
+    ("mode", "numbers", "refusal"),
+    [
+        (stat.S_IFCHR, (262, 0), "262:0"),  # another major
+        (stat.S_IFBLK, (261, 0), "not a character device"),
+    ],
+    ids=["other major", "block device"],
+)
+def test_a_node_that_is_not_the_devices_is_refused(
+    accel_node: AccelNode, mode: int, numbers: tuple[int, int], refusal: str
+) -> None:
     device = accel_node.backend.inventory()[0]
     path = accel_node.dev_root / "accel" / "accel0"
     path.unlink()
-    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(262, 0))
-    with pytest.raises(HardwareError, match="262:0"):
-        accel_node.backend.nodes(device)
-
-
-def test_block_device_node_is_refused(accel_node: AccelNode) -> None:
-    device = accel_node.backend.inventory()[0]
-    path = accel_node.dev_root / "accel" / "accel0"
-    path.unlink()
-    os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(261, 0))
-    with pytest.raises(HardwareError, match="not a character device"):
+    os.mknod(path, 0o600 | mode, os.makedev(*numbers))
+    with pytest.raises(HardwareError, match=refusal):
         accel_node.backend.nodes(device)
 
 

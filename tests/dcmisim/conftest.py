@@ -14,20 +14,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.dcmisim.dcmi import DCMI_OK, SimNode, build_library, load, new_sim_dir
+from tests.dcmisim.dcmi import DCMI_OK, SimNode, new_sim_dir
 from tests.support import restored_environment
 
 MakeNode = Callable[..., SimNode]
 
 _ENVIRONMENT = ("DCMI_SIM_DIR", "DCMI_SIM_TOPOLOGY")
-
-
-@pytest.fixture(scope="session")
-def dcmi_library() -> ctypes.CDLL:
-    failure = build_library()
-    if failure:
-        pytest.fail(f"building dcmi-sim failed:\n{failure}")
-    return load()
 
 
 @pytest.fixture

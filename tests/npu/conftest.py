@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from agent.hw.ascend.backend import AscendBackend
-from tests.dcmisim.dcmi import LIBRARY, SimNode, build_library, load, new_sim_dir, topology
+from tests.dcmisim.dcmi import LIBRARY, SimNode, new_sim_dir, topology
 from tests.support import restored_environment
 
 _ENVIRONMENT = ("DCMI_SIM_DIR", "DCMI_SIM_TOPOLOGY")
@@ -40,14 +40,6 @@ class NpuNode:
 
 
 MakeNpuNode = Callable[[str], NpuNode]
-
-
-@pytest.fixture(scope="session")
-def dcmi_library() -> ctypes.CDLL:
-    failure = build_library()
-    if failure:
-        pytest.fail(f"building dcmi-sim failed:\n{failure}")
-    return load()
 
 
 @pytest.fixture
