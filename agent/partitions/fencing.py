@@ -36,7 +36,7 @@ FENCED = (LeaseState.GRANTING, LeaseState.ACTIVE)
 
 
 def _nothing() -> None:
-    return None
+    """``fence_cgroup``'s ``then``: no work, so it never costs a trip to the worker thread."""
 
 
 def _rules(nodes: list[tuple[str, int, int, str]]) -> list[DeviceRule]:
@@ -62,7 +62,7 @@ class TenantFences:
         """``fence_cgroup``, then ``then`` in the worker thread, in the same trip there when it
         can (a grant activates its lease right behind its fence)."""
         if not cgroup:
-            return await self._ctx.executor.call(then)
+            return await self._after(then)
         async with self._cgroup_locks[cgroup]:
             return await self._apply_fence(cgroup, then)
 
@@ -72,7 +72,7 @@ class TenantFences:
             # Removed (a Slurm job's cgroup at its end): the kernel dropped its fence with it.
             log.info("fence_cgroup_gone", cgroup=cgroup)
             self.fences.pop(cgroup, None)
-            return await self._ctx.executor.call(then)
+            return await self._after(then)
         fence = fence_for(path)
 
         def from_journal() -> tuple[bool, T | None]:
@@ -95,6 +95,12 @@ class TenantFences:
             if lease.cgroup == cgroup and lease.state in FENCED:
                 nodes.extend(await self.lease_nodes(lease))
         await self._ctx.executor.call(self._apply_and_record, fence, path, _rules(nodes))
+        return await self._after(then)
+
+    async def _after(self, then: Callable[[], T]) -> T:
+        """``then`` in the worker thread, unless it is ``_nothing``."""
+        if then is _nothing:
+            return then()
         return await self._ctx.executor.call(then)
 
     def _apply_and_record(self, fence: DeviceFence, path: Path, ordered: list[DeviceRule]) -> None:
