@@ -164,6 +164,24 @@ class ProgLoadAttr(ctypes.Structure):
     )
 
 
+class ProgLoadBtfAttr(ProgLoadAttr):
+    """``union bpf_attr`` for BPF_PROG_LOAD up to ``attach_btf_obj_fd`` (ctypes appends these
+    fields to ProgLoadAttr's): a program that attaches to a kernel function named by its BTF id
+    (tracing programs such as iterators)."""
+
+    _fields_ = (  # type: ignore[assignment]  # more fields, not ProgLoadAttr's 12 again
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+    )
+
+
 class ProgAttachAttr(ctypes.Structure):
     _fields_ = (
         ("target_fd", ctypes.c_uint32),
@@ -332,9 +350,14 @@ def call(command: int, attr: ctypes.Structure, what: str) -> int:
 
 
 def load_program(
-    program_type: int, instructions: Sequence[Instruction], name: str, license_name: str
+    program_type: int,
+    instructions: Sequence[Instruction],
+    name: str,
+    license_name: str,
+    attach: tuple[int, int] | None = None,
 ) -> int:
     """Load a program and return its fd; a verifier rejection includes the verifier's log.
+    ``attach``: (expected attach type, BTF id of the kernel function) for a tracing program.
 
     The first attempt runs without a log (cheap, and the log buffer cannot overflow); only a
     rejection is retried with ``log_level = 1`` to explain it, as libbpf does.
@@ -347,7 +370,11 @@ def load_program(
     license_buffer = ctypes.create_string_buffer(license_name.encode("ascii"))
 
     def attempt(log: ctypes.Array[ctypes.c_char] | None) -> int:
-        attr = ProgLoadAttr()
+        attr: ProgLoadAttr | ProgLoadBtfAttr = (
+            ProgLoadAttr() if attach is None else ProgLoadBtfAttr()
+        )
+        if isinstance(attr, ProgLoadBtfAttr) and attach is not None:
+            attr.expected_attach_type, attr.attach_btf_id = attach
         attr.prog_type = program_type
         attr.insn_cnt = len(instructions)
         attr.insns = ctypes.addressof(code_buffer)

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.hw.devnodes import DeviceNode
-from agent.isolation import holder_iter
+from agent.isolation import bpf, holder_iter
 from agent.isolation.btf import VMLINUX, Btf, BtfError
 from agent.isolation.census import NodeTargets, take_census
 from agent.isolation.holder_iter import HolderIteratorError, kernel_rdev
@@ -252,7 +252,7 @@ def test_arbitrary_bytes_are_parsed_or_refused_with_btf_error(data: bytes, keep:
 
 def test_attribute_layouts_match_the_kernels_union_bpf_attr() -> None:
     """Offsets from include/uapi/linux/bpf.h: a wrong one makes the kernel read zero or garbage."""
-    load, link = holder_iter._TracingLoadAttr, holder_iter._LinkCreateAttr
+    load, link = bpf.ProgLoadBtfAttr, holder_iter._LinkCreateAttr
     assert (load.prog_btf_fd.offset, load.func_info.offset, load.line_info.offset) == (72, 80, 96)
     assert (load.attach_btf_id.offset, load.attach_btf_obj_fd.offset) == (108, 112)
     assert (link.attach_type.offset, link.iter_info.offset, link.iter_info_len.offset) == (
