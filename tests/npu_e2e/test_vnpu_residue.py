@@ -7,6 +7,7 @@ import errno
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent.config import load_config
 from agent.hw.ascend.backend import AscendBackend
@@ -27,18 +28,26 @@ from tests.support import (
 SECRET = "tenant-a-npu-weights-0xC0FFEE"
 
 
+def _alice_on_the_first_of(
+    agent: RunningAgent, cgroup_parents: dict[str, Path], layout: str, cgroup_name: str
+) -> tuple[list[dict[str, Any]], Path, dict[str, Any]]:
+    """NPU 0 split as ``layout``; its vNPUs by UUID, and alice's lease on the first of them."""
+    agent.cli_json("layout", "apply", "--npu", "0", layout)
+    wait_all_clean(agent)
+    split = sorted(vnpus(agent, 0), key=lambda p: p["uuid"])
+    cgroup = any_tenant_cgroup(cgroup_parents, cgroup_name)
+    lease = agent.cli_json(
+        "lease", "grant", "--tenant", "alice", "--partition", split[0]["uuid"],
+        "--cgroup", str(cgroup),
+    )["lease"]  # fmt: skip
+    return split, cgroup, lease
+
+
 def test_secret_in_a_vnpu_never_reaches_the_next_tenants(
     npu910_agent: RunningAgent, cgroup_parents: dict[str, Path]
 ) -> None:
     agent = npu910_agent
-    agent.cli_json("layout", "apply", "--npu", "0", "vir16=2")
-    wait_all_clean(agent)
-    [first, _] = sorted(vnpus(agent, 0), key=lambda p: p["uuid"])
-    cgroup = any_tenant_cgroup(cgroup_parents, "a")
-    lease = agent.cli_json(
-        "lease", "grant", "--tenant", "alice", "--partition", first["uuid"],
-        "--cgroup", str(cgroup),
-    )["lease"]  # fmt: skip
+    [first, _], _, lease = _alice_on_the_first_of(agent, cgroup_parents, "vir16=2", "a")
     assert (
         agent.cli("sim", "write", "--partition", first["uuid"], "--pattern", SECRET).returncode == 0
     )
@@ -105,14 +114,9 @@ def test_a_vnpu_replaced_behind_our_back_ends_lost_and_never_free_clean(
     npu910_agent: RunningAgent, cgroup_parents: dict[str, Path]
 ) -> None:
     agent = npu910_agent
-    agent.cli_json("layout", "apply", "--npu", "0", "vir08=2")
-    wait_all_clean(agent)
-    [first, second] = sorted(vnpus(agent, 0), key=lambda p: p["uuid"])
-    cgroup = any_tenant_cgroup(cgroup_parents, "alice")
-    lease = agent.cli_json(
-        "lease", "grant", "--tenant", "alice", "--partition", first["uuid"],
-        "--cgroup", str(cgroup),
-    )["lease"]  # fmt: skip
+    [first, second], cgroup, lease = _alice_on_the_first_of(
+        agent, cgroup_parents, "vir08=2", "alice"
+    )
     agent.cli("sim", "write", "--partition", first["uuid"], "--pattern", SECRET)
     # Destroyed and a larger vNPU made in its place, on its memory, with the same vdev id.
     made = subprocess.run(
