@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,6 @@ import structlog
 
 from agent.errors import EvictionError, ScanError
 from agent.hw.devnodes import DeviceNode
-from agent.isolation import holder_iter
 from agent.isolation.census import Census, NodeTargets, is_alive, process_nodes, take_census
 from agent.isolation.cgroups import cgroup_hierarchy, hierarchy_mounts, read_mounts
 
@@ -167,8 +165,6 @@ class Evictor:
     ) -> None:
         self._grace_s = grace_s
         self._use_kernel = census == "auto"
-        if self._use_kernel:
-            threading.Thread(target=holder_iter.prepare, name="btf-layout", daemon=True).start()
         self._proc_root = proc_root
         self._poll_s = poll_s
 

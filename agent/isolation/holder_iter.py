@@ -130,13 +130,6 @@ def _kernel_layout() -> _Layout:
         return _layout
 
 
-def prepare() -> None:
-    """Reads the kernel's layout now (the first census would otherwise pay for it); a kernel
-    that cannot answer is found out here too, and said at the first census."""
-    with contextlib.suppress(HolderIteratorError):
-        _kernel_layout()
-
-
 def kernel_rdev(st_rdev: int) -> int:
     """A userspace device number as the kernel's ``dev_t`` (what ``inode->i_rdev`` holds)."""
     return (os.major(st_rdev) << _KERNEL_MINOR_BITS) | os.minor(st_rdev)

@@ -13,7 +13,13 @@ from typing import Any
 from agent.isolation import fence_for
 from agent.isolation.rules import rules_for_nodes
 from tests.leases.helpers import tenant_cgroup
-from tests.support import RunningAgent, assert_fenced_to, mutating_calls, wait_all_clean
+from tests.support import (
+    RunningAgent,
+    assert_fenced_to,
+    mutating_calls,
+    wait_all_clean,
+    wait_until,
+)
 
 SHARED = ("davinci_manager", "devmm_svm", "hisi_hdc")
 
@@ -165,6 +171,10 @@ def test_a_fence_left_on_the_whole_chip_blocks_its_vnpus(
     fence_for(leftover).apply(leftover, rules_for_nodes([dev / "davinci0"]))
     agent.stop()
     agent.start()  # the start-up survey reads every fence back from the kernel
+    # The admin socket answers before the start-up survey ends: wait for its verdict.
+    wait_until(
+        lambda: all(p["state"] == "quarantined" for p in vnpus(agent, 0)), "the survey's verdict"
+    )
     states = {p["uuid"]: p for p in vnpus(agent, 0)}
     assert all(p["state"] == "quarantined" for p in states.values()), states
     assert all(str(leftover) in p["reason"] for p in states.values()), states
