@@ -592,7 +592,8 @@ async def _window(
         while not stop.is_set():
             baseline.append(await probe(probe_channel))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), PROBE_INTERVAL_S)
+                async with asyncio.timeout(PROBE_INTERVAL_S):
+                    await stop.wait()
 
     prober = asyncio.create_task(probing())
     controller_cpu, client_cpu = controller.cpu_seconds(), time.process_time()

@@ -123,7 +123,8 @@ class CommandDispatcher:
             row = await self._executor.call(self._store.commands.get, command_id)
             if row is not None and row.state in (CommandState.QUEUED, CommandState.SENT):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout_s)
+                    async with asyncio.timeout(timeout_s):
+                        await event.wait()
                 row = await self._executor.call(self._store.commands.get, command_id)
             return row
         finally:

@@ -164,7 +164,8 @@ class NodeLinkHandler:
             raise IdentityClaimError(f"node {node_id} is not enrolled at this controller")
         iterator = aiter(requests)
         try:
-            first = await asyncio.wait_for(anext(iterator), HELLO_TIMEOUT_S)
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                first = await anext(iterator)
         except (StopAsyncIteration, TimeoutError):
             raise LinkProtocolError("the stream must start with Hello") from None
         hello_message = decode_uplink(first)

@@ -348,7 +348,8 @@ class LinkService:
             return False
         async with grpc.aio.secure_channel(self._settings.controller, credentials) as channel:
             try:
-                await asyncio.wait_for(channel.channel_ready(), PROBE_TIMEOUT_S)
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    await channel.channel_ready()
             except TimeoutError:
                 return False
         return True
@@ -430,7 +431,8 @@ class LinkService:
         )
         await call.write(hello.SerializeToString())
         try:
-            first = await asyncio.wait_for(call.read(), self._config.link.hello_reply_timeout_s)
+            async with asyncio.timeout(self._config.link.hello_reply_timeout_s):
+                first = await call.read()
         except TimeoutError:
             raise LinkError(
                 f"no HelloReply within {self._config.link.hello_reply_timeout_s:g} s"
@@ -474,7 +476,8 @@ class LinkService:
             )
             if not entries:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._settings.heartbeat_s)
+                    async with asyncio.timeout(self._settings.heartbeat_s):
+                        await self._wake.wait()
                 continue
             for entry in entries:
                 while entry.seq - state["acked"] > SEND_WINDOW:
@@ -525,7 +528,8 @@ class LinkService:
             wait = identity.renew_at - time.time()
             if wait > 0 and not self._renewal_asked.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._renewal_asked.wait(), min(wait, 3600.0))
+                    async with asyncio.timeout(min(wait, 3600.0)):
+                        await self._renewal_asked.wait()
                 continue
             self._renewal_asked.clear()
             key = await self._executor.call(load_key, self._paths.key)

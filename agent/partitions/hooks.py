@@ -90,7 +90,8 @@ class LayoutHooks:
         reader = asyncio.create_task(_collect(process, output))
         timed_out = False
         try:
-            await asyncio.wait_for(process.wait(), timeout=self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                await process.wait()
         except TimeoutError:
             timed_out = True
             _kill_group(process.pid)
@@ -101,7 +102,8 @@ class LayoutHooks:
             reader.cancel()
             raise
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(reader), timeout=OUTPUT_GRACE_S)
+            async with asyncio.timeout(OUTPUT_GRACE_S):
+                await asyncio.shield(reader)
         await cancel_and_wait(reader)
         code = process.returncode
         text = bytes(output).decode(errors="replace")

@@ -214,7 +214,8 @@ class InventoryService:
             except AccelguardError as error:
                 log.error("inventory_failed", error=str(error))  # noqa: TRY400 - expected failure, one line
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._wake.wait()
             self._wake.clear()
 
     def nodes_for(self, partition: PartitionRecord) -> list[DeviceNode]:

@@ -592,7 +592,8 @@ class LeaseManager:
                     # A full disk or a kernel refusal must not stop expiry for good: retry.
                     log.error("lease_service_step_failed", error=str(error))  # noqa: TRY400
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
         finally:
             for task in [*self._tasks, *self._releases.values()]:
                 task.cancel()

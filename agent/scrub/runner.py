@@ -101,9 +101,8 @@ class ScrubRunner:
         )  # fmt: skip
         log.info("scrub_started", partition=target.partition_uuid, pid=process.pid, policy=policy)
         try:
-            stdout, stderr = await asyncio.wait_for(
-                process.communicate(request), timeout=self._deadline_s
-            )
+            async with asyncio.timeout(self._deadline_s):
+                stdout, stderr = await process.communicate(request)
         except TimeoutError:
             process.kill()
             await process.wait()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +119,60 @@ def test_clean_up_of_a_cancelled_task_goes_on_after_its_helper_ends() -> None:
 
     asyncio.run(scenario())
     assert steps == ["pump stopped", "last state published"]
+
+
+def _cancelled_as_it_wakes(wait: object) -> bool:
+    """A loop waiting for an event with a timeout, woken and cancelled in the same turn of the
+    event loop (a report queued just as SIGTERM arrives): whether the loop ends cancelled."""
+
+    async def scenario() -> bool:
+        wake = asyncio.Event()
+
+        async def loop() -> None:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await wait(wake)  # type: ignore[operator]
+                wake.clear()
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(loop())
+        await asyncio.sleep(0.01)
+        wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        return task.cancelled()
+
+    return asyncio.run(scenario())
+
+
+async def _with_wait_for(wake: asyncio.Event) -> None:
+    await asyncio.wait_for(wake.wait(), 10)
+
+
+async def _with_timeout(wake: asyncio.Event) -> None:
+    async with asyncio.timeout(10):
+        await wake.wait()
+
+
+def test_a_timed_wait_keeps_a_cancellation_that_arrives_with_the_wake_up() -> None:
+    """Python 3.11's ``asyncio.wait_for`` returns the result when its awaitable finished in the
+    turn it was cancelled, and the cancellation is lost (the agent once ignored SIGTERM this
+    way). ``asyncio.timeout`` keeps it; the agent uses only that."""
+    assert _cancelled_as_it_wakes(_with_timeout)
+    if sys.version_info < (3, 12):
+        assert not _cancelled_as_it_wakes(_with_wait_for), "the control: the hazard is real here"
+
+
+def test_the_agent_never_uses_asyncio_wait_for() -> None:
+    agent = Path(__file__).resolve().parents[2] / "agent"
+    users = [
+        str(path.relative_to(agent))
+        for path in agent.rglob("*.py")
+        if "asyncio.wait_for(" in path.read_text()
+    ]
+    assert not users, f"use `async with asyncio.timeout(...)` instead of wait_for in {users}"
