@@ -18,6 +18,8 @@ import contextlib
 import errno
 import functools
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +185,49 @@ class _OurProgram:
     fd: int
 
 
+class _LoadedPrograms:
+    """Device programs loaded by this process, kept open per rule set to be attached again.
+
+    A program is immutable once loaded and one program may be attached to any number of
+    cgroups, so a fence whose rule set was loaded before needs no new load: the verifier and the
+    JIT are most of a fence's cost, and a node's fences cycle through few rule sets (each
+    partition's nodes, the baseline). The least recently used program is closed beyond
+    ``size``; the kernel frees it once no cgroup holds it.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._programs: OrderedDict[tuple[DeviceRule, ...], _OurProgram] = OrderedDict()
+
+    def program(self, rules: tuple[DeviceRule, ...]) -> _OurProgram:
+        """The program for ``rules``, with a descriptor of its own that the caller closes (one
+        kept here may be closed by another thread meanwhile)."""
+        with self._lock:
+            program = self._programs.get(rules)
+            if program is not None:
+                self._programs.move_to_end(rules)
+                return _OurProgram(program.program_id, os.dup(program.fd))
+            fd = bpf.load_program(
+                bpf.BPF_PROG_TYPE_CGROUP_DEVICE,
+                device_program(rules),
+                PROGRAM_NAME,
+                PROGRAM_LICENSE,
+            )
+            try:
+                program = _OurProgram(bpf.program_info(fd).program_id, fd)
+            except BaseException:
+                bpf.close_fd(fd)
+                raise
+            self._programs[rules] = program
+            while len(self._programs) > self._size:
+                bpf.close_fd(self._programs.popitem(last=False)[1].fd)
+            return _OurProgram(program.program_id, os.dup(program.fd))
+
+
+_loaded = _LoadedPrograms()
+
+
 class CgroupV2Fence:
     """DeviceFence for a cgroup on a cgroup2 mount."""
 
@@ -217,18 +262,9 @@ class CgroupV2Fence:
     def _install(self, cgroup: Path, allowed: tuple[DeviceRule, ...]) -> None:
         with contextlib.ExitStack() as closing:
             cgroup_fd = closing.enter_context(bpf.owned_fd(_open_cgroup(cgroup)))
-            # Load before touching the cgroup: a verifier rejection then changes nothing.
-            new_fd = closing.enter_context(
-                bpf.owned_fd(
-                    bpf.load_program(
-                        bpf.BPF_PROG_TYPE_CGROUP_DEVICE,
-                        device_program(allowed),
-                        PROGRAM_NAME,
-                        PROGRAM_LICENSE,
-                    )
-                )
-            )
-            new_id = bpf.program_info(new_fd).program_id
+            # Loaded before touching the cgroup: a verifier rejection then changes nothing.
+            new = _loaded.program(allowed)
+            closing.callback(bpf.close_fd, new.fd)
             attached = bpf.query_programs(cgroup_fd, bpf.BPF_CGROUP_DEVICE)
             if attached.program_ids and not attached.attach_flags & bpf.BPF_F_ALLOW_MULTI:
                 raise IsolationError(
@@ -238,18 +274,24 @@ class CgroupV2Fence:
                     "them to use BPF_F_ALLOW_MULTI"
                 )
             ours = _our_programs(cgroup_fd, closing, attached.program_ids)
-            if ours:
+            already = [program for program in ours if program.program_id == new.program_id]
+            if already:
+                # The cgroup already runs this very program (the kernel refuses it twice).
+                extras = [program for program in ours if program is not already[0]]
+            elif ours:
                 # One syscall swaps the old program for the new in the cgroup's array: no window.
                 bpf.attach_program(
-                    cgroup_fd, new_fd, bpf.BPF_CGROUP_DEVICE, bpf.BPF_F_ALLOW_MULTI, ours[0].fd
+                    cgroup_fd, new.fd, bpf.BPF_CGROUP_DEVICE, bpf.BPF_F_ALLOW_MULTI, ours[0].fd
                 )
+                extras = ours[1:]
             else:
-                bpf.attach_program(cgroup_fd, new_fd, bpf.BPF_CGROUP_DEVICE, bpf.BPF_F_ALLOW_MULTI)
+                bpf.attach_program(cgroup_fd, new.fd, bpf.BPF_CGROUP_DEVICE, bpf.BPF_F_ALLOW_MULTI)
+                extras = []
             # Left over from a crash or a concurrent writer: they only restrict more, and the
             # new program is already enforcing, so detaching them now opens nothing beyond it.
-            for extra in ours[1:]:
+            for extra in extras:
                 _detach_ignoring_gone(cgroup_fd, extra)
-            self._verify(cgroup, cgroup_fd, new_id, closing)
+            self._verify(cgroup, cgroup_fd, new.program_id, closing)
 
     def _verify(
         self, cgroup: Path, cgroup_fd: int, new_id: int, closing: contextlib.ExitStack

@@ -16,6 +16,7 @@ from agent.isolation.cgroup_v2 import (
     PROGRAM_LICENSE,
     PROGRAM_NAME,
     CgroupV2Fence,
+    _LoadedPrograms,
     device_program,
 )
 from agent.isolation.protocol import fenced_rules
@@ -190,7 +191,10 @@ def open_descriptors() -> set[str]:
 def test_no_file_descriptor_is_left_open(v2_cgroup: Path, handle, sim_dev) -> None:
     attach_foreign(handle, deny_one_device(sim_dev.gpu_major, 1), bpf.BPF_F_ALLOW_MULTI)
     fence = CgroupV2Fence()
-    fence.apply(v2_cgroup, rules_for_nodes([sim_dev.nvidia0]))  # first use loads libc etc.
+    # First uses load libc and keep each rule set's program (test_a_rule_set_is_loaded_once).
+    fence.apply(v2_cgroup, rules_for_nodes([sim_dev.nvidia0]))
+    fence.apply(v2_cgroup, rules_for_nodes(sim_dev.partition0))
+    fence.revoke(v2_cgroup)
     before = open_descriptors()
     fence.apply(v2_cgroup, rules_for_nodes(sim_dev.partition0))
     fence.current(v2_cgroup)
@@ -199,3 +203,53 @@ def test_no_file_descriptor_is_left_open(v2_cgroup: Path, handle, sim_dev) -> No
         CgroupV2Fence().apply(v2_cgroup / "missing", rules_for_nodes([sim_dev.nvidia0]))
     fence.remove(v2_cgroup)
     assert open_descriptors() == before
+
+
+def test_a_rule_set_is_loaded_once_and_shared(v2_cgroup: Path, sim_dev, probe) -> None:
+    """A loaded program is kept per rule set: a second cgroup, or the same one again, gets the
+    very program (no verifier, no JIT), and it enforces in each cgroup it is attached to."""
+    fence = CgroupV2Fence()
+    first, second = v2_cgroup / "a", v2_cgroup / "b"
+    first.mkdir()
+    second.mkdir()
+    handles = [CgroupHandle(first), CgroupHandle(second)]
+    try:
+        only_gpu0 = rules_for_nodes([sim_dev.nvidia0])
+        fence.apply(first, only_gpu0)
+        fence.apply(second, only_gpu0)
+        ids = [h.programs().program_ids for h in handles]
+        assert len(ids[0]) == 1
+        assert ids[0] == ids[1]
+        fence.apply(first, rules_for_nodes([sim_dev.nvidia1]))
+        assert handles[0].programs().program_ids != ids[0]
+        fence.apply(first, only_gpu0)
+        assert handles[0].programs().program_ids == ids[0]
+        # Already attached, beside a leftover of ours with the same rules: the leftover goes.
+        attach_ours_by_hand(handles[0], device_program(fenced_rules(only_gpu0)))
+        assert len(handles[0].programs().program_ids) == 2
+        fence.apply(first, only_gpu0)
+        assert handles[0].programs().program_ids == ids[0]
+        nodes = {"nvidia0": sim_dev.nvidia0, "nvidia1": sim_dev.nvidia1}
+        for cgroup in (first, second):
+            assert probe.open(cgroup, nodes) == {"nvidia0": errno.ENXIO, "nvidia1": errno.EPERM}
+    finally:
+        for opened in handles:
+            os.close(opened.fd)
+        fence.remove(first)
+        fence.remove(second)
+
+
+def test_kept_programs_are_bounded(sim_dev) -> None:
+    kept = _LoadedPrograms(size=2)
+    before = open_descriptors()
+    rule_sets = [fenced_rules(rules_for_nodes([node])) for node in sim_dev.partition0[:3]]
+    ids = []
+    for rules in rule_sets:
+        program = kept.program(rules)
+        bpf.close_fd(program.fd)  # the caller's own descriptor
+        ids.append(program.program_id)
+    assert len(set(ids)) == 3
+    assert len(open_descriptors() - before) == 2  # the oldest was closed
+    again = kept.program(rule_sets[0])
+    bpf.close_fd(again.fd)
+    assert again.program_id not in ids  # loaded anew
