@@ -20,6 +20,7 @@ import os
 import platform
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from agent.errors import IsolationError
+from agent.runtime.inotify import PathWatch
 
 # The compute and utility libraries a CUDA container needs from the driver (nvidia-ctk's "compute"
 # and "utility" driver capabilities), by the SONAME a program loads them by.
@@ -135,6 +137,9 @@ def host_search(nvml_library: str) -> DriverSearch:
 
 # The last discovery and the state of the directories it searched (see discover).
 _last: tuple[str, tuple[tuple[str, int], ...], DriverFiles] | None = None
+# The last settled discovery and an inotify watch on everything it depends on.
+_watched: tuple[DriverSearch, PathWatch, DriverFiles] | None = None
+_lock = threading.Lock()
 
 
 def discover(search: DriverSearch) -> DriverFiles:
@@ -144,23 +149,63 @@ def discover(search: DriverSearch) -> DriverFiles:
     Every grant writes a spec, and a full search is a few hundred stat calls: the result is kept
     while none of the searched directories changed (adding, removing or renaming a file, as a
     driver upgrade does, changes its directory's mtime), so an upgrade still reaches the next
-    spec written."""
-    global _last  # noqa: PLW0603 - one cache per process, read and written by one thread
+    spec written. A settled result is also watched with inotify, so that the next call asks one
+    read instead of a stat per directory; without inotify the mtimes are compared each time."""
+    global _watched  # noqa: PLW0603 - one cache per process, under its lock
+    with _lock:
+        if _watched is not None and _watched[0] == search and not _watched[1].changed():
+            return _watched[2]
+        if _watched is not None:
+            _watched[1].close()
+            _watched = None
+        found, state = _discover_by_mtimes(search)
+        if state is not None:
+            _watched = _watch(search, state, found)
+        return found
+
+
+def _discover_by_mtimes(
+    search: DriverSearch,
+) -> tuple[DriverFiles, tuple[tuple[str, int], ...] | None]:
+    """The discovery, and the mtimes it depends on when they are settled (None otherwise)."""
+    global _last  # noqa: PLW0603 - one cache per process, under discover's lock
     directories = search.library_directories
+    depends: tuple[tuple[str, int], ...] = ()
     if directories is None:
         directories = tuple(linker_directories(search.root))
+        depends = tuple((str(path), mtime) for path, mtime in (_linker[1] if _linker else ()))
     key = repr((search, directories))
     # Plain strings and os.stat: this runs on every grant, and pathlib costs more than the stats.
     root = str(search.root)
-    state = tuple(
-        (name, _mtime(os.path.join(root, name.lstrip("/"))))  # noqa: PTH118
-        for name in (*directories, *search.binary_directories)
-    ) + tuple((str(path), _mtime(str(path))) for path in search.pinned.values())
+    searched = [os.path.join(root, name.lstrip("/")) for name in directories]  # noqa: PTH118
+    searched += [
+        os.path.join(root, name.lstrip("/"))  # noqa: PTH118
+        for name in search.binary_directories
+    ]
+    searched += [str(path) for path in search.pinned.values()]
+    state = tuple((path, _mtime(path)) for path in searched)
     if _last is not None and _last[0] == key and _last[1] == state:
-        return _last[2]
-    found = _discover(search, directories)
-    _last = (key, state, found) if _settled(state) else None
-    return found
+        found = _last[2]
+    else:
+        found = _discover(search, directories)
+        _last = (key, state, found) if _settled(state) else None
+    settled = _last is not None and (search.library_directories is not None or _linker is not None)
+    return found, (state + depends) if settled else None
+
+
+def _watch(
+    search: DriverSearch, state: tuple[tuple[str, int], ...], found: DriverFiles
+) -> tuple[DriverSearch, PathWatch, DriverFiles] | None:
+    """``found`` kept under a watch on every path of ``state``; None when inotify is not there
+    or a path changed before the watch began (the mtimes are compared once it is in place)."""
+    try:
+        watch = PathWatch(path for path, _ in state)
+    except OSError:
+        return None
+    if any(_mtime(path) != mtime for path, mtime in state):
+        watch.close()
+        return None
+    return search, watch, found
 
 
 def _mtime(path: str | Path) -> int:

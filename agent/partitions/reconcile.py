@@ -218,6 +218,20 @@ class Reconciler:
             if record.state != PartitionState.QUARANTINED:
                 await self._sanitizer.quarantine(record.uuid, JOURNAL_LOST_REASON)
 
+    async def _sweep_specs(self) -> None:
+        """Remove CDI specs of leases that are not live (a lost journal's, a half-written one):
+        a container runtime must not be offered a device no lease stands behind."""
+        live = [lease.id for lease in await self._ctx.leases(live_only=True)]
+        try:
+            removed = await self._ctx.executor.call(
+                cdi.sweep_specs, self._ctx.config.leases.cdi_dir, live
+            )
+        except IsolationError as error:
+            log.error("cdi_sweep_failed", error=str(error))  # noqa: TRY400 - one line
+            return
+        for name in removed:
+            log.warning("cdi_spec_swept", spec=name, reason="its lease is not live")
+
     async def at_start_up(self) -> None:
         """Start-up: finish or undo whatever a crash interrupted, toward safety."""
         if self.journal_lost:
@@ -258,6 +272,7 @@ class Reconciler:
                     self._ctx.store.transition, record.uuid, (record.state,), PartitionState.FREE,
                     clean=False,
                 )  # fmt: skip
+        await self._sweep_specs()
         await self.audit_fences()
         self._leases.ready.set()
         self._leases.wake()

@@ -337,10 +337,36 @@ def test_start_up_rewrites_the_complete_spec(sim_agent: RunningAgent, v2_cgroup:
     old["devices"][0]["containerEdits"] = {"deviceNodes": _edits(complete)["deviceNodes"]}
     path.write_text(json.dumps(old))
     sim_agent.stop()
+    # A spec no lease of the journal stands behind (a lost journal's), and another vendor's.
+    stale = cdi.spec_path(sim_agent.config.leases.cdi_dir, "lease-00000000deadbeef")
+    stale.write_text(path.read_text())
+    vendor = sim_agent.config.leases.cdi_dir / "nvidia.yaml"
+    vendor.write_text("cdiVersion: 0.5.0\n")
     sim_agent.start()
     # The rewrite is part of start-up reconciliation, which may finish after the admin socket
     # answers (grants wait for it; a reader of the spec may not).
     wait_for(lambda: json.loads(path.read_text()) == complete, "the spec rewritten complete")
+    wait_for(lambda: not stale.exists(), "the stale spec removed")
+    assert vendor.read_text() == "cdiVersion: 0.5.0\n"
+    assert path.exists()
+
+
+def test_sweep_removes_only_our_specs_of_leases_not_live(tmp_path: Path) -> None:
+    cdi_dir = tmp_path / "cdi"
+    assert cdi.sweep_specs(cdi_dir, []) == []  # no directory yet: nothing to do
+    cdi_dir.mkdir()
+    live = cdi.spec_path(cdi_dir, "lease-live")
+    gone = cdi.spec_path(cdi_dir, "lease-gone")
+    half = gone.with_suffix(".tmp")
+    for ours in (live, gone, half):
+        ours.write_text("{}")
+    others = [cdi_dir / "nvidia.yaml", cdi_dir / "accelguard.io-partition-notes.txt"]
+    for other in others:
+        other.write_text("kept")
+    assert cdi.sweep_specs(cdi_dir, ["lease-live"]) == sorted([gone.name, half.name])
+    assert sorted(p.name for p in cdi_dir.iterdir()) == sorted(
+        [live.name, *(o.name for o in others)]
+    )
 
 
 def test_a_driver_upgrade_reaches_the_next_discovery(driver_root: Path) -> None:
@@ -357,3 +383,21 @@ def test_a_driver_upgrade_reaches_the_next_discovery(driver_root: Path) -> None:
     after = discover(search)
     assert "libcudadebugger.so.1" in {f.container_path.name for f in after.libraries}
     assert "libcudadebugger.so.1" not in {f.container_path.name for f in before.libraries}
+
+
+def test_a_kept_discovery_sees_an_edit_of_the_linker_configuration(driver_root: Path) -> None:
+    """A kept answer is watched (inotify) on everything it read, the linker's configuration
+    included: a file edited in place, which changes no directory, reaches the next discovery."""
+    _elf(driver_root / "opt" / "edited" / "lib" / "libcudadebugger.so.1")
+    _installed_long_ago(driver_root)
+    search = DriverSearch(root=driver_root)
+    before = discover(search)
+    assert discover(search) is before
+    assert "libcudadebugger.so.1" not in {f.container_path.name for f in before.libraries}
+    first = driver_root / "etc" / "ld.so.conf.d" / "i386-linux-gnu.conf"
+    with first.open("a") as handle:  # in place: same inode, same directory mtime
+        handle.write("/opt/edited/lib\n")
+    after = discover(search)
+    assert Path("/opt/edited/lib/libcudadebugger.so.1") in {
+        f.container_path for f in after.libraries
+    }
