@@ -7,6 +7,7 @@ cgroup2 at /sys/fs/cgroup, and a container may see either somewhere else.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import select
@@ -231,19 +232,16 @@ def resolve_tenant_cgroup(path: str, allowed_parents: Sequence[Path]) -> Path:
         raise ValidationError(
             "no allowed parent cgroups are configured: refusing every tenant cgroup"
         )
-    parents = [Path(os.path.realpath(parent)) for parent in allowed_parents]
-    if not any(parent in candidate.parents for parent in parents):
-        listed = ", ".join(str(parent) for parent in parents)
+    parents = _real_parents(tuple(allowed_parents))
+    text = str(candidate)
+    if not any(text != parent and text.startswith(parent.rstrip("/") + "/") for parent in parents):
+        listed = ", ".join(parents)
         raise ValidationError(
             f"tenant cgroup {str(candidate)!r} is not strictly under an allowed parent ({listed})"
         )
 
+    # With no "." or ".." and no symlink on the way, the path is its own realpath.
     _check_no_symlinks(candidate)
-    resolved = os.path.realpath(candidate)
-    if resolved != str(candidate):
-        raise ValidationError(
-            f"tenant cgroup {str(candidate)!r} resolves to {resolved!r}: give the real path"
-        )
     mount = mount_containing(candidate, read_mounts())
     if mount is None or mount.hierarchy is None:
         where = "no mount" if mount is None else f"{mount.fs_type} mounted at {mount.mount_point}"
@@ -254,24 +252,30 @@ def resolve_tenant_cgroup(path: str, allowed_parents: Sequence[Path]) -> Path:
     return candidate
 
 
+@functools.lru_cache(maxsize=8)
+def _real_parents(allowed_parents: tuple[Path, ...]) -> tuple[str, ...]:
+    """The configured parents' realpaths, resolved once per process (they come from the
+    configuration, and resolving them cost every grant about 0.05 ms)."""
+    return tuple(os.path.realpath(parent) for parent in allowed_parents)
+
+
 def _check_no_symlinks(candidate: Path) -> None:
-    for current in [*reversed(candidate.parents), candidate][1:]:
+    text = str(candidate)
+    # Each component's path as a plain string (pathlib's parents cost a grant 0.05 ms).
+    ends = [index for index in range(1, len(text)) if text[index] == "/"] + [len(text)]
+    for end in ends:
+        current = text[:end]
         try:
             status = os.lstat(current)
         except FileNotFoundError:
             raise ValidationError(
-                f"tenant cgroup {str(candidate)!r} does not exist ({str(current)!r} is missing)"
+                f"tenant cgroup {text!r} does not exist ({current!r} is missing)"
             ) from None
         except OSError as error:
             raise ValidationError(
-                f"tenant cgroup {str(candidate)!r}: cannot inspect {str(current)!r}: "
-                f"{error.strerror}"
+                f"tenant cgroup {text!r}: cannot inspect {current!r}: {error.strerror}"
             ) from error
         if stat.S_ISLNK(status.st_mode):
-            raise ValidationError(
-                f"tenant cgroup {str(candidate)!r} goes through a symlink at {str(current)!r}"
-            )
+            raise ValidationError(f"tenant cgroup {text!r} goes through a symlink at {current!r}")
         if not stat.S_ISDIR(status.st_mode):
-            raise ValidationError(
-                f"tenant cgroup {str(candidate)!r}: {str(current)!r} is not a directory"
-            )
+            raise ValidationError(f"tenant cgroup {text!r}: {current!r} is not a directory")
