@@ -88,12 +88,15 @@ class DeviceNodeMap:
         self.proc_root = proc_root
         self._majors: dict[str, int] | None = None
         self._minors: dict[str, int] | None = None
+        # A MIG instance's nodes, built from the tables above (a grant asks for them).
+        self._mig: dict[tuple[int, int, int], tuple[DeviceNode, ...]] = {}
 
     def invalidate(self) -> None:
         """Forget the cached driver tables; they change only when the driver is (re)loaded, which
         the inventory notices, so it calls this on every refresh."""
         self._majors = None
         self._minors = None
+        self._mig = {}
 
     def majors(self) -> dict[str, int]:
         if self._majors is None:
@@ -131,6 +134,10 @@ class DeviceNodeMap:
         self, gpu_minor: int, gpu_instance_id: int, compute_instance_id: int
     ) -> list[DeviceNode]:
         """Nodes of a MIG instance: the parent GPU's nodes plus its GI and CI capabilities."""
+        key = (gpu_minor, gpu_instance_id, compute_instance_id)
+        known = self._mig.get(key)
+        if known is not None:
+            return list(known)
         majors = self.majors()
         if "nvidia-caps" not in majors:
             raise HardwareError(f"{self.proc_root / 'devices'} has no nvidia-caps entry")
@@ -147,6 +154,7 @@ class DeviceNodeMap:
             nodes.append(
                 DeviceNode(self.dev_root / "nvidia-caps" / f"nvidia-cap{minor}", caps, minor)
             )
+        self._mig[key] = tuple(nodes)
         return nodes
 
     def all_gpu_nodes(self, gpu_minors: list[int]) -> list[DeviceNode]:
