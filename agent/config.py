@@ -244,7 +244,8 @@ class LinkConfig:
     keepalive_time_s: float = _check(_positive, 10.0)
     keepalive_timeout_s: float = _check(_positive, 10.0)
     # The controller's HelloReply must come this soon after the Hello (over MQTT nothing else
-    # says it is away); then the link is dropped and dialled again with backoff.
+    # says it is away); then the link is dropped and dialled again with backoff. Sent reports
+    # wait this plus keepalive_time_s and keepalive_timeout_s for an ack (agent/link/flight.py).
     hello_reply_timeout_s: float = _check(_positive, 15.0)
     # Outbox bounds: rows and payload bytes, acked rows of never-dropped kinds included.
     outbox_max_reports: int = _check(_positive, 100_000)

@@ -43,6 +43,7 @@ from agent.identity.tls import (
 )
 from agent.link.backoff import Backoff
 from agent.link.channel import NODE_LINK_METHOD, client_options
+from agent.link.flight import Flight, acks_come
 from agent.link.mqtt import connected as mqtt_connected
 from agent.link.reports import (
     GpuLike,
@@ -460,15 +461,14 @@ class LinkService:
         # Inventory on every connect: the controller may have missed changes while we were away.
         await self._inventory_if_changed(force=True)
         acked = asyncio.Event()
-        state = {"acked": resume_after}
+        state = Flight(acked=resume_after, sent=resume_after)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._receive(call, state, acked))
             group.create_task(self._send(call, resume_after, state, acked))
             group.create_task(self._renewal(call))
+            group.create_task(acks_come(state, self._ack_limit_s()))
 
-    async def _send(
-        self, call: Any, cursor: int, state: dict[str, int], acked: asyncio.Event
-    ) -> None:
+    async def _send(self, call: Any, cursor: int, state: Flight, acked: asyncio.Event) -> None:
         while True:
             self._wake.clear()
             entries: list[OutboxEntry] = await self._executor.call(
@@ -480,7 +480,7 @@ class LinkService:
                         await self._wake.wait()
                 continue
             for entry in entries:
-                while entry.seq - state["acked"] > SEND_WINDOW:
+                while entry.seq - state.acked > SEND_WINDOW:
                     acked.clear()
                     await acked.wait()
                 # A stored body is a Report with only its oneof set; protobuf merges
@@ -494,8 +494,15 @@ class LinkService:
                 )
                 await call.write(pb.Uplink(report=report).SerializeToString())
                 cursor = entry.seq
+                state.sent_report(entry.seq)
 
-    async def _receive(self, call: Any, state: dict[str, int], acked: asyncio.Event) -> None:
+    def _ack_limit_s(self) -> float:
+        """How long sent reports may wait for an ack: what the controller has to answer a Hello,
+        plus what HTTP/2 keepalive grants a peer before it counts as dead."""
+        link = self._settings
+        return link.hello_reply_timeout_s + link.keepalive_time_s + link.keepalive_timeout_s
+
+    async def _receive(self, call: Any, state: Flight, acked: asyncio.Event) -> None:
         while True:
             data = await call.read()
             if data is grpc.aio.EOF:
@@ -504,9 +511,10 @@ class LinkService:
             which = message.WhichOneof("message")
             if which == "ack":
                 seq = message.ack.seq
-                if seq > state["acked"]:
+                if seq > state.acked:
+                    state.heard()
                     await self._executor.call(self.outbox.ack_through, seq)
-                    state["acked"] = seq
+                    state.acked = seq
                     acked.set()
             elif which == "closed":
                 raise LinkError(f"the controller ended the session: {_closed(message.closed)}")

@@ -202,3 +202,25 @@ def test_broker_killed_and_restarted_with_and_without_persistence(edge: EdgeFlee
                                leases[0]["id"])  # fmt: skip
             assert code == 0, status
     _settle_and_count(edge)
+
+
+def test_a_controller_that_stops_acking_is_left_and_found_again(edge: EdgeFleet) -> None:
+    """On MQTT the broker answers for the controller, so nothing says when it stops acking: one
+    frozen here (SIGSTOP), as one restarted whose "say Hello again" was lost would be. Each node
+    ends its session once sent reports have waited longer than hello_reply_timeout_s plus
+    keepalive (4 s here) and dials again until the controller answers: nothing lost or twice."""
+    edge.block_grpc()
+    edge.wait_transport("mqtt")
+    _flowing(edge)
+    process = edge.controller.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        for node in edge.nodes:
+            wait_for(lambda node=node: "no ack for" in node.agent.log(),
+                     f"{node.node_id} leaving the session nobody acks", timeout=30)  # fmt: skip
+    finally:
+        process.send_signal(signal.SIGCONT)
+    edge.wait_transport("mqtt")
+    _flowing(edge)
+    _settle_and_count(edge)
