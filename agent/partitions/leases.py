@@ -43,7 +43,7 @@ from agent.partitions import binding
 from agent.partitions.context import NoEvents, PartitionContext, PartitionEvents
 from agent.partitions.faults import HealthFaults
 from agent.partitions.fencing import TenantFences
-from agent.partitions.granting import Grant, Granter
+from agent.partitions.granting import Granter
 from agent.partitions.inventory import InventoryService
 from agent.partitions.reconcile import Reconciler
 from agent.partitions.revocation import Revoker
@@ -106,6 +106,8 @@ class LeaseManager:
         self._tasks: set[asyncio.Task[object]] = set()
         self.ready = asyncio.Event()
         self._granter = Granter(self._ctx, self._fences, self.retire, self.ready)
+        # A free, clean partition to a tenant (agent/partitions/granting.py).
+        self.grant = self._granter.grant
 
     @property
     def journal_lost(self) -> bool:
@@ -140,21 +142,6 @@ class LeaseManager:
             if (record.state != "free" and not waitable) or (dirty_too and not record.clean):
                 result[record.gpu_uuid].add(record.gi_id)
         return dict(result)
-
-    async def grant(
-        self,
-        tenant: str,
-        cgroup: str,
-        partition_uuid: str = "",
-        profile: str = "",
-        ttl_s: float = 0.0,
-        scrub_policy: str = "",
-        bind_later: bool = False,
-    ) -> Grant:
-        """A free, clean partition to ``tenant`` (agent/partitions/granting.py)."""
-        return await self._granter.grant(
-            tenant, cgroup, partition_uuid, profile, ttl_s, scrub_policy, bind_later
-        )
 
     async def bind(self, lease_id: str, cgroup: str) -> LeaseRecord:
         """Fence a ``bind_later`` lease's cgroup once it exists (agent/partitions/binding.py)."""
