@@ -18,7 +18,9 @@ import errno
 import os
 import platform
 import struct
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -535,3 +537,37 @@ def owned_fd(descriptor: int) -> Iterator[int]:
         yield descriptor
     finally:
         close_fd(descriptor)
+
+
+class KeptPrograms:
+    """Loaded programs kept open by key, so that a program needed again is not loaded again.
+
+    A program is immutable once loaded, so the verifier and the JIT (most of what loading one
+    costs) need run once per key: a device fence's rule set (one program attached to every
+    cgroup that needs it), a census's target devices. The least recently used is closed beyond
+    ``size``; the kernel frees it once nothing else holds it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._programs: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
+
+    def get(self, key: Hashable, load: Callable[[], int]) -> tuple[int, int]:
+        """(program id, a descriptor of the caller's own, which it closes: a kept one may be
+        closed by another thread meanwhile); ``load`` returns a new program's descriptor."""
+        with self._lock:
+            kept = self._programs.get(key)
+            if kept is None:
+                descriptor = load()
+                try:
+                    kept = (program_info(descriptor).program_id, descriptor)
+                except BaseException:
+                    close_fd(descriptor)
+                    raise
+                self._programs[key] = kept
+                while len(self._programs) > self._size:
+                    close_fd(self._programs.popitem(last=False)[1][1])
+            else:
+                self._programs.move_to_end(key)
+            return kept[0], os.dup(kept[1])

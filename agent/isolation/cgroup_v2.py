@@ -18,8 +18,6 @@ import contextlib
 import errno
 import functools
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +67,8 @@ def device_program(rules: Sequence[DeviceRule]) -> tuple[bpf.Instruction, ...]:
 
 @functools.lru_cache(maxsize=256)
 def _compiled(rules: tuple[DeviceRule, ...]) -> tuple[bpf.Instruction, ...]:
-    """device_program's work, kept per rule set: a cgroup's fence alternates between a few rule
-    sets (its leases', the baseline's), and building one costs about 0.1 ms."""
+    """device_program's work, kept per rule set: every read-back of a fence compiles its rules
+    again to compare (``rules_from_program``), and building one costs about 0.1 ms."""
     program = list(PREAMBLE)
     for rule in normalise(rules):
         block = _rule_block(rule)
@@ -185,47 +183,20 @@ class _OurProgram:
     fd: int
 
 
-class _LoadedPrograms:
-    """Device programs loaded by this process, kept open per rule set to be attached again.
-
-    A program is immutable once loaded and one program may be attached to any number of
-    cgroups, so a fence whose rule set was loaded before needs no new load: the verifier and the
-    JIT are most of a fence's cost, and a node's fences cycle through few rule sets (each
-    partition's nodes, the baseline). The least recently used program is closed beyond
-    ``size``; the kernel frees it once no cgroup holds it.
-    """
-
-    def __init__(self, size: int = 64) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._programs: OrderedDict[tuple[DeviceRule, ...], _OurProgram] = OrderedDict()
-
-    def program(self, rules: tuple[DeviceRule, ...]) -> _OurProgram:
-        """The program for ``rules``, with a descriptor of its own that the caller closes (one
-        kept here may be closed by another thread meanwhile)."""
-        with self._lock:
-            program = self._programs.get(rules)
-            if program is not None:
-                self._programs.move_to_end(rules)
-                return _OurProgram(program.program_id, os.dup(program.fd))
-            fd = bpf.load_program(
-                bpf.BPF_PROG_TYPE_CGROUP_DEVICE,
-                device_program(rules),
-                PROGRAM_NAME,
-                PROGRAM_LICENSE,
-            )
-            try:
-                program = _OurProgram(bpf.program_info(fd).program_id, fd)
-            except BaseException:
-                bpf.close_fd(fd)
-                raise
-            self._programs[rules] = program
-            while len(self._programs) > self._size:
-                bpf.close_fd(self._programs.popitem(last=False)[1].fd)
-            return _OurProgram(program.program_id, os.dup(program.fd))
+# Device programs by rule set (bpf.KeptPrograms): a node's fences cycle through few rule sets
+# (each partition's nodes, the baseline), and one program may be attached to many cgroups.
+_kept = bpf.KeptPrograms(64)
 
 
-_loaded = _LoadedPrograms()
+def _program(rules: tuple[DeviceRule, ...]) -> _OurProgram:
+    """The program for ``rules`` (kept, loaded on first use), with a descriptor of its own."""
+    program_id, descriptor = _kept.get(
+        rules,
+        lambda: bpf.load_program(
+            bpf.BPF_PROG_TYPE_CGROUP_DEVICE, device_program(rules), PROGRAM_NAME, PROGRAM_LICENSE
+        ),
+    )
+    return _OurProgram(program_id, descriptor)
 
 
 class CgroupV2Fence:
@@ -263,7 +234,7 @@ class CgroupV2Fence:
         with contextlib.ExitStack() as closing:
             cgroup_fd = closing.enter_context(bpf.owned_fd(_open_cgroup(cgroup)))
             # Loaded before touching the cgroup: a verifier rejection then changes nothing.
-            new = _loaded.program(allowed)
+            new = _program(allowed)
             closing.callback(bpf.close_fd, new.fd)
             attached = bpf.query_programs(cgroup_fd, bpf.BPF_CGROUP_DEVICE)
             if attached.program_ids and not attached.attach_flags & bpf.BPF_F_ALLOW_MULTI:

@@ -1,6 +1,6 @@
 """Who holds a device node, asked of the kernel in one pass: BPF task iterators.
 
-The /proc census (agent/isolation/evict.py) costs one ``stat`` per open descriptor of the node,
+The /proc census (agent/isolation/census.py) costs one ``stat`` per open descriptor of the node,
 about 2.5 us each: half a second on a node with 200,000 descriptors, on every release. The
 kernel can walk them itself: a BPF program of type ``BPF_PROG_TYPE_TRACING`` attached as the
 ``task_file`` iterator runs once per open file of every task (threads that share their
@@ -248,6 +248,11 @@ class _IterCreateAttr(ctypes.Structure):
     _fields_ = (("link_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32))
 
 
+# The programs by what they look for: loading one (the verifier, 3 ms) was nine tenths of a
+# census, and a node releases the same partitions again and again. Each run still proves itself.
+_kept = bpf.KeptPrograms(64)
+
+
 def _load(instructions: list[Instruction], attach_btf_id: int, name: str) -> int:
     try:
         return bpf.load_program(
@@ -296,7 +301,11 @@ def holders(rdevs: Iterable[int], canary_fd: int) -> list[HeldNode]:
                 (True, layout.vma_fn, "ag_holder_vma"),
             ):
                 matched = [*wanted, zero] if maps else wanted
-                with bpf.owned_fd(_load(program(layout, maps, matched), function, name)) as fd:
+                _, descriptor = _kept.get(
+                    (maps, tuple(matched)),
+                    lambda: _load(program(layout, maps, matched), function, name),  # noqa: B023
+                )
+                with bpf.owned_fd(descriptor) as fd:
                     found += _records(_run(fd), maps, matched)
         except BpfSyscallError as error:
             raise HolderIteratorError(str(error)) from error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,11 +16,10 @@ from agent.isolation.cgroup_v2 import (
     PROGRAM_LICENSE,
     PROGRAM_NAME,
     CgroupV2Fence,
-    _LoadedPrograms,
     device_program,
 )
 from agent.isolation.protocol import fenced_rules
-from agent.isolation.rules import rules_for_nodes
+from agent.isolation.rules import DeviceRule, rules_for_nodes
 
 
 class CgroupHandle:
@@ -240,16 +239,22 @@ def test_a_rule_set_is_loaded_once_and_shared(v2_cgroup: Path, sim_dev, probe) -
 
 
 def test_kept_programs_are_bounded(sim_dev) -> None:
-    kept = _LoadedPrograms(size=2)
+    kept = bpf.KeptPrograms(size=2)
     before = open_descriptors()
     rule_sets = [fenced_rules(rules_for_nodes([node])) for node in sim_dev.partition0[:3]]
+
+    def loader(rules: tuple[DeviceRule, ...]) -> Callable[[], int]:
+        return lambda: bpf.load_program(
+            bpf.BPF_PROG_TYPE_CGROUP_DEVICE, device_program(rules), PROGRAM_NAME, PROGRAM_LICENSE
+        )
+
     ids = []
     for rules in rule_sets:
-        program = kept.program(rules)
-        bpf.close_fd(program.fd)  # the caller's own descriptor
-        ids.append(program.program_id)
+        program_id, descriptor = kept.get(rules, loader(rules))
+        bpf.close_fd(descriptor)  # the caller's own descriptor
+        ids.append(program_id)
     assert len(set(ids)) == 3
     assert len(open_descriptors() - before) == 2  # the oldest was closed
-    again = kept.program(rule_sets[0])
-    bpf.close_fd(again.fd)
-    assert again.program_id not in ids  # loaded anew
+    again, descriptor = kept.get(rule_sets[0], loader(rule_sets[0]))
+    bpf.close_fd(descriptor)
+    assert again not in ids  # loaded anew
