@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from agent.errors import IsolationError
+from agent.isolation.cgroups import Mount, read_mounts
 from agent.runtime.inotify import PathWatch
 
 # The compute and utility libraries a CUDA container needs from the driver (nvidia-ctk's "compute"
@@ -137,9 +138,23 @@ def host_search(nvml_library: str) -> DriverSearch:
 
 # The last discovery and the state of the directories it searched (see discover).
 _last: tuple[str, tuple[tuple[str, int], ...], DriverFiles] | None = None
-# The last settled discovery and an inotify watch on everything it depends on.
-_watched: tuple[DriverSearch, PathWatch, DriverFiles] | None = None
+# The last settled discovery, watched (see discover).
+_watched: _Watched | None = None
 _lock = threading.Lock()
+
+
+@dataclass
+class _Watched:
+    """A settled discovery, an inotify watch on every path it depended on, and the mount table
+    it was made under (a mount over a searched directory is no inotify event)."""
+
+    search: DriverSearch
+    watch: PathWatch
+    mounts: tuple[Mount, ...]
+    found: DriverFiles
+
+    def valid_for(self, search: DriverSearch) -> bool:
+        return self.search == search and not self.watch.changed() and read_mounts() == self.mounts
 
 
 def discover(search: DriverSearch) -> DriverFiles:
@@ -149,18 +164,20 @@ def discover(search: DriverSearch) -> DriverFiles:
     Every grant writes a spec, and a full search is a few hundred stat calls: the result is kept
     while none of the searched directories changed (adding, removing or renaming a file, as a
     driver upgrade does, changes its directory's mtime), so an upgrade still reaches the next
-    spec written. A settled result is also watched with inotify, so that the next call asks one
-    read instead of a stat per directory; without inotify the mtimes are compared each time."""
+    spec written. A settled result is also watched with inotify, and kept while the mount table
+    is the same, so that the next call asks one read and one poll instead of a stat per
+    directory; without inotify the mtimes are compared each time."""
     global _watched  # noqa: PLW0603 - one cache per process, under its lock
     with _lock:
-        if _watched is not None and _watched[0] == search and not _watched[1].changed():
-            return _watched[2]
+        if _watched is not None and _watched.valid_for(search):
+            return _watched.found
         if _watched is not None:
-            _watched[1].close()
+            _watched.watch.close()
             _watched = None
+        mounts = read_mounts()  # before the search: a mount during it is a change
         found, state = _discover_by_mtimes(search)
         if state is not None:
-            _watched = _watch(search, state, found)
+            _watched = _watch(search, state, mounts, found)
         return found
 
 
@@ -194,8 +211,11 @@ def _discover_by_mtimes(
 
 
 def _watch(
-    search: DriverSearch, state: tuple[tuple[str, int], ...], found: DriverFiles
-) -> tuple[DriverSearch, PathWatch, DriverFiles] | None:
+    search: DriverSearch,
+    state: tuple[tuple[str, int], ...],
+    mounts: tuple[Mount, ...],
+    found: DriverFiles,
+) -> _Watched | None:
     """``found`` kept under a watch on every path of ``state``; None when inotify is not there
     or a path changed before the watch began (the mtimes are compared once it is in place)."""
     try:
@@ -205,7 +225,7 @@ def _watch(
     if any(_mtime(path) != mtime for path, mtime in state):
         watch.close()
         return None
-    return search, watch, found
+    return _Watched(search, watch, mounts, found)
 
 
 def _mtime(path: str | Path) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -401,3 +403,40 @@ def test_a_kept_discovery_sees_an_edit_of_the_linker_configuration(driver_root: 
     assert Path("/opt/edited/lib/libcudadebugger.so.1") in {
         f.container_path for f in after.libraries
     }
+
+
+MOUNTED_OVER = """
+import json, subprocess, sys
+from pathlib import Path
+from agent.isolation.driver_files import DriverSearch, discover
+root, other = Path(sys.argv[1]), sys.argv[2]
+search = DriverSearch(root=root)
+names = lambda files: sorted(f.container_path.name for f in files.libraries)
+before = discover(search)
+kept = discover(search) is before
+subprocess.run(["mount", "--bind", other, str(root / "usr" / "lib64")], check=True)
+print(json.dumps({"kept": kept, "before": names(before), "after": names(discover(search))}))
+"""
+
+
+def test_a_kept_discovery_sees_a_mount_over_a_searched_directory(
+    driver_root: Path, tmp_path: Path
+) -> None:
+    """A mount over a searched directory (a driver container's, say) changes no watched inode:
+    the kept answer is dropped because the mount table changed. In a mount namespace of its own,
+    so the machine's is untouched."""
+    other = tmp_path / "driver-container-lib64"
+    _elf(other / "libnvidia-ptxjitcompiler.so.1")
+    _elf(other / "libcudadebugger.so.1")
+    _installed_long_ago(driver_root)
+    _installed_long_ago(other)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", MOUNTED_OVER,
+         str(driver_root), str(other)],
+        capture_output=True, text=True, timeout=60, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["kept"], report
+    assert "libcudadebugger.so.1" not in report["before"], report
+    assert "libcudadebugger.so.1" in report["after"], report
