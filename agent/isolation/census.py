@@ -121,15 +121,20 @@ class Census:
     seconds: float = 0.0
 
 
-def is_alive(pid: int, proc_root: Path = Path("/proc")) -> bool:
-    """A zombie has released its file descriptors and its GPU context: it is not a holder."""
+def _stat_fields(pid: int, proc_root: Path) -> list[bytes]:
+    """``/proc/PID/stat`` after the parenthesised command name (which may itself contain ')'):
+    the state, then the parent's pid, ...; empty when the process is gone."""
     try:
         data = (proc_root / str(pid) / "stat").read_bytes()
     except OSError:
-        return False
-    # The state follows the parenthesised command name, which may itself contain ')'.
-    state = data[data.rfind(b")") + 2 : data.rfind(b")") + 3]
-    return state not in (b"Z", b"X", b"")
+        return []
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def is_alive(pid: int, proc_root: Path = Path("/proc")) -> bool:
+    """A zombie has released its file descriptors and its GPU context: it is not a holder."""
+    fields = _stat_fields(pid, proc_root)
+    return bool(fields) and fields[0] not in (b"Z", b"X")
 
 
 def _descriptor_nodes(
@@ -208,11 +213,7 @@ def process_nodes(
 
 
 def _parent(pid: int, proc_root: Path) -> int:
-    try:
-        data = (proc_root / str(pid) / "stat").read_bytes()
-    except OSError:
-        return 0
-    fields = data[data.rfind(b")") + 2 :].split()
+    fields = _stat_fields(pid, proc_root)
     return int(fields[1]) if len(fields) > 1 else 0
 
 
