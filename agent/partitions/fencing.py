@@ -72,7 +72,11 @@ class TenantFences:
             # Removed (a Slurm job's cgroup at its end): the kernel dropped its fence with it.
             log.info("fence_cgroup_gone", cgroup=cgroup)
             self.fences.pop(cgroup, None)
-            return await self._after(then)
+            if then is not _nothing:
+                # What was to follow the fence (a grant's activation) has no fence to stand
+                # behind: it fails, and its caller undoes it.
+                raise IsolationError(f"tenant cgroup {cgroup} vanished before it was fenced")
+            return then()
         fence = fence_for(path)
 
         def from_journal() -> tuple[bool, T | None]:

@@ -39,7 +39,7 @@ from agent.partitions.fencing import TenantFences
 from agent.partitions.selection import check_mode_settled, select_partition
 from agent.runtime import failpoints
 from agent.runtime.durations import human_duration
-from agent.runtime.failpoints import CrashPoint
+from agent.runtime.failpoints import CrashPoint, Fault
 from agent.scrub.model import POLICY_PATTERNS
 from agent.store import LeaseRecord, PartitionRecord
 
@@ -161,6 +161,9 @@ class Granter:
             "lease_granting", lease=lease_id, partition=record.uuid, tenant=tenant, cgroup=path
         )
         failpoints.hit(CrashPoint.LEASE_GRANT_AFTER_JOURNAL)
+        if path and failpoints.active(Fault.GRANT_CGROUP_REMOVED):
+            with contextlib.suppress(OSError):
+                Path(path).rmdir()
         async with self._ctx.locks[record.uuid]:
             try:
 

@@ -45,6 +45,9 @@ class Fault(StrEnum):
     SCRUB_WORKER_HANG = "scrub.worker_hang"
     SCRUB_CORRUPT_AFTER_WRITE = "scrub.corrupt_after_write"
     SCRUB_SHORT_COVERAGE = "scrub.short_coverage"
+    # The tenant's cgroup removed between a grant's journal record and its fence (as a job's
+    # end removes it): the race a test cannot time from outside.
+    GRANT_CGROUP_REMOVED = "lease.grant.cgroup_removed"
 
 
 def _enabled() -> frozenset[str]:

@@ -461,3 +461,29 @@ def test_clear_evicts_or_refuses_before_it_scrubs(node_agent: RunningAgent) -> N
         [still] = agent.cli_json("partition", "list")["partitions"]
         assert still["state"] == "quarantined" and "clear refused" in still["reason"]
         assert stranger.poll() is None  # not NVML's: left alone, and the clear refused
+
+
+def test_a_grant_whose_cgroup_vanishes_before_its_fence_fails(
+    tmp_path: Path, cgroup_parents: dict[str, Path]
+) -> None:
+    """The tenant's cgroup removed between the grant's journal record and its fence (as a job's
+    end removes it): the grant fails instead of answering with a lease that no fence stands
+    behind, and the partition comes back through a scrub."""
+    node = init_sim_node(
+        tmp_path / "node", "h100x1", cgroup_parents=list(cgroup_parents.values()),
+        slice_bytes=1 << 20,
+    )  # fmt: skip
+    with running_agent(node) as agent:
+        agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
+        wait_all_clean(agent)
+        agent.stop()
+        agent.start(env={"ACCELGUARD_FAILPOINTS": "lease.grant.cgroup_removed"})
+        cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "gone")
+        result = agent.cli(
+            "lease", "grant", "--tenant", "gone", "--profile", "1g.10gb", "--cgroup", str(cgroup)
+        )
+        assert result.returncode != 0, result.stdout
+        assert "vanished before it was fenced" in result.stderr, result.stderr
+        assert not cgroup.exists()
+        assert [lease["state"] for lease in agent.cli_json("lease", "list")["leases"]] == []
+        wait_all_clean(agent)
