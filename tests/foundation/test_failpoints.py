@@ -8,13 +8,14 @@ from agent.runtime.failpoints import CrashPoint, Fault
 from tests.foundation import test_layout_crash
 from tests.leases import (
     test_certificates,
+    test_fail_closed,
     test_lease_crash,
     test_reconcile_crash,
     test_scrub_failures,
 )
 
 MODULES = (test_layout_crash, test_lease_crash, test_reconcile_crash, test_scrub_failures,
-           test_certificates)  # fmt: skip
+           test_certificates, test_fail_closed)  # fmt: skip
 
 
 def test_every_failpoint_has_a_test() -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from agent.isolation import fence_for
 from agent.isolation.rules import DeviceRule
+from agent.runtime.failpoints import ENVIRONMENT_VARIABLE, Fault
 from agent.sim.node import init_sim_node
 from tests.leases.helpers import (
     behind_our_back,
@@ -38,6 +39,9 @@ from tests.support import (
     running_agent,
     wait_all_clean,
 )
+
+# Faults this module exercises (tests/foundation/test_failpoints.py).
+COVERED = frozenset([Fault.GRANT_CGROUP_REMOVED])
 
 
 @pytest.fixture
@@ -477,7 +481,7 @@ def test_a_grant_whose_cgroup_vanishes_before_its_fence_fails(
         agent.cli_json("layout", "apply", "--gpu", "0", "1g.10gb=1")
         wait_all_clean(agent)
         agent.stop()
-        agent.start(env={"ACCELGUARD_FAILPOINTS": "lease.grant.cgroup_removed"})
+        agent.start(env={ENVIRONMENT_VARIABLE: Fault.GRANT_CGROUP_REMOVED})
         cgroup = tenant_cgroup(cgroup_parents, "v2" if "v2" in cgroup_parents else "v1", "gone")
         result = agent.cli(
             "lease", "grant", "--tenant", "gone", "--profile", "1g.10gb", "--cgroup", str(cgroup)
