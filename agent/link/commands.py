@@ -5,8 +5,9 @@ Order for every command, before anything changes: size and decode, signature by 
 command key, this node, not issued in the future, not expired (agent/link/envelope.py), then the
 replay cache in the journal (agent/store/commands.py). A refusal is journaled and reported
 uplink with its reason; a re-delivered command that already ran is answered with the stored
-result of its one run (``duplicate``) and acts no more. A command found 'running' in the cache
-was interrupted by a crash: its outcome is unknown and it is never run again.
+result of its one run (``duplicate``) and acts no more. One re-delivered while its first run is
+still under way is dropped: that run's result answers it. A command found 'running' in the cache
+and not under way was interrupted by a crash: its outcome is unknown and it is never run again.
 
 There is no remote shell, file or process verb here, and the dispatch below is the closed set:
 adding a verb is a design change (docs/commands.md, docs/threat-model.md).
@@ -131,6 +132,10 @@ class CommandService:
         self._skew = clock_skew_s
         self._running = asyncio.Semaphore(MAX_RUNNING)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Ids whose one run is under way in this process: a re-delivery meanwhile (the
+        # controller re-sends what has no result yet, e.g. after a broker restart) is dropped,
+        # as its result is on the way; 'interrupted' is only for a run a crash cut short.
+        self._in_progress: set[bytes] = set()
         self._next_purge = 0.0
 
     def submit(self, data: bytes) -> None:
@@ -173,23 +178,32 @@ class CommandService:
     async def _authenticated(self, checked: CheckedCommand, command_id: bytes, now: float) -> None:
         """A command whose checks passed, run once (every record it leaves names it)."""
         envelope = checked.envelope
-        if now >= self._next_purge:
-            self._next_purge = now + PURGE_EVERY_S
-            await self._executor.call(self._log.purge, now)
-        claim: Claim = await self._executor.call(
-            self._log.claim, command_id, checked.kind, envelope.not_after
-        )
-        if claim.state is not ClaimState.NEW:
-            await self._replayed(command_id, checked.kind, claim)
+        if command_id in self._in_progress:
+            log.info("command_redelivered_while_running", command=command_id.hex(),
+                     kind=checked.kind)  # fmt: skip
             return
-        async with self._running:
-            result = await self._run(checked)
-        result.command_id = command_id
-        stored = result.SerializeToString()
-        report = pb.Report(command_result=result).SerializeToString()
-        await self._executor.call(
-            self._log.finish, command_id, stored, report, result.refusal, result.error, result.ok
-        )
+        self._in_progress.add(command_id)
+        try:
+            if now >= self._next_purge:
+                self._next_purge = now + PURGE_EVERY_S
+                await self._executor.call(self._log.purge, now)
+            claim: Claim = await self._executor.call(
+                self._log.claim, command_id, checked.kind, envelope.not_after
+            )
+            if claim.state is not ClaimState.NEW:
+                await self._replayed(command_id, checked.kind, claim)
+                return
+            async with self._running:
+                result = await self._run(checked)
+            result.command_id = command_id
+            stored = result.SerializeToString()
+            report = pb.Report(command_result=result).SerializeToString()
+            await self._executor.call(
+                self._log.finish, command_id, stored, report, result.refusal, result.error,
+                result.ok,
+            )  # fmt: skip
+        finally:
+            self._in_progress.discard(command_id)
         self._wake()
         log.info(
             "command_ran", command=command_id.hex(), kind=checked.kind, ok=result.ok,

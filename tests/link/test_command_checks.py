@@ -302,6 +302,49 @@ def test_a_command_interrupted_by_a_crash_is_never_run_again(node: Node, key: Co
     assert node.target.calls == []
 
 
+class GatedTarget(RecordingTarget):
+    """A grant that runs until ``gate`` is set (a long fence and scrub)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def grant(self, request: admin_pb.GrantLeaseRequest) -> admin_pb.GrantLeaseResponse:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().grant(request)
+
+
+def test_a_copy_delivered_while_the_first_run_is_under_way_is_left_to_that_run(
+    node: Node, key: CommandKey
+) -> None:
+    """The controller re-sends what has no result yet (a broker restart, a new session). A copy
+    that arrives while the one run is still going gets no answer of its own: an 'interrupted'
+    answer would reach the controller first and be kept as the command's result."""
+    data = command(key)
+    target = GatedTarget()
+    node.service._target = target
+
+    async def deliver_twice() -> None:
+        first = asyncio.create_task(node.service.handle(data))
+        await target.entered.wait()
+        await node.service.handle(data)
+        assert node.results() == [], "the copy was answered while the first run was going"
+        target.gate.set()
+        await first
+
+    asyncio.run(deliver_twice())
+    results = node.results()
+    assert len(results) == 1 and results[0].ok and not results[0].duplicate, results
+    assert [name for name, _ in target.calls] == ["grant"]
+    # Once the run has finished, a copy gets its stored result as before.
+    node.handle(data)
+    replay = node.last()
+    assert replay.duplicate and replay.ok and replay.grant.lease.id == "lease-1"
+    assert [name for name, _ in target.calls] == ["grant"]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=4096))
 def test_arbitrary_bytes_are_refused(data: bytes) -> None:
