@@ -11,14 +11,23 @@ Two ways to count, one answer (agent/isolation/evict.py says who is then evicted
   proves nothing. The agent's ancestors (its supervisor) are the exception: one that cannot be
   read is logged, not a failure (see ``scan_skipped_ancestor`` in evict.py).
 
+A process is its thread group, whatever its threads did: a thread may have a descriptor table of
+its own (``unshare(CLONE_FILES)``, ``clone`` without ``CLONE_FILES``), which /proc/PID/fd does
+not show, and a leader that exited before its threads is a zombie while they run on and hold its
+table. Both counts read every distinct table of a group (``kcmp`` tells which threads share
+one) and judge a group alive while any thread is; holders are named by the group's pid (the
+kernel's iterators report the group leader's), the one cgroup.procs lists and a signal reaches.
+
 Both are blocking: run them in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import platform
 import stat
 import time
 from collections.abc import Iterable
@@ -131,21 +140,89 @@ def _stat_fields(pid: int, proc_root: Path) -> list[bytes]:
     return data[data.rfind(b")") + 2 :].split()
 
 
+def _threads(pid: int, proc_root: Path) -> list[int]:
+    """The thread ids of process ``pid``, its leader first; [] when it is gone."""
+    try:
+        names = os.listdir(proc_root / str(pid) / "task")  # noqa: PTH208 - names only
+    except OSError:
+        return []
+    return sorted((int(n) for n in names if n.isdigit()), key=lambda tid: tid != pid)
+
+
 def is_alive(pid: int, proc_root: Path = Path("/proc")) -> bool:
-    """A zombie has released its file descriptors and its GPU context: it is not a holder."""
+    """A zombie has released its file descriptors and its GPU context: it is not a holder. A
+    leader that exited before its threads is a zombie too, yet its process lives on in them."""
     fields = _stat_fields(pid, proc_root)
-    return bool(fields) and fields[0] not in (b"Z", b"X")
+    if not fields or fields[0] == b"X":
+        return False
+    if fields[0] != b"Z":
+        return True
+    task = proc_root / str(pid) / "task"
+    return any(
+        tid != pid and (state := _stat_fields(tid, task)) and state[0] not in (b"Z", b"X")
+        for tid in _threads(pid, proc_root)
+    )
+
+
+# kcmp(2), include/uapi/linux/kcmp.h: KCMP_FILES compares two tasks' descriptor tables.
+_KCMP_FILES = 2
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _share_table(tid: int, other: int) -> bool:
+    """Whether threads ``tid`` and ``other`` share one descriptor table. False when kcmp cannot
+    tell (another architecture, no CONFIG_KCMP, EPERM): the thread's own table is then read,
+    slower and never blind."""
+    if _SYS_KCMP is None:
+        return False
+    answer = _libc.syscall(
+        ctypes.c_long(_SYS_KCMP), ctypes.c_long(tid), ctypes.c_long(other),
+        ctypes.c_long(_KCMP_FILES), ctypes.c_long(0), ctypes.c_long(0),
+    )  # fmt: skip
+    return bool(answer == 0)
+
+
+def _tables(pid: int, proc_root: Path) -> list[str]:
+    """The fd directories, below /proc/PID, of each distinct descriptor table of ``pid``'s
+    threads: "fd" (the leader's) and "task/TID/fd" for each thread with a table of its own (or
+    whose sharing kcmp cannot tell, or whose leader has exited and left no table)."""
+    threads = _threads(pid, proc_root)
+    if len(threads) <= 1:
+        return ["fd"]
+    read = [pid]
+    tables = ["fd"]
+    for tid in threads[1:]:
+        if proc_root == Path("/proc") and any(_share_table(tid, seen) for seen in read):
+            continue
+        read.append(tid)
+        tables.append(f"task/{tid}/fd")
+    return tables
 
 
 def _descriptor_nodes(
     pid: int, targets: NodeTargets, proc_root: Path, census: Census | None = None
 ) -> set[DeviceNode] | None:
+    held: set[DeviceNode] = set()
+    for table in _tables(pid, proc_root):
+        found = _table_nodes(pid, table, targets, proc_root, census)
+        if found is None:
+            if table == "fd":
+                return None  # the process is gone
+            continue  # one thread exited meanwhile
+        held |= found
+    return held
+
+
+def _table_nodes(
+    pid: int, table: str, targets: NodeTargets, proc_root: Path, census: Census | None
+) -> set[DeviceNode] | None:
     try:
-        directory = os.open(proc_root / str(pid) / "fd", os.O_RDONLY | os.O_DIRECTORY)
+        directory = os.open(proc_root / str(pid) / table, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as error:
         if error.errno in _GONE:
             return None
-        raise _scan_error(pid, "fd", error) from error
+        raise _scan_error(pid, table, error) from error
     held: set[DeviceNode] = set()
     by_rdev = targets.by_rdev
     try:
@@ -159,14 +236,14 @@ def _descriptor_nodes(
             except OSError as error:
                 if error.errno in _GONE:
                     continue  # closed meanwhile (or the process exited: its maps say so)
-                raise _scan_error(pid, f"fd/{name}", error) from error
+                raise _scan_error(pid, f"{table}/{name}", error) from error
             node = by_rdev.get(info.st_rdev)
             if node is not None and stat.S_ISCHR(info.st_mode):
                 held.add(node)
     except OSError as error:
         if error.errno in _GONE:
             return None
-        raise _scan_error(pid, "fd", error) from error
+        raise _scan_error(pid, table, error) from error
     finally:
         os.close(directory)
     return held
@@ -174,12 +251,20 @@ def _descriptor_nodes(
 
 def _mapped_nodes(pid: int, targets: NodeTargets, proc_root: Path) -> set[DeviceNode] | None:
     """Nodes mapped into the process: a mapping outlives the descriptor it was made with."""
+    source = "maps"
     try:
-        data = (proc_root / str(pid) / "maps").read_bytes()
+        data = (proc_root / str(pid) / source).read_bytes()
+        if not data:
+            # No memory of its own: a kernel thread, or a leader that exited before its
+            # threads, which share the process's memory and show it in their own maps.
+            live = [t for t in _threads(pid, proc_root)[1:] if is_alive(t, proc_root)]
+            if live:
+                source = f"task/{live[0]}/maps"
+                data = (proc_root / str(pid) / source).read_bytes()
     except OSError as error:
         if error.errno in _GONE:
             return None
-        raise _scan_error(pid, "maps", error) from error
+        raise _scan_error(pid, source, error) from error
     held: set[DeviceNode] = set()
     # Most processes map none of the node files: one substring test per node file tells.
     if not any(b" " + inode in data for inode in targets.mapped_inodes):
