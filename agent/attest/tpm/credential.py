@@ -9,6 +9,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -91,7 +92,8 @@ def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> Credenti
     oaep = padding.OAEP(mgf=padding.MGF1(hash_factory), algorithm=hash_factory, label=b"IDENTITY\0")
     try:
         encrypted_seed = key.encrypt(seed, oaep)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        # UnsupportedAlgorithm: a nameAlg the library hashes but not in OAEP (SHA3).
         raise AttestationError(f"cannot encrypt the seed to the endorsement key: {exc}") from exc
     symmetric_key = kdf_a(name_hash, seed, b"STORAGE", ak_name, b"", symmetric.key_bits)
     # Part 2 TPMS_ID_OBJECT: encIdentity is the whole TPM2B_DIGEST, size field included, in CFB
