@@ -20,6 +20,22 @@ def layout_clean(agent: RunningAgent, *profiles: str, gpu: int = 0) -> list[dict
     return wait_all_clean(agent)
 
 
+def grant_capability(
+    agent: RunningAgent, cgroup: Path, profile: str, tenant: str, gpu: int = 1
+) -> tuple[str, str, str]:
+    """(lease id, partition UUID, one of its MIG capability nodes) of a fresh lease of a lone
+    ``profile`` instance on ``gpu``. Simulated nodes on one kernel share device numbers: tests
+    that hold a capability node while the suite runs beside them each take a profile of their
+    own (GPU 1, one the other lease tests rarely use)."""
+    layout_clean(agent, f"{profile}=1", gpu=gpu)
+    grant = agent.cli_json(
+        "lease", "grant", "--tenant", tenant, "--profile", profile, "--cgroup", str(cgroup)
+    )
+    nodes = [n for n in grant["partition"]["device_nodes"] if "/nvidia-caps/" in n]
+    assert nodes, grant
+    return grant["lease"]["id"], grant["partition"]["uuid"], nodes[-1]
+
+
 def tenant_cgroup(parents: dict[str, Path], hierarchy: str, name: str) -> Path:
     path = parents[hierarchy] / name
     path.mkdir(exist_ok=True)

@@ -25,8 +25,8 @@ import pytest
 
 from agent.config import load_config
 from agent.sim.node import init_sim_node
-from tests.leases.helpers import any_tenant_cgroup
-from tests.support import ACCELGUARD, REPO, RunningAgent, wait_all_clean
+from tests.leases.helpers import any_tenant_cgroup, grant_capability
+from tests.support import ACCELGUARD, REPO, RunningAgent
 
 UNIT = REPO / "systemd" / "accelguard.service"
 NOBODY = 65534
@@ -131,22 +131,6 @@ def _wait_until_sleeping_as_nobody(pid: int) -> None:
     raise AssertionError(f"pid {pid} never became uid {NOBODY} running sleep")
 
 
-def _grant(agent: RunningAgent, cgroup: Path) -> tuple[str, str, str]:
-    """(lease id, partition UUID, one of its MIG capability nodes) of a fresh 2g.20gb lease.
-
-    Simulated nodes on one kernel share device numbers: GPU 1 and a profile the other lease
-    tests rarely use keep a suite running beside this one from holding the same nodes.
-    """
-    agent.cli_json("layout", "apply", "--gpu", "1", "2g.20gb=1")
-    wait_all_clean(agent)
-    grant = agent.cli_json(
-        "lease", "grant", "--tenant", "nora", "--profile", "2g.20gb", "--cgroup", str(cgroup)
-    )
-    nodes = [n for n in grant["partition"]["device_nodes"] if "/nvidia-caps/" in n]
-    assert nodes, grant
-    return grant["lease"]["id"], grant["partition"]["uuid"], nodes[-1]
-
-
 def _release(agent: RunningAgent, lease: str) -> dict[str, Any]:
     result = agent.cli("lease", "release", lease, "--json")
     document: dict[str, Any] = json.loads(result.stdout)
@@ -164,7 +148,7 @@ def test_other_users_holder_outside_the_cgroup_quarantines(
 ) -> None:
     cgroup = any_tenant_cgroup(cgroup_parents, "tenant-nora")
     with bounded_agent(tmp_path, cgroup_parents, unit_capabilities()) as agent:
-        lease, _, capability = _grant(agent, cgroup)
+        lease, _, capability = grant_capability(agent, cgroup, "2g.20gb", "nora")
         with other_user_holder(capability) as holder:
             released = _release(agent, lease)
             # Not NVML's, not the tenant's: neither killed nor overlooked.
@@ -179,7 +163,7 @@ def test_other_users_holder_in_the_cgroup_is_evicted(
 ) -> None:
     cgroup = any_tenant_cgroup(cgroup_parents, "tenant-nora")
     with bounded_agent(tmp_path, cgroup_parents, unit_capabilities()) as agent:
-        lease, _, capability = _grant(agent, cgroup)
+        lease, _, capability = grant_capability(agent, cgroup, "2g.20gb", "nora")
         with other_user_holder(capability, cgroup) as holder:
             released = _release(agent, lease)
             assert holder.wait(timeout=30) == -signal.SIGTERM
@@ -195,7 +179,7 @@ def test_without_ptrace_the_release_fails_closed(
     capabilities = [c for c in unit_capabilities() if c != "cap_sys_ptrace"]
     cgroup = any_tenant_cgroup(cgroup_parents, "tenant-nora")
     with bounded_agent(tmp_path, cgroup_parents, capabilities, census) as agent:
-        lease, _, capability = _grant(agent, cgroup)
+        lease, _, capability = grant_capability(agent, cgroup, "2g.20gb", "nora")
         with other_user_holder(capability) as holder:
             released = _release(agent, lease)
             assert holder.poll() is None

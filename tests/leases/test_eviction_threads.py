@@ -25,9 +25,8 @@ import pytest
 from agent.hw.devnodes import DeviceNode
 from agent.isolation.census import NodeTargets, is_alive, process_nodes, take_census
 from agent.sim.node import init_sim_node
-from tests.leases.helpers import any_tenant_cgroup, reap
-from tests.leases.test_eviction_scan import _char_node
-from tests.support import RunningAgent, ready_child, running_agent, wait_all_clean
+from tests.leases.helpers import any_tenant_cgroup, grant_capability, reap
+from tests.support import RunningAgent, ready_child, running_agent
 
 SHAPES = ["own-table", "leader-exited"]
 
@@ -86,19 +85,19 @@ def threaded_holder(
         yield process
 
 
-# /dev/zero's numbers: the one device a test can map (privately, through a node file of its own).
+# A character device number no driver of the test machine uses (mem stops at minor 12), and
+# /dev/zero's: the one device a test can map (privately, through a node file of its own).
+UNUSED = (1, 240)
 ZERO = (1, 5)
 
 
 @pytest.mark.parametrize("shape", [*SHAPES, "leader-exited-mapping"])
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "proc"])
 def test_a_threads_hold_is_its_processs(tmp_path: Path, use_kernel: bool, shape: str) -> None:
-    if shape.endswith("mapping"):
-        path = tmp_path / "zero"
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(*ZERO))
-        node = DeviceNode(path, *ZERO)
-    else:
-        node = _char_node(tmp_path / "nvidia-cap-a")
+    numbers = ZERO if shape.endswith("mapping") else UNUSED
+    path = tmp_path / "nvidia-cap-a"
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(*numbers))
+    node = DeviceNode(path, *numbers)
     targets = NodeTargets.of([node], [node])
     with threaded_holder(node.path, shape) as holder:
         assert is_alive(holder.pid)
@@ -129,26 +128,13 @@ def agent_with_census(
         yield agent
 
 
-def _grant(agent: RunningAgent, cgroup: Path) -> tuple[str, str]:
-    """(lease id, one of its MIG capability nodes) of a fresh 3g.40gb lease on GPU 1 (a profile
-    the other lease tests leave alone: simulated nodes on one kernel share device numbers)."""
-    agent.cli_json("layout", "apply", "--gpu", "1", "3g.40gb=1")
-    wait_all_clean(agent)
-    grant = agent.cli_json(
-        "lease", "grant", "--tenant", "tia", "--profile", "3g.40gb", "--cgroup", str(cgroup)
-    )
-    nodes = [n for n in grant["partition"]["device_nodes"] if "/nvidia-caps/" in n]
-    assert nodes, grant
-    return grant["lease"]["id"], nodes[-1]
-
-
 @pytest.mark.parametrize("census", ["auto", "proc"])
 def test_the_tenants_threads_are_evicted(
     tmp_path: Path, cgroup_parents: dict[str, Path], census: str
 ) -> None:
     cgroup = any_tenant_cgroup(cgroup_parents, "tenant-tia")
     with agent_with_census(tmp_path, cgroup_parents, census) as agent:
-        lease, capability = _grant(agent, cgroup)
+        lease, _, capability = grant_capability(agent, cgroup, "3g.40gb", "tia")
         with (
             threaded_holder(capability, "own-table", cgroup) as own_table,
             threaded_holder(capability, "leader-exited", cgroup) as leader_exited,
@@ -165,7 +151,7 @@ def test_an_outsiders_thread_quarantines_the_partition(
 ) -> None:
     cgroup = any_tenant_cgroup(cgroup_parents, "tenant-tia")
     with agent_with_census(tmp_path, cgroup_parents, census) as agent:
-        lease, capability = _grant(agent, cgroup)
+        lease, _, capability = grant_capability(agent, cgroup, "3g.40gb", "tia")
         with threaded_holder(capability, shape) as outsider:
             result = agent.cli("lease", "release", lease, "--json")
             # Not NVML's, not the tenant's: neither killed nor overlooked.
