@@ -19,7 +19,7 @@ import structlog
 
 from agent.errors import AccelguardError, IsolationError
 from agent.hw.devnodes import DeviceNode
-from agent.isolation import cdi
+from agent.isolation import cdi, fence_for
 from agent.isolation.driver_files import host_search
 from agent.isolation.protocol import fenced_rules
 from agent.isolation.rules import DeviceRule
@@ -30,7 +30,7 @@ from agent.partitions.revocation import Revoker
 from agent.partitions.sanitize import Sanitizer
 from agent.runtime import failpoints
 from agent.runtime.failpoints import CrashPoint
-from agent.store import LeaseRecord, PartitionRecord, PartitionState, SyncResult
+from agent.store import LeaseRecord, LeaseState, PartitionRecord, PartitionState, SyncResult
 
 log = structlog.get_logger(__name__)
 
@@ -142,8 +142,9 @@ class Reconciler:
     async def audit_fences(self) -> None:
         """Read every fence back from the kernel and make it what the journal says.
 
-        A cgroup with live leases whose fence drifted is re-fenced (a failure there releases
-        the lease: fail closed). A fence of ours on a cgroup whose leases all ended is revoked to
+        A cgroup with live leases whose fence drifted, or that has no fence at all (a program
+        detached behind the agent's back), is re-fenced (a failure there releases the lease:
+        fail closed). A fence of ours on a cgroup whose leases all ended is revoked to
         the baseline. A fence nobody in the journal explains (a lost journal, another manager)
         is reported, left in place (it only restricts), and every partition whose own nodes it
         allows is quarantined: it is not handed out while a stranger can open it.
@@ -184,6 +185,27 @@ class Reconciler:
                     "unexplained_fence", cgroup=fence.cgroup, mechanism=fence.state.mechanism,
                     partitions=[r.uuid for r in allows],
                 )  # fmt: skip
+        surveyed = {fence.cgroup for fence in fences}
+        active = {lease.cgroup for lease in live if lease.state == LeaseState.ACTIVE}
+        for cgroup in sorted(active - surveyed - {""}):
+            await self._restore_missing(cgroup, live)
+
+    async def _restore_missing(self, cgroup: str, live: list[LeaseRecord]) -> None:
+        """An active lease's cgroup the survey found no fence of ours on: re-fenced, unless it is
+        gone (its processes with it; a cgroup made again at its path is fenced next time) or a
+        fence appeared since the survey (a grant's own)."""
+        path = Path(cgroup)
+
+        def missing() -> bool:
+            try:
+                return path.is_dir() and fence_for(path).current(path) is None
+            except AccelguardError:
+                return True  # unreadable: not known to be in place
+
+        if not await asyncio.to_thread(missing):
+            return
+        log.warning("fence_missing_restored", cgroup=cgroup)
+        await self._refence(cgroup, live, "fence missing")
 
     async def _check_drift(self, fence: SurveyedFence, live: list[LeaseRecord]) -> None:
         expected = [
@@ -200,14 +222,17 @@ class Reconciler:
             return
         found = None if fence.state.allowed is None else [str(r) for r in fence.state.allowed]
         log.warning("fence_drift_corrected", cgroup=fence.cgroup, found=found)
+        await self._refence(fence.cgroup, live, "fence drifted")
+
+    async def _refence(self, cgroup: str, live: list[LeaseRecord], what: str) -> None:
         try:
-            await self._fences.fence_cgroup(fence.cgroup)
+            await self._fences.fence_cgroup(cgroup)
         except AccelguardError as error:
             for lease in live:
-                if lease.cgroup == fence.cgroup:
+                if lease.cgroup == cgroup:
                     self._leases.spawn(
                         self._leases.release(
-                            lease.id, f"fence drifted and could not be re-applied: {error}"
+                            lease.id, f"{what} and could not be re-applied: {error}"
                         ),
                         f"release {lease.id}",
                     )

@@ -64,3 +64,24 @@ def test_a_widened_fence_is_narrowed_back(
     assert set(probe(cgroup, own).values()) == {errno.ENXIO}, "the tenant lost its own nodes"
     leases = agent.cli_json("lease", "list")["leases"]
     assert [(x["id"], x["state"]) for x in leases] == [(lease["lease"]["id"], "active")]
+
+
+def test_a_removed_fence_is_put_back(agent: RunningAgent, cgroup_parents: dict[str, Path]) -> None:
+    """Our device program detached from a live lease's cgroup (bpftool, another manager): the
+    survey finds no fence there at all, and the agent fences it again."""
+    if "v2" not in cgroup_parents:
+        pytest.skip("no cgroup v2 hierarchy: a v1 fence cannot be removed, only widened")
+    first, second = layout_clean(agent, "3g.40gb=2", gpu=0)[:2]
+    cgroup = tenant_cgroup(cgroup_parents, "v2", "bob")
+    lease = grant(agent, "bob", cgroup, partition=first["uuid"])
+    other = [
+        path for path in second["device_nodes"] if path not in lease["partition"]["device_nodes"]
+    ]
+    assert set(probe(cgroup, other).values()) == {errno.EPERM}
+    fence_for(cgroup).remove(cgroup)
+    assert fence_for(cgroup).current(cgroup) is None
+    wait_for(lambda: "fence_missing_restored" in agent.log(), "the missing fence found", timeout=30)
+    wait_for(lambda: set(probe(cgroup, other).values()) == {errno.EPERM}, "the fence re-applied")
+    assert fence_for(cgroup).current(cgroup) is not None
+    leases = agent.cli_json("lease", "list")["leases"]
+    assert [(x["id"], x["state"]) for x in leases] == [(lease["lease"]["id"], "active")]
