@@ -8,6 +8,8 @@ uplink with its reason; a re-delivered command that already ran is answered with
 result of its one run (``duplicate``) and acts no more. One re-delivered while its first run is
 still under way is dropped: that run's result answers it. A command found 'running' in the cache
 and not under way was interrupted by a crash: its outcome is unknown and it is never run again.
+After a ``state import`` the cache is the backup's: an id it does not hold, issued before the
+import, may have run on the journal the import replaced, so it is refused as replayed too.
 
 There is no remote shell, file or process verb here, and the dispatch below is the closed set:
 adding a verb is a design change (docs/commands.md, docs/threat-model.md).
@@ -188,8 +190,17 @@ class CommandService:
                 self._next_purge = now + PURGE_EVERY_S
                 await self._executor.call(self._log.purge, now)
             claim: Claim = await self._executor.call(
-                self._log.claim, command_id, checked.kind, envelope.not_after
+                self._log.claim, command_id, checked.kind, envelope.not_after, envelope.issued_at
             )
+            if claim.state is ClaimState.BEFORE_RESTORE:
+                await self._refuse(command_id, CommandRefusedError(
+                    RefusalReason.REPLAYED,
+                    f"command refused (replayed): {checked.kind} {command_id.hex()} was issued "
+                    "before this node's journal was restored from a backup, whose replay cache "
+                    "may not know it; issue it again",
+                    command_id,
+                ))  # fmt: skip
+                return
             if claim.state is not ClaimState.NEW:
                 await self._replayed(command_id, checked.kind, claim)
                 return

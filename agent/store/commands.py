@@ -28,6 +28,9 @@ class ClaimState(StrEnum):
     NEW = "new"  # never seen: run it
     RUNNING = "running"  # claimed before, no result: the agent stopped while it ran
     DONE = "done"  # ran: its stored result
+    # Not in the cache, but issued before the journal was restored from a backup: the cache
+    # came from the backup and may not know it (the replaced journal's agent may have run it).
+    BEFORE_RESTORE = "before_restore"
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,15 @@ class CommandLog:
         self._store = store
         self._outbox = outbox
         self._db = store._db  # same package: the command log is part of the journal
+        # agent/store/restore.py records when a backup replaced the journal; an import needs a
+        # stopped agent, so this is read once per agent.
+        restored = store.get_meta("restored_at")
+        try:
+            self.restored_at = float(restored) if restored is not None else 0.0
+        except ValueError:
+            self.restored_at = float("inf")  # unreadable: unknown, so every unknown id refused
 
-    def claim(self, command_id: bytes, kind: str, not_after: float) -> Claim:
+    def claim(self, command_id: bytes, kind: str, not_after: float, issued_at: float) -> Claim:
         """Enter ``command_id`` in the replay cache, or say what the cache holds for it.
 
         Entered here, before anything runs: a command is run at most once, whatever crashes.
@@ -63,6 +73,8 @@ class CommandLog:
                 state = ClaimState(str(row["state"]))
                 result = None if row["result"] is None else bytes(row["result"])
                 return Claim(state, result)
+            if issued_at < self.restored_at:
+                return Claim(ClaimState.BEFORE_RESTORE)
             db.execute(
                 "INSERT INTO commands (id, kind, received_at, not_after, state) "
                 "VALUES (?, ?, ?, ?, 'running')",

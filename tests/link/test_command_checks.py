@@ -31,7 +31,7 @@ from agent.link.envelope import (
 from agent.proto.accelguard.v1 import admin_pb2 as admin_pb
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
-from agent.store import Store
+from agent.store import Store, put_meta
 from agent.store.commands import CommandLog
 from agent.store.outbox import Outbox, OutboxLimits
 
@@ -293,13 +293,40 @@ def test_a_command_interrupted_by_a_crash_is_never_run_again(node: Node, key: Co
     data = command(key)
     checked = check_command(data, {key.key_id: key.private.public_key()}, NODE, now=time.time())
     # The agent died after claiming the id, before a result: the journal says 'running'.
-    node.log.claim(bytes(checked.envelope.command_id), checked.kind, checked.envelope.not_after)
+    envelope = checked.envelope
+    node.log.claim(bytes(envelope.command_id), checked.kind, envelope.not_after, envelope.issued_at)
     node.restart()
     node.handle(data)
     result = node.last()
     assert result.refusal == "replayed" and result.duplicate and not result.ok
     assert "outcome is unknown" in result.error
     assert node.target.calls == []
+
+
+def test_after_a_restore_unknown_commands_issued_before_it_are_refused(
+    node: Node, key: CommandKey
+) -> None:
+    """``state import`` brings back the backup's replay cache: a command that ran on the
+    journal it replaced is not in it. Ids it lacks, issued before the import, are refused; ids
+    it holds are answered from it; commands issued after the import run."""
+    known = command(key)
+    node.handle(known)
+    now = time.time()
+    with node.store.transaction() as db:
+        put_meta(db, "restored_at", repr(now))  # as agent/store/restore.py records it
+    node.restart()
+    unknown = command(key, issued_at=now - 30, not_after=now + 60)
+    before = len(node.target.calls)
+    node.handle(unknown)
+    refused = node.last()
+    assert refused.refusal == "replayed" and not refused.ok, refused
+    assert "restored from a backup" in refused.error
+    node.handle(known)
+    assert node.last().duplicate and node.last().ok, "a known id is answered from the cache"
+    assert len(node.target.calls) == before
+    node.handle(command(key, issued_at=now + 1, not_after=now + 60))
+    assert node.last().ok and not node.last().duplicate
+    assert len(node.target.calls) == before + 1
 
 
 class GatedTarget(RecordingTarget):
