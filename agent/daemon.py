@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -40,15 +40,22 @@ from agent.partitions.layout import LayoutEngine
 from agent.partitions.layout_service import LayoutService
 from agent.partitions.leases import LeaseManager
 from agent.partitions.npu_layout import NpuLayoutEngine
+from agent.runtime import failpoints
 from agent.runtime.executor import BlockingExecutor
+from agent.runtime.failpoints import Fault
 from agent.runtime.statedir import StateDirLock
 from agent.runtime.systemd import SystemdNotifier
+from agent.runtime.tasks import watch_stop
 from agent.scrub.runner import ScrubRunner
 from agent.store import Store
 from agent.store.commands import CommandLog
 from agent.store.health import HealthEventRecord
 
 log = structlog.get_logger(__name__)
+
+# Seconds a stop may take before the tasks still running are logged and cancelled once more, and
+# again before the process exits anyway: twice this stays within the unit's TimeoutStopSec (30 s).
+STOP_OVERDUE_S: Final = 10.0
 
 
 class Daemon:
@@ -245,8 +252,17 @@ class Daemon:
         main = asyncio.current_task()
         if main is None:  # pragma: no cover - run() is always awaited inside a task
             raise RuntimeError("Daemon.run must run inside a task")
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                watch_stop(main, STOP_OVERDUE_S)
+            main.cancel()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, main.cancel)
+            loop.add_signal_handler(signum, stop)
         # Every line the agent logs from here on names its node.
         structlog.contextvars.bind_contextvars(node=self.config.node.id)
         log.info("agent_starting", store=str(self.store.path))
@@ -279,6 +295,8 @@ class Daemon:
                 hotplug = self._hotplug()
                 if hotplug is not None:
                     group.create_task(hotplug, name="hotplug")
+                if failpoints.active(Fault.STOP_CLEANUP_HANGS):
+                    group.create_task(_cleanup_that_hangs(), name="fault: clean-up hangs")
         except asyncio.CancelledError:
             log.info("agent_stopping")
             self.notifier.notify("STOPPING=1")
@@ -297,6 +315,15 @@ class Daemon:
             self.executor.shutdown()
             log.info("agent_stopped")
             self.state_lock.release()
+
+
+async def _cleanup_that_hangs() -> None:
+    """Fault hook: a task whose clean-up waits for ever, as a library's exit waiting for a peer's
+    answer that never comes does; the first cancellation is spent in it."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.Event().wait()
 
 
 def run_daemon(config: Config) -> int:

@@ -48,6 +48,8 @@ class Fault(StrEnum):
     # The tenant's cgroup removed between a grant's journal record and its fence (as a job's
     # end removes it): the race a test cannot time from outside.
     GRANT_CGROUP_REMOVED = "lease.grant.cgroup_removed"
+    # A task whose clean-up swallows the stop's cancellation and waits for ever.
+    STOP_CLEANUP_HANGS = "agent.stop.cleanup_hangs"
 
 
 def _enabled() -> frozenset[str]:

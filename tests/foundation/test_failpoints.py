@@ -5,7 +5,7 @@ and each test module declares what it covers."""
 from __future__ import annotations
 
 from agent.runtime.failpoints import CrashPoint, Fault
-from tests.foundation import test_layout_crash
+from tests.foundation import test_layout_crash, test_stop_deadline
 from tests.leases import (
     test_certificates,
     test_fail_closed,
@@ -15,7 +15,7 @@ from tests.leases import (
 )
 
 MODULES = (test_layout_crash, test_lease_crash, test_reconcile_crash, test_scrub_failures,
-           test_certificates, test_fail_closed)  # fmt: skip
+           test_certificates, test_fail_closed, test_stop_deadline)  # fmt: skip
 
 
 def test_every_failpoint_has_a_test() -> None:
