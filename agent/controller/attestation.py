@@ -77,6 +77,8 @@ class AttestationLoop:
         # node -> (attest command id, when it was issued)
         self._in_flight: dict[str, tuple[bytes, float]] = {}
         self._policies: dict[str, tuple[str, Policy]] = {}
+        # Attest commands whose evidence is being judged (see on_result).
+        self._judging: set[bytes] = set()
         dispatcher.result_hooks.append(self.on_result)
 
     def node_connected(self, node_id: str) -> None:
@@ -157,12 +159,27 @@ class AttestationLoop:
         return progress.next_index, trust.ima_boot_id
 
     async def on_result(self, row: CommandRow) -> None:
+        """Judge an attest command's evidence, once. A command's result can be reported twice
+        (the first run's report, and the node's stored answer to a re-delivery), and the two
+        hooks may run together: judging the same quote twice fails the second time, as a
+        replayed quote (its clock has not advanced), and would cordon a healthy node."""
         if row.kind != "attest" or row.result is None or row.verdict:
             return
-        if self._in_flight.get(row.node_id, (b"", 0.0))[0] == row.command_id:
-            del self._in_flight[row.node_id]
-        verdict = await self._executor.call(self.judge, row)
-        await self._conclude(row.node_id, row.command_id, verdict)
+        if row.command_id in self._judging:
+            return
+        self._judging.add(row.command_id)
+        try:
+            # Read again behind the guard: a judgement that ended since ``row`` was read has
+            # stored its verdict.
+            current = await self._executor.call(self._store.commands.get, row.command_id)
+            if current is None or current.verdict:
+                return
+            if self._in_flight.get(row.node_id, (b"", 0.0))[0] == row.command_id:
+                del self._in_flight[row.node_id]
+            verdict = await self._executor.call(self.judge, current)
+            await self._conclude(row.node_id, row.command_id, verdict)
+        finally:
+            self._judging.discard(row.command_id)
 
     async def _fail_silent(self, node_id: str, command_id: bytes) -> None:
         row = await self._executor.call(self._store.commands.get, command_id)

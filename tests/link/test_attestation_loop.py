@@ -101,29 +101,34 @@ class Rig:
         from another IMA entry than asked, as a misbehaving node would), judged."""
 
         async def exchange() -> tuple[Verdict, pb.AttestationEvidence]:
-            node = self.store.node(NODE)
-            assert node is not None
-            trust = self.store.commands.trust(NODE)
-            asked, boot = AttestationLoop._ima_position(node, trust)
-            nonce = uuid.uuid4().bytes + uuid.uuid4().bytes
-            command = pb.AttestCommand(
-                nonce=nonce,
-                selection=[pb.PcrSelection(bank="sha256", pcrs=[*range(11), 14])],
-                ima_start_index=asked if start is None else start,
-                boot_id=boot,
-            )
-            evidence = await self.attester.attest(command)
-            context = {"nonce": nonce.hex(), "ima_start_index": asked, "boot_id": boot}
-            row = CommandRow(
-                command_id=uuid.uuid4().bytes, node_id=NODE, kind="attest",
-                issued_at=time.time(), not_after=time.time() + 60, signed=b"",
-                state=CommandState.DONE, delivered=True, finished_at=time.time(),
-                result=pb.CommandResult(ok=True, attestation=evidence).SerializeToString(),
-                context=json.dumps(context).encode(),
-            )  # fmt: skip
+            row, evidence = await self.answered(start)
             return self.loop.judge(row), evidence
 
         return asyncio.run(exchange())
+
+    async def answered(self, start: int | None = None) -> tuple[CommandRow, pb.AttestationEvidence]:
+        """The controller's next attest command as its row with the node's answer."""
+        node = self.store.node(NODE)
+        assert node is not None
+        trust = self.store.commands.trust(NODE)
+        asked, boot = AttestationLoop._ima_position(node, trust)
+        nonce = uuid.uuid4().bytes + uuid.uuid4().bytes
+        command = pb.AttestCommand(
+            nonce=nonce,
+            selection=[pb.PcrSelection(bank="sha256", pcrs=[*range(11), 14])],
+            ima_start_index=asked if start is None else start,
+            boot_id=boot,
+        )
+        evidence = await self.attester.attest(command)
+        context = {"nonce": nonce.hex(), "ima_start_index": asked, "boot_id": boot}
+        row = CommandRow(
+            command_id=uuid.uuid4().bytes, node_id=NODE, kind="attest",
+            issued_at=time.time(), not_after=time.time() + 60, signed=b"",
+            state=CommandState.DONE, delivered=True, finished_at=time.time(),
+            result=pb.CommandResult(ok=True, attestation=evidence).SerializeToString(),
+            context=json.dumps(context).encode(),
+        )  # fmt: skip
+        return row, evidence
 
 
 @pytest.fixture
@@ -226,3 +231,22 @@ def test_a_tpm_state_rolled_back_is_refused(rig: Rig) -> None:
     verdict, _ = rig.attest()
     assert not verdict.passed
     assert any(r.startswith("clock") for r in verdict.reasons), verdict.reasons
+
+
+def test_a_result_reported_twice_is_judged_once(rig: Rig) -> None:
+    """The first run's report and the node's stored answer to a re-delivery carry the same
+    quote, and their hooks can run together: judged twice, the second would fail as a replay
+    (clock not advanced) and cordon a healthy node."""
+
+    async def twice() -> None:
+        row, _ = await rig.answered()
+        await rig.executor.call(rig.store.commands.add, row)
+        await asyncio.gather(rig.loop.on_result(row), rig.loop.on_result(row))
+        # And once more after the verdict, from a row read before it was stored.
+        await rig.loop.on_result(row)
+        stored = await rig.executor.call(rig.store.commands.get, row.command_id)
+        assert stored is not None and json.loads(stored.verdict)["passed"], stored
+
+    asyncio.run(twice())
+    trust = rig.store.commands.trust(NODE)
+    assert trust.trust == "trusted" and not trust.cordoned, trust
