@@ -246,6 +246,18 @@ class CommandStore:
             (state, result, time.time(), command_id, node_id),
         )
 
+    @staticmethod
+    def holds_result(db: sqlite3.Connection, node_id: str, outcome: CommandOutcome) -> bool:
+        """Whether ``outcome``'s result is the one kept for its command: its first result, or
+        the same report sent again (after a lost ack), not a re-delivery's duplicate answer."""
+        return (
+            db.execute(
+                "SELECT 1 FROM commands WHERE id = ? AND node_id = ? AND result = ?",
+                (outcome.command_id, node_id, outcome.result),
+            ).fetchone()
+            is not None
+        )
+
     def set_verdict(self, command_id: bytes, verdict: str) -> None:
         with write_transaction(self._db, "controller database") as db:
             db.execute("UPDATE commands SET verdict = ? WHERE id = ?", (verdict, command_id))

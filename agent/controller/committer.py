@@ -1,5 +1,6 @@
 """Group commit: reports from every node's stream go to the store in batches, one transaction
-each, and each stream learns when its reports are on disk (only then does it ack them).
+each, and each stream learns when its reports are on disk (only then does it ack them) and
+whether a command result it carried is the one kept for its command (the result hooks run once).
 
 One task drains the queue; the store runs on the controller's one executor thread. Under load a
 batch holds the reports that arrived while the previous one committed, so 2000 nodes cost a few
@@ -24,11 +25,13 @@ class ReportCommitter:
         self._store = store
         self._executor = executor
         self._batch = batch
-        self._queue: asyncio.Queue[tuple[IncomingReport, asyncio.Future[None]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[IncomingReport, asyncio.Future[bool]]] = asyncio.Queue()
         self.committed = 0
 
-    def submit(self, report: IncomingReport) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def submit(self, report: IncomingReport) -> asyncio.Future[bool]:
+        """The report's future: True once committed if it carried the command result kept for
+        its command, False once committed otherwise."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((report, future))
         return future
 
@@ -40,7 +43,7 @@ class ReportCommitter:
             # Futures of streams that ended meanwhile are committed all the same (the node will
             # resend them; the duplicate is ignored), just nobody waits for the answer.
             try:
-                await self._executor.call(self._store.commit_reports, [r for r, _ in batch])
+                kept = await self._executor.call(self._store.commit_reports, [r for r, _ in batch])
             except AccelguardError as error:
                 log.error(  # noqa: TRY400 - the message says it all
                     "report_commit_failed", error=str(error), reports=len(batch)
@@ -50,6 +53,6 @@ class ReportCommitter:
                         future.set_exception(error)
                 continue
             self.committed += len(batch)
-            for _, future in batch:
+            for report, future in batch:
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result((report.node_id, report.epoch, report.seq) in kept)

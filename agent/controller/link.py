@@ -202,7 +202,7 @@ class NodeLinkHandler:
             for hook in self.connect_hooks:
                 hook(node_id)
             verifier = _NodeVerifier(node)
-            in_flight: asyncio.Queue[tuple[int, asyncio.Future[None]]] = asyncio.Queue(
+            in_flight: asyncio.Queue[tuple[int, asyncio.Future[bool]]] = asyncio.Queue(
                 MAX_IN_FLIGHT
             )
             acker = asyncio.create_task(self._ack(in_flight, write), name=f"ack-{node_id}")
@@ -230,7 +230,7 @@ class NodeLinkHandler:
         resume: int,
         messages: AsyncIterator[bytes],
         verifier: _NodeVerifier,
-        in_flight: asyncio.Queue[tuple[int, asyncio.Future[None]]],
+        in_flight: asyncio.Queue[tuple[int, asyncio.Future[bool]]],
         write: Any,
     ) -> None:
         last_seq = resume
@@ -263,16 +263,18 @@ class NodeLinkHandler:
             else:
                 raise LinkProtocolError("Hello may only be sent once per stream")
 
-    def _result_committed(self, command_id: bytes, future: asyncio.Future[None]) -> None:
+    def _result_committed(self, command_id: bytes, future: asyncio.Future[bool]) -> None:
         if future.cancelled() or future.exception() is not None or self._dispatcher is None:
             return
+        if not future.result():
+            return  # not the result kept (a re-delivery's duplicate answer, a resent report)
         task = asyncio.get_running_loop().create_task(self._dispatcher.result_stored(command_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _ack(
         self,
-        in_flight: asyncio.Queue[tuple[int, asyncio.Future[None]]],
+        in_flight: asyncio.Queue[tuple[int, asyncio.Future[bool]]],
         write: Any,
     ) -> None:
         while True:
@@ -308,9 +310,9 @@ class NodeLinkHandler:
         return self._authority.certificate_message(issued.der, node_id, issued.spiffe_id, attested)
 
 
-def _done_future() -> asyncio.Future[None]:
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    future.set_result(None)
+def _done_future() -> asyncio.Future[bool]:
+    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    future.set_result(False)
     return future
 
 

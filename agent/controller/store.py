@@ -105,7 +105,7 @@ class ControllerStore(Protocol):
     def node(self, node_id: str) -> NodeRecord | None: ...
     def nodes(self) -> list[NodeRecord]: ...
     def record_hello(self, node_id: str, agent_version: str, boot_id: str, epoch: int) -> int: ...
-    def commit_reports(self, reports: Sequence[IncomingReport]) -> None: ...
+    def commit_reports(self, reports: Sequence[IncomingReport]) -> set[tuple[str, int, int]]: ...
     def certificates(self, node_id: str) -> list[StoredCertificate]: ...
     def report_counts(self, node_id: str) -> dict[str, int]: ...
     def recent_reports(self, node_id: str, kind: str, limit: int) -> list[bytes]: ...
@@ -302,8 +302,13 @@ class SqliteControllerStore:
 
     # -- reports -----------------------------------------------------------------------------
 
-    def commit_reports(self, reports: Sequence[IncomingReport]) -> None:
+    def commit_reports(self, reports: Sequence[IncomingReport]) -> set[tuple[str, int, int]]:
+        """Store the reports (a duplicate is ignored) and their derived rows, in one
+        transaction. Returns the (node, epoch, seq) of each report among them whose command
+        result is the one kept for its command (its first result, or that report sent again):
+        the result hooks run for it, not for a re-delivery's duplicate answer."""
         now = time.time()
+        kept: set[tuple[str, int, int]] = set()
         with self._transaction() as db:
             seen: set[str] = set()
             for report in reports:
@@ -314,6 +319,11 @@ class SqliteControllerStore:
                      now, report.body),
                 ).rowcount  # fmt: skip
                 seen.add(report.node_id)
+                command = report.command
+                if inserted and command is not None:
+                    CommandStore.record_result(db, report.node_id, command)
+                if command is not None and CommandStore.holds_result(db, report.node_id, command):
+                    kept.add((report.node_id, report.epoch, report.seq))
                 if not inserted:
                     continue  # a duplicate: already stored, with its derived rows
                 if report.inventory is not None:
@@ -321,8 +331,6 @@ class SqliteControllerStore:
                         "UPDATE nodes SET inventory = ? WHERE id = ?",
                         (report.inventory, report.node_id),
                     )
-                if report.command is not None:
-                    CommandStore.record_result(db, report.node_id, report.command)
                 cert = report.certificate
                 if cert is not None:
                     db.execute(
@@ -336,6 +344,7 @@ class SqliteControllerStore:
                     )  # fmt: skip
             for node_id in seen:
                 db.execute("UPDATE nodes SET last_seen = ? WHERE id = ?", (now, node_id))
+        return kept
 
     def certificates(self, node_id: str) -> list[StoredCertificate]:
         rows = self._db.execute(
