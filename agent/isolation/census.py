@@ -149,19 +149,23 @@ def _threads(pid: int, proc_root: Path) -> list[int]:
     return sorted((int(n) for n in names if n.isdigit()), key=lambda tid: tid != pid)
 
 
+def _live_threads(pid: int, proc_root: Path) -> list[int]:
+    """The threads of ``pid`` other than its leader that have not exited."""
+    task = proc_root / str(pid) / "task"
+    return [
+        tid
+        for tid in _threads(pid, proc_root)[1:]
+        if (state := _stat_fields(tid, task)) and state[0] not in (b"Z", b"X")
+    ]
+
+
 def is_alive(pid: int, proc_root: Path = Path("/proc")) -> bool:
     """A zombie has released its file descriptors and its GPU context: it is not a holder. A
     leader that exited before its threads is a zombie too, yet its process lives on in them."""
     fields = _stat_fields(pid, proc_root)
     if not fields or fields[0] == b"X":
         return False
-    if fields[0] != b"Z":
-        return True
-    task = proc_root / str(pid) / "task"
-    return any(
-        tid != pid and (state := _stat_fields(tid, task)) and state[0] not in (b"Z", b"X")
-        for tid in _threads(pid, proc_root)
-    )
+    return fields[0] != b"Z" or bool(_live_threads(pid, proc_root))
 
 
 # kcmp(2), include/uapi/linux/kcmp.h: KCMP_FILES compares two tasks' descriptor tables.
@@ -257,7 +261,7 @@ def _mapped_nodes(pid: int, targets: NodeTargets, proc_root: Path) -> set[Device
         if not data:
             # No memory of its own: a kernel thread, or a leader that exited before its
             # threads, which share the process's memory and show it in their own maps.
-            live = [t for t in _threads(pid, proc_root)[1:] if is_alive(t, proc_root)]
+            live = _live_threads(pid, proc_root)
             if live:
                 source = f"task/{live[0]}/maps"
                 data = (proc_root / str(pid) / source).read_bytes()
