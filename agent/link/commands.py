@@ -192,15 +192,6 @@ class CommandService:
             claim: Claim = await self._executor.call(
                 self._log.claim, command_id, checked.kind, envelope.not_after, envelope.issued_at
             )
-            if claim.state is ClaimState.BEFORE_RESTORE:
-                await self._refuse(command_id, CommandRefusedError(
-                    RefusalReason.REPLAYED,
-                    f"command refused (replayed): {checked.kind} {command_id.hex()} was issued "
-                    "before this node's journal was restored from a backup, whose replay cache "
-                    "may not know it; issue it again",
-                    command_id,
-                ))  # fmt: skip
-                return
             if claim.state is not ClaimState.NEW:
                 await self._replayed(command_id, checked.kind, claim)
                 return
@@ -223,7 +214,17 @@ class CommandService:
 
     async def _replayed(self, command_id: bytes, kind: str, claim: Claim) -> None:
         """The id is in the replay cache: refuse to act again; answer with the first run's
-        result so a controller that re-delivered it (a lost result) gets its answer."""
+        result so a controller that re-delivered it (a lost result) gets its answer. Or the
+        cache cannot say (issued before it began): refuse, with nothing to answer."""
+        if claim.state is ClaimState.BEFORE_RESTORE:
+            await self._refuse(command_id, CommandRefusedError(
+                RefusalReason.REPLAYED,
+                f"command refused (replayed): {kind} {command_id.hex()} was issued before this "
+                "node's journal was restored from a backup, whose replay cache may not know "
+                "it; issue it again",
+                command_id,
+            ))  # fmt: skip
+            return
         if claim.state is ClaimState.DONE and claim.result is not None:
             result = pb.CommandResult.FromString(claim.result)
             detail = "re-delivered: this is the stored result of its one run"
