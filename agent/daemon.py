@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
@@ -48,7 +49,7 @@ from agent.runtime.systemd import SystemdNotifier
 from agent.runtime.tasks import watch_stop
 from agent.scrub.runner import ScrubRunner
 from agent.store import Store
-from agent.store.commands import CommandLog
+from agent.store.commands import JOURNAL_LOST_AT, CommandLog
 from agent.store.health import HealthEventRecord
 
 log = structlog.get_logger(__name__)
@@ -78,6 +79,9 @@ class Daemon:
         node_existed = key_path.exists()
         self.store = Store(config.node.store_path)
         journal_lost = node_existed and self.store.created
+        if journal_lost:
+            # The replay cache went with it: commands issued before now are refused.
+            self.store.set_meta(JOURNAL_LOST_AT, repr(time.time()))
         # NVML (or NoNvidia), and DCMI and /dev/accel where the config turns them on.
         self.backends = node_backends(config)
         self.backend = self.backends.nvml

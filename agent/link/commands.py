@@ -8,8 +8,9 @@ uplink with its reason; a re-delivered command that already ran is answered with
 result of its one run (``duplicate``) and acts no more. One re-delivered while its first run is
 still under way is dropped: that run's result answers it. A command found 'running' in the cache
 and not under way was interrupted by a crash: its outcome is unknown and it is never run again.
-After a ``state import`` the cache is the backup's: an id it does not hold, issued before the
-import, may have run on the journal the import replaced, so it is refused as replayed too.
+An id the cache does not hold that was issued before the cache began (a journal made again after
+a loss, or restored from a backup by ``state import``) may have run on the journal that was lost
+or replaced, so it is refused as replayed too.
 
 There is no remote shell, file or process verb here, and the dispatch below is the closed set:
 adding a verb is a design change (docs/commands.md, docs/threat-model.md).
@@ -216,12 +217,12 @@ class CommandService:
         """The id is in the replay cache: refuse to act again; answer with the first run's
         result so a controller that re-delivered it (a lost result) gets its answer. Or the
         cache cannot say (issued before it began): refuse, with nothing to answer."""
-        if claim.state is ClaimState.BEFORE_RESTORE:
+        if claim.state is ClaimState.BEFORE_CACHE:
             await self._refuse(command_id, CommandRefusedError(
                 RefusalReason.REPLAYED,
                 f"command refused (replayed): {kind} {command_id.hex()} was issued before this "
-                "node's journal was restored from a backup, whose replay cache may not know "
-                "it; issue it again",
+                "node's replay cache began (its journal was lost, or restored from a backup, "
+                "since), so the cache cannot say whether it ran; issue it again",
                 command_id,
             ))  # fmt: skip
             return

@@ -22,15 +22,18 @@ from agent.store.outbox import Outbox
 MAX_REFUSALS: Final = 1000
 _CORDON_KEY: Final = "commands_cordoned"
 _CORDON_REASON_KEY: Final = "commands_cordon_reason"
+# When the daemon found the journal lost and began a new one: the replay cache starts then.
+JOURNAL_LOST_AT: Final = "journal_lost_at"
 
 
 class ClaimState(StrEnum):
     NEW = "new"  # never seen: run it
     RUNNING = "running"  # claimed before, no result: the agent stopped while it ran
     DONE = "done"  # ran: its stored result
-    # Not in the cache, but issued before the journal was restored from a backup: the cache
-    # came from the backup and may not know it (the replaced journal's agent may have run it).
-    BEFORE_RESTORE = "before_restore"
+    # Not in the cache, but issued before the cache began: the journal was made again after a
+    # loss (the old cache went with it) or restored from a backup (whose cache may not know
+    # it) after the command was issued, so it may have run already.
+    BEFORE_CACHE = "before_cache"
 
 
 @dataclass(frozen=True)
@@ -47,18 +50,28 @@ class Refusal:
     at: float
 
 
+def _meta_time(store: Store, key: str) -> float:
+    """A time the journal's meta holds; 0 when absent, +inf when unreadable (unknown: every
+    command the cache does not hold is then refused)."""
+    value = store.get_meta(key)
+    try:
+        return float(value) if value is not None else 0.0
+    except ValueError:
+        return float("inf")
+
+
 class CommandLog:
     def __init__(self, store: Store, outbox: Outbox) -> None:
         self._store = store
         self._outbox = outbox
         self._db = store._db  # same package: the command log is part of the journal
-        # agent/store/restore.py records when a backup replaced the journal; an import needs a
-        # stopped agent, so this is read once per agent.
-        restored = store.get_meta("restored_at")
-        try:
-            self.restored_at = float(restored) if restored is not None else 0.0
-        except ValueError:
-            self.restored_at = float("inf")  # unreadable: unknown, so every unknown id refused
+        # The cache holds every command received since the journal that holds it was made
+        # again after a loss (the daemon marks ``journal_lost_at``) and since a backup replaced
+        # it (agent/store/restore.py, ``restored_at``); both happen at start-up, so this is read
+        # once per agent.
+        self.complete_since = max(
+            _meta_time(store, JOURNAL_LOST_AT), _meta_time(store, "restored_at")
+        )
 
     def claim(self, command_id: bytes, kind: str, not_after: float, issued_at: float) -> Claim:
         """Enter ``command_id`` in the replay cache, or say what the cache holds for it.
@@ -73,8 +86,8 @@ class CommandLog:
                 state = ClaimState(str(row["state"]))
                 result = None if row["result"] is None else bytes(row["result"])
                 return Claim(state, result)
-            if issued_at < self.restored_at:
-                return Claim(ClaimState.BEFORE_RESTORE)
+            if issued_at < self.complete_since:
+                return Claim(ClaimState.BEFORE_CACHE)
             db.execute(
                 "INSERT INTO commands (id, kind, received_at, not_after, state) "
                 "VALUES (?, ?, ?, ?, 'running')",

@@ -6,9 +6,11 @@ cgroups: the kernel (ENXIO = allowed, EPERM = denied) is the judge of every fenc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -332,6 +334,29 @@ def test_lost_journal_is_never_a_fresh_start(
     refused = agent.cli("lease", "grant", "--tenant", "new", "--partition",
                         old["partition"]["uuid"], "--cgroup", str(new_tenant))  # fmt: skip
     assert refused.returncode != 0
+
+
+def test_a_lost_journal_marks_where_the_replay_cache_begins(node_agent: RunningAgent) -> None:
+    """The replay cache of remote commands goes with a lost journal: the new one records when it
+    began (agent/store/commands.py refuses unknown commands issued before). A first start has
+    no such mark."""
+    agent = node_agent
+    journal = agent.config.node.store_path
+
+    def mark() -> str | None:
+        with contextlib.closing(sqlite3.connect(journal)) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'journal_lost_at'").fetchone()
+        return None if row is None else str(row[0])
+
+    agent.stop()
+    assert mark() is None
+    for suffix in ("", "-wal", "-shm"):
+        journal.with_name(journal.name + suffix).unlink(missing_ok=True)
+    before = time.time()
+    agent.start()
+    agent.stop()
+    lost_at = mark()
+    assert lost_at is not None and float(lost_at) >= before
 
 
 def test_corrupt_journal_is_refused_then_recovered(

@@ -32,7 +32,7 @@ from agent.proto.accelguard.v1 import admin_pb2 as admin_pb
 from agent.proto.accelguard.v1 import link_pb2 as pb
 from agent.runtime.executor import BlockingExecutor
 from agent.store import Store, put_meta
-from agent.store.commands import CommandLog
+from agent.store.commands import JOURNAL_LOST_AT, CommandLog
 from agent.store.outbox import Outbox, OutboxLimits
 
 NODE = "node-b"
@@ -327,6 +327,27 @@ def test_after_a_restore_unknown_commands_issued_before_it_are_refused(
     node.handle(command(key, issued_at=now + 1, not_after=now + 60))
     assert node.last().ok and not node.last().duplicate
     assert len(node.target.calls) == before + 1
+
+
+def test_after_a_lost_journal_commands_issued_before_it_are_refused(
+    node: Node, key: CommandKey
+) -> None:
+    """A lost journal (deleted, emptied) loses the replay cache with it: a command that ran
+    before, delivered again within its lifetime, must not run a second time."""
+    ran = command(key)
+    node.handle(ran)
+    node.close()
+    for suffix in ("", "-wal", "-shm"):
+        (node.root / f"agent.db{suffix}").unlink(missing_ok=True)
+    store = Store(node.root / "agent.db")
+    with store.transaction() as db:
+        put_meta(db, JOURNAL_LOST_AT, repr(time.time()))  # as the daemon records a loss
+    store.close()
+    node._open()
+    node.handle(ran)
+    refused = node.last()
+    assert refused.refusal == "replayed" and not refused.ok, refused
+    assert [name for name, _ in node.target.calls] == ["grant"], "it ran twice"
 
 
 class GatedTarget(RecordingTarget):
